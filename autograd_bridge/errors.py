@@ -1,0 +1,54 @@
+"""The one exception family of the autograd bridge.
+
+::
+
+    BridgeError
+    ├── UnsupportedModelError      the model cannot be split (says which piece is missing)
+    ├── FrameError                 a frame that cannot be accepted (malformed, too big, wrong ids)
+    │   └── FrameTooLargeError
+    ├── RemoteStageError           the peer answered a request with an error frame
+    ├── PeerLostError              the connection to a peer closed while a request was pending
+    ├── BridgeTimeoutError         a peer did not answer in time
+    └── StateLimitError            a stage host holds too many micro-batches already
+
+Messages say what to do next. Code that receives bytes from a peer raises these (never
+``assert``), and a host answers the offending frame with an error frame instead of crashing.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base class of every error the bridge raises on purpose."""
+
+
+class UnsupportedModelError(BridgeError):
+    """The model's structure could not be mapped onto pipeline stages."""
+
+
+class FrameError(BridgeError):
+    """A frame was malformed or not expected; the connection itself stays usable."""
+
+
+class FrameTooLargeError(FrameError):
+    """A frame (or a tensor in it) is larger than the configured maximum."""
+
+
+class RemoteStageError(BridgeError):
+    """A stage host reported an error while handling a request."""
+
+    def __init__(self, message: str, *, code: str = "INTERNAL") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerLostError(BridgeError):
+    """The peer disconnected while a request to it was outstanding."""
+
+
+class BridgeTimeoutError(BridgeError):
+    """A peer did not answer within the configured time."""
+
+
+class StateLimitError(BridgeError):
+    """A stage host refused a micro-batch because it already holds its maximum."""

@@ -1,0 +1,1 @@
+"""Titanic client daemon for edge devices."""

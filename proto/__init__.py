@@ -1,0 +1,1 @@
+"""Wire format of Titanic, declared in .proto files; generated modules live beside them."""

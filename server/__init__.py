@@ -1,0 +1,1 @@
+"""Titanic server: control plane, planner and round logic."""
