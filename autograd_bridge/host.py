@@ -1,0 +1,412 @@
+"""The stage host: serves one or more pipeline stages to the peers of a run.
+
+A host receives frames from its peers over :class:`~autograd_bridge.transport.Connection`s and
+answers each request frame with exactly one response frame (same ``request_id``):
+
+=================  ==============================  ============================================
+request            tensors in                      response
+=================  ==============================  ============================================
+HELLO              -                               ACK (options: stages, run_id, version)
+FORWARD            x, [attention_mask], [pos_ids]  FORWARD_RESULT y  (keeps state for backward)
+EVAL_FORWARD       x, [attention_mask], [pos_ids]  FORWARD_RESULT y  (no state, no grad)
+BACKWARD           grad (dL/dy)                    BACKWARD_RESULT [grad] (dL/dx; none for ids)
+OPTIMIZER_STEP     - (options: lr)                 ACK (options: dropped)
+RELEASE            -                               ACK (options: dropped)
+GET_GRADS          -                               GRADS  (whole-model parameter names)
+GET_WEIGHTS        -                               WEIGHTS
+=================  ==============================  ============================================
+
+Anything else, or anything wrong with a request, gets an ERROR frame with a code and a message
+that says what was wrong; the host keeps serving. The state kept between FORWARD and BACKWARD is
+keyed by (run, step, micro-batch, stage), bounded in count, dropped when it is older than
+``state_timeout_s`` and when the connection that created it goes away.
+
+Compute runs on one worker thread so that the event loop keeps reading frames and answering
+pings while a stage computes; requests are therefore computed one at a time, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import ssl as ssl_lib
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import BridgeError, FrameError, PeerLostError
+from .frames import Compression, Frame, FrameLimits, MessageKind, decode_frame, encode_frame, error_frame
+from .transport import Connection
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "1"
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostSettings:
+    """What a stage host allows and how it trains."""
+
+    max_micro_batches: int = 64  # FORWARD states held at once (each keeps a graph alive)
+    state_timeout_s: float = 300.0  # a state whose BACKWARD has not come by then is dropped
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # the host steps its own parameters
+    lr: float = 1e-4  # default learning rate; OPTIMIZER_STEP may override it per step
+    weight_decay: float = 0.0  # decoupled weight decay for adamw, L2 for sgd
+    compression: Compression = "none"  # compression of the activations/gradients this host sends
+    limits: FrameLimits = field(default_factory=FrameLimits)  # what an incoming frame may be
+
+    def __post_init__(self) -> None:
+        if self.max_micro_batches < 1:
+            raise ValueError("max_micro_batches must be at least 1")
+        if self.state_timeout_s <= 0:
+            raise ValueError("state_timeout_s must be positive")
+        if self.lr < 0:
+            raise ValueError("lr must be non-negative")
+
+
+class _Refused(Exception):
+    """A request this host will not carry out; becomes an ERROR frame with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class _MicroBatchState:
+    inputs: torch.Tensor  # the stage input as the host received it (a leaf needing grad if float)
+    outputs: torch.Tensor  # the stage output, still attached to the graph
+    created: float  # time.monotonic() when the FORWARD arrived
+    owner: int  # id() of the connection that created it
+
+
+_Key = tuple[str, int, int, int]  # (run_id, step, micro_batch, stage)
+
+
+def _model_named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    named = getattr(module, "named_model_parameters", None)
+    if callable(named):
+        yield from named()
+    else:
+        yield from module.named_parameters()
+
+
+class StageHost:
+    """Hosts ``stages`` (stage index -> module) for run ``run_id`` and answers peers' requests."""
+
+    def __init__(
+        self,
+        stages: Mapping[int, nn.Module],
+        *,
+        run_id: str,
+        settings: HostSettings | None = None,
+    ) -> None:
+        if not stages:
+            raise ValueError("a StageHost needs at least one stage")
+        self.stages = dict(stages)
+        self.run_id = run_id
+        self.settings = settings or HostSettings()
+        self._states: dict[_Key, _MicroBatchState] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="titanic-stage")
+        params = [p for m in self.stages.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer(params)
+        self.steps_taken = 0
+        self._handlers: dict[MessageKind, Callable[[Frame, int], Awaitable[Frame]]] = {
+            MessageKind.HELLO: self._hello,
+            MessageKind.FORWARD: self._forward,
+            MessageKind.EVAL_FORWARD: self._eval_forward,
+            MessageKind.BACKWARD: self._backward,
+            MessageKind.OPTIMIZER_STEP: self._optimizer_step,
+            MessageKind.RELEASE: self._release,
+            MessageKind.GET_GRADS: self._get_grads,
+            MessageKind.GET_WEIGHTS: self._get_weights,
+        }
+
+    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        if not params:
+            return None
+        s = self.settings
+        if s.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+    @property
+    def held_micro_batches(self) -> int:
+        """How many FORWARD states the host keeps right now."""
+        return len(self._states)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def serve(self, conn: Connection) -> None:
+        """Answer ``conn``'s requests until the peer closes it; drops the peer's state then."""
+        conn_id = id(conn)
+        try:
+            while True:
+                try:
+                    data = await conn.recv()
+                except PeerLostError:
+                    return
+                response = await self.handle_bytes(data, conn_id)
+                try:
+                    await conn.send(encode_frame(response, compression=self._compression_for(response)))
+                except PeerLostError:
+                    return
+        finally:
+            dropped = self._drop(lambda key, st: st.owner == conn_id)
+            if dropped:
+                log.info("peer %s went away; dropped %d micro-batch states", conn.peer, dropped)
+
+    def _compression_for(self, frame: Frame) -> Compression:
+        # Only activations and gradients are compressed; weights and grads for checks travel exactly.
+        if frame.kind in (MessageKind.FORWARD_RESULT, MessageKind.BACKWARD_RESULT):
+            return self.settings.compression
+        return "none"
+
+    async def handle_bytes(self, data: bytes | bytearray | memoryview, conn_id: int = 0) -> Frame:
+        """Decode one request and return the response frame (an ERROR frame for anything wrong)."""
+        try:
+            frame = decode_frame(data, limits=self.settings.limits)
+        except FrameError as exc:
+            return error_frame(None, "BAD_FRAME", str(exc))
+        return await self.handle(frame, conn_id)
+
+    async def handle(self, frame: Frame, conn_id: int = 0) -> Frame:
+        """Carry out one decoded request."""
+        try:
+            handler = self._handlers.get(frame.kind)
+            if handler is None:
+                raise _Refused("UNEXPECTED_KIND", f"a stage host does not accept {frame.kind.name} frames")
+            if frame.run_id != self.run_id:
+                raise _Refused(
+                    "UNKNOWN_RUN", f"this host serves run {self.run_id!r}, not {frame.run_id!r}"
+                )
+            return await handler(frame, conn_id)
+        except _Refused as exc:
+            return error_frame(frame, exc.code, str(exc))
+        except BridgeError as exc:
+            return error_frame(frame, type(exc).__name__, str(exc))
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            # A computation that failed on this input; the host stays up for the next request.
+            log.warning("stage compute failed: %s", exc)
+            return error_frame(frame, "COMPUTE_ERROR", f"{type(exc).__name__}: {exc}")
+
+    async def _compute(self, fn: Callable[[], object]) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def _stage(self, frame: Frame) -> nn.Module:
+        module = self.stages.get(frame.stage)
+        if module is None:
+            held = ", ".join(str(k) for k in sorted(self.stages))
+            raise _Refused("UNKNOWN_STAGE", f"stage {frame.stage} is not hosted here (hosted: {held})")
+        return module
+
+    async def _hello(self, frame: Frame, conn_id: int) -> Frame:
+        return Frame(
+            kind=MessageKind.ACK,
+            request_id=frame.request_id,
+            run_id=self.run_id,
+            options={
+                "version": PROTOCOL_VERSION,
+                "stages": ",".join(str(k) for k in sorted(self.stages)),
+            },
+        )
+
+    def _stage_inputs(
+        self, frame: Frame, module: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        x = frame.tensors.get("x")
+        if x is None:
+            raise _Refused("BAD_REQUEST", "FORWARD needs a tensor named 'x'")
+        is_first = bool(getattr(getattr(module, "spec", None), "is_first", False))
+        if is_first:
+            if x.dtype not in _INDEX_DTYPES or x.dim() != 2:
+                raise _Refused(
+                    "BAD_SHAPE",
+                    f"stage {frame.stage} takes token ids (B, T) int64; got {tuple(x.shape)} {x.dtype}",
+                )
+        else:
+            hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+            if x.dtype not in _FLOAT_DTYPES or x.dim() != 3 or (hidden is not None and x.shape[-1] != hidden):
+                raise _Refused(
+                    "BAD_SHAPE",
+                    f"stage {frame.stage} takes hidden states (B, T, {hidden}) of a float dtype; "
+                    f"got {tuple(x.shape)} {x.dtype}",
+                )
+        mask = frame.tensors.get("attention_mask")
+        positions = frame.tensors.get("position_ids")
+        for name, t in (("attention_mask", mask), ("position_ids", positions)):
+            if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
+                raise _Refused(
+                    "BAD_SHAPE", f"{name} must be (B, T) = {tuple(x.shape[:2])}; got {tuple(t.shape)}"
+                )
+        return x, mask, positions
+
+    def _sweep_expired(self) -> None:
+        deadline = time.monotonic() - self.settings.state_timeout_s
+        dropped = self._drop(lambda key, st: st.created < deadline)
+        if dropped:
+            log.warning("dropped %d micro-batch states older than %.0f s", dropped, self.settings.state_timeout_s)
+
+    def _drop(self, predicate: Callable[[_Key, _MicroBatchState], bool]) -> int:
+        doomed = [k for k, st in self._states.items() if predicate(k, st)]
+        for k in doomed:
+            del self._states[k]
+        return len(doomed)
+
+    async def _forward(self, frame: Frame, conn_id: int) -> Frame:
+        module = self._stage(frame)
+        x, mask, positions = self._stage_inputs(frame, module)
+        key = (frame.run_id, frame.step, frame.micro_batch, frame.stage)
+        self._sweep_expired()
+        if key in self._states:
+            raise _Refused(
+                "DUPLICATE", f"step {frame.step} micro-batch {frame.micro_batch} already went forward here"
+            )
+        if len(self._states) >= self.settings.max_micro_batches:
+            raise _Refused(
+                "STATE_LIMIT",
+                f"this host already holds {len(self._states)} micro-batches awaiting backward "
+                f"(max_micro_batches={self.settings.max_micro_batches}); run backward or RELEASE first",
+            )
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            inputs = x.detach().requires_grad_(True) if x.is_floating_point() else x
+            with torch.enable_grad():
+                outputs = module(inputs, attention_mask=mask, position_ids=positions)
+            return inputs, outputs
+
+        inputs, outputs = await self._compute(run)  # type: ignore[misc]
+        self._states[key] = _MicroBatchState(inputs, outputs, time.monotonic(), conn_id)
+        return self._result(frame, MessageKind.FORWARD_RESULT, {"y": outputs.detach()})
+
+    async def _eval_forward(self, frame: Frame, conn_id: int) -> Frame:
+        module = self._stage(frame)
+        x, mask, positions = self._stage_inputs(frame, module)
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return module(x, attention_mask=mask, position_ids=positions)
+
+        outputs = await self._compute(run)
+        assert isinstance(outputs, torch.Tensor)  # internal: our own compute result
+        return self._result(frame, MessageKind.FORWARD_RESULT, {"y": outputs})
+
+    async def _backward(self, frame: Frame, conn_id: int) -> Frame:
+        self._stage(frame)
+        key = (frame.run_id, frame.step, frame.micro_batch, frame.stage)
+        state = self._states.get(key)
+        if state is None:
+            raise _Refused(
+                "UNKNOWN_MICRO_BATCH",
+                f"no forward state for step {frame.step} micro-batch {frame.micro_batch} on stage "
+                f"{frame.stage} (never sent, already used, released, or older than "
+                f"{self.settings.state_timeout_s:.0f} s)",
+            )
+        grad = frame.tensors.get("grad")
+        if grad is None:
+            raise _Refused("BAD_REQUEST", "BACKWARD needs a tensor named 'grad'")
+        if tuple(grad.shape) != tuple(state.outputs.shape) or not grad.is_floating_point():
+            raise _Refused(
+                "BAD_SHAPE",
+                f"grad must match the stage output {tuple(state.outputs.shape)} and be floating point; "
+                f"got {tuple(grad.shape)} {grad.dtype}",
+            )
+        del self._states[key]
+
+        def run() -> torch.Tensor | None:
+            torch.autograd.backward(state.outputs, grad.to(state.outputs.dtype))
+            return state.inputs.grad
+
+        grad_in = await self._compute(run)
+        tensors = {"grad": grad_in} if isinstance(grad_in, torch.Tensor) else {}
+        return self._result(frame, MessageKind.BACKWARD_RESULT, tensors)
+
+    async def _optimizer_step(self, frame: Frame, conn_id: int) -> Frame:
+        lr_text = frame.options.get("lr")
+        try:
+            lr = float(lr_text) if lr_text is not None else None
+        except ValueError as exc:
+            raise _Refused("BAD_REQUEST", f"option lr must be a number, got {lr_text!r}") from exc
+        if lr is not None and not lr >= 0:
+            raise _Refused("BAD_REQUEST", f"option lr must be a non-negative number, got {lr_text!r}")
+        dropped = self._drop(lambda key, st: key[0] == frame.run_id and key[1] <= frame.step)
+        optimizer = self.optimizer
+
+        def run() -> None:
+            if optimizer is None:
+                return
+            if lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        await self._compute(run)
+        self.steps_taken += 1
+        return Frame(
+            kind=MessageKind.ACK,
+            request_id=frame.request_id,
+            run_id=self.run_id,
+            step=frame.step,
+            options={"dropped": str(dropped)},
+        )
+
+    async def _release(self, frame: Frame, conn_id: int) -> Frame:
+        dropped = self._drop(lambda key, st: key[0] == frame.run_id and key[1] == frame.step)
+        return Frame(
+            kind=MessageKind.ACK,
+            request_id=frame.request_id,
+            run_id=self.run_id,
+            step=frame.step,
+            options={"dropped": str(dropped)},
+        )
+
+    async def _get_grads(self, frame: Frame, conn_id: int) -> Frame:
+        module = self._stage(frame)
+        grads = {name: p.grad for name, p in _model_named_parameters(module) if p.grad is not None}
+        return self._result(frame, MessageKind.GRADS, grads)
+
+    async def _get_weights(self, frame: Frame, conn_id: int) -> Frame:
+        module = self._stage(frame)
+        weights = {name: p.detach() for name, p in _model_named_parameters(module)}
+        return self._result(frame, MessageKind.WEIGHTS, weights)
+
+    def _result(self, frame: Frame, kind: MessageKind, tensors: Mapping[str, torch.Tensor]) -> Frame:
+        return Frame(
+            kind=kind,
+            request_id=frame.request_id,
+            run_id=self.run_id,
+            step=frame.step,
+            micro_batch=frame.micro_batch,
+            stage=frame.stage,
+            tensors=dict(tensors),
+        )
+
+    def close(self) -> None:
+        """Release the compute thread and all held state."""
+        self._states.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve_stage_host(
+    host: StageHost,
+    address: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    ssl: ssl_lib.SSLContext | None = None,
+    authenticate: Callable[[str | None], bool] | None = None,
+) -> object:
+    """Serve ``host`` over WebSockets; returns the server (``.port``, ``.url``, ``await .close()``)."""
+    from .websocket import serve_websocket  # the real transport; tests may use memory pipes instead
+
+    return await serve_websocket(host.serve, address, port, ssl=ssl, authenticate=authenticate)

@@ -1,0 +1,339 @@
+"""The data owner's training step over local and remote stages, with micro-batching.
+
+Two ways to drive a split model:
+
+* :class:`SplitModel` chains stages as one ``nn.Module``; remote stages are
+  :class:`~autograd_bridge.remote.RemoteStage`s, so ``loss.backward()`` drives backward through
+  every host. One micro-batch at a time; the simplest way to use the bridge.
+* :class:`Pipeline` splits a batch into M micro-batches that flow through the stages
+  concurrently (GPipe fill-drain or 1F1B). Each stage sees micro-batches in the same order as a
+  sequential run would, forward and backward, so gradients are accumulated in the same order
+  and the result equals M sequential micro-batch steps bit for bit (and the whole batch to fp32
+  rounding).
+
+Local stages compute on one owner thread; remote stages are :class:`StageClient`s. Between
+stages the activation is detached and re-attached, like a host does, so each stage's backward
+is ``torch.autograd.backward(output, grad_output)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar, cast
+
+import torch
+from torch import nn
+
+from .errors import BridgeError
+from .partition import causal_lm_loss
+from .remote import RemoteStage, StageClient
+from .runtime import EventLoopThread
+
+T = TypeVar("T")
+
+Schedule = Literal["gpipe", "1f1b"]
+
+
+class SplitModel(nn.Module):
+    """Stages (local modules or RemoteStages) chained into one module that returns logits."""
+
+    def __init__(self, stages: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not stages:
+            raise ValueError("a SplitModel needs at least one stage")
+        self.stages = nn.ModuleList(stages)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = input_ids
+        for stage in self.stages:
+            h = stage(h, attention_mask=attention_mask, position_ids=position_ids)
+        return h
+
+    def remote_stages(self) -> list[RemoteStage]:
+        return [s for s in self.stages if isinstance(s, RemoteStage)]
+
+    def step_remote(self, lr: float | None = None) -> None:
+        """Step every remote host's optimizer (the local optimizer is the caller's)."""
+        for stage in self.remote_stages():
+            stage.optimizer_step(lr)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineSettings:
+    """How the data owner schedules a step."""
+
+    micro_batches: int = 1  # M: the batch is split into this many micro-batches (along dim 0)
+    schedule: Schedule = "1f1b"  # gpipe: all forwards, then all backwards; 1f1b: bounded in-flight
+
+    def __post_init__(self) -> None:
+        if self.micro_batches < 1:
+            raise ValueError("micro_batches must be at least 1")
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"schedule must be 'gpipe' or '1f1b', not {self.schedule!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    loss: float  # mean token loss over the whole batch
+    tokens: int  # tokens that counted (labels != -100 after the shift)
+
+
+class _Turnstile:
+    """Lets micro-batches through in order 0, 1, 2, ... (one per phase and stage)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._changed = asyncio.Condition()
+
+    async def wait_for(self, turn: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._next == turn)
+
+    async def advance(self) -> None:
+        async with self._changed:
+            self._next += 1
+            self._changed.notify_all()
+
+
+_Stage = nn.Module | StageClient
+
+
+class Pipeline:
+    """Runs training steps of a split model whose stages are local modules or StageClients.
+
+    ``stages`` is the whole chain in order. For the U-shape the first and last are local
+    modules (the data owner's) and the middle ones StageClients. The loss is always computed
+    here, so labels never leave this process.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[_Stage],
+        runtime: EventLoopThread,
+        settings: PipelineSettings | None = None,
+    ) -> None:
+        if not stages:
+            raise ValueError("a Pipeline needs at least one stage")
+        self.stages = list(stages)
+        self.runtime = runtime
+        self.settings = settings or PipelineSettings()
+        self.step = 0
+        self._compute_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="titanic-owner")
+
+    @property
+    def remote(self) -> list[StageClient]:
+        return [s for s in self.stages if isinstance(s, StageClient)]
+
+    # -- public API (synchronous) ---------------------------------------------------------
+
+    def train_step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> StepResult:
+        """Forward and backward of one batch; leaves gradients on every stage (local and remote)."""
+        return self.runtime.run(self._train_step(input_ids, attention_mask, labels))
+
+    def optimizer_step(self, local_optimizer: torch.optim.Optimizer | None, lr: float | None = None) -> None:
+        """Step the local optimizer and every remote host's, then start the next step."""
+        if local_optimizer is not None:
+            if lr is not None:
+                for group in local_optimizer.param_groups:
+                    group["lr"] = lr
+            local_optimizer.step()
+            local_optimizer.zero_grad(set_to_none=True)
+
+        async def step_all() -> None:
+            await asyncio.gather(*(c.optimizer_step(self.step, lr) for c in self.remote))
+
+        self.runtime.run(step_all())
+        self.step += 1
+
+    def eval_loss(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> StepResult:
+        """Forward only (no state kept anywhere): the mean token loss of a batch."""
+        return self.runtime.run(self._eval(input_ids, attention_mask, labels))
+
+    def close(self) -> None:
+        self._compute_thread.shutdown(wait=False, cancel_futures=True)
+
+    # -- the schedule ---------------------------------------------------------------------
+
+    async def _local(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._compute_thread, fn)
+
+    @staticmethod
+    def _count_tokens(labels: torch.Tensor) -> int:
+        return int((labels[:, 1:] != -100).sum())
+
+    def _split(self, t: torch.Tensor | None) -> list[torch.Tensor | None]:
+        m = self.settings.micro_batches
+        if t is None:
+            return [None] * m
+        if t.shape[0] < m:
+            raise ValueError(f"batch of {t.shape[0]} rows cannot be split into {m} micro-batches")
+        return list(torch.tensor_split(t, m, dim=0))
+
+    async def _train_step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> StepResult:
+        step = self.step
+        m_count = self.settings.micro_batches
+        num_items = self._count_tokens(labels)
+        if num_items == 0:
+            raise ValueError("the batch has no label tokens to learn from (all -100)")
+        ids_mb = self._split(input_ids)
+        mask_mb = self._split(attention_mask)
+        labels_mb = self._split(labels)
+        n = len(self.stages)
+        fwd_turn = [_Turnstile() for _ in range(n + 1)]  # +1: the loss
+        bwd_turn = [_Turnstile() for _ in range(n + 1)]
+        forwards_done = asyncio.Event()
+        done_count = 0
+        # 1F1B keeps at most one micro-batch per stage in flight; GPipe all of them.
+        in_flight = asyncio.Semaphore(n if self.settings.schedule == "1f1b" else m_count)
+        admit = _Turnstile()
+        losses: list[float] = [0.0] * m_count
+
+        async def micro_batch(m: int) -> None:
+            nonlocal done_count
+            await admit.wait_for(m)
+            await in_flight.acquire()
+            await admit.advance()
+            try:
+                mask = mask_mb[m]
+                saved: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * (n + 1)
+                h = cast(torch.Tensor, ids_mb[m])
+                for s, stage in enumerate(self.stages):
+                    h = await self._stage_forward(s, stage, h, mask, step, m, fwd_turn[s], saved)
+                labels_m = cast(torch.Tensor, labels_mb[m])
+                await fwd_turn[n].wait_for(m)
+                logits_in = h.detach().requires_grad_(True)
+                loss = await self._local(lambda: causal_lm_loss(logits_in, labels_m, num_items=num_items))
+                await fwd_turn[n].advance()
+                saved[n] = (logits_in, loss)
+                losses[m] = float(loss.detach())
+                done_count += 1
+                if done_count == m_count:
+                    forwards_done.set()
+                if self.settings.schedule == "gpipe":
+                    await forwards_done.wait()
+                grad: torch.Tensor | None = None
+                for s in range(n, -1, -1):
+                    grad = await self._stage_backward(s, grad, step, m, bwd_turn[s], saved)
+            finally:
+                in_flight.release()
+
+        tasks = [asyncio.ensure_future(micro_batch(m)) for m in range(m_count)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._release_remote(step)
+            raise
+        return StepResult(loss=sum(losses), tokens=num_items)
+
+    async def _stage_forward(
+        self,
+        s: int,
+        stage: _Stage,
+        h: torch.Tensor,
+        mask: torch.Tensor | None,
+        step: int,
+        m: int,
+        turn: _Turnstile,
+        saved: list[tuple[torch.Tensor, torch.Tensor] | None],
+    ) -> torch.Tensor:
+        await turn.wait_for(m)
+        if isinstance(stage, StageClient):
+            try:
+                pending = await stage.start_forward(h, step=step, micro_batch=m, attention_mask=mask)
+            finally:
+                await turn.advance()
+            return await pending
+
+        module = stage
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            inputs = h.detach().requires_grad_(True) if h.is_floating_point() else h
+            with torch.enable_grad():
+                return inputs, module(inputs, attention_mask=mask)
+
+        try:
+            inputs, outputs = await self._local(run)
+        finally:
+            await turn.advance()
+        saved[s] = (inputs, outputs)
+        return outputs.detach()
+
+    async def _stage_backward(
+        self,
+        s: int,
+        grad: torch.Tensor | None,
+        step: int,
+        m: int,
+        turn: _Turnstile,
+        saved: list[tuple[torch.Tensor, torch.Tensor] | None],
+    ) -> torch.Tensor | None:
+        await turn.wait_for(m)
+        stage = self.stages[s] if s < len(self.stages) else None
+        if isinstance(stage, StageClient):
+            if grad is None:
+                raise BridgeError(f"no gradient reached stage {s} for micro-batch {m}")
+            try:
+                pending = await stage.start_backward(grad, step=step, micro_batch=m)
+            finally:
+                await turn.advance()
+            return await pending
+        entry = saved[s]
+        saved[s] = None
+        if entry is None:
+            raise BridgeError(f"stage {s} has no saved forward for micro-batch {m}")
+        inputs, outputs = entry
+
+        def run() -> torch.Tensor | None:
+            torch.autograd.backward(outputs, grad)
+            return inputs.grad
+
+        try:
+            return await self._local(run)
+        finally:
+            await turn.advance()
+
+    async def _release_remote(self, step: int) -> None:
+        async def release(client: StageClient) -> None:
+            try:
+                await client.release(step)
+            except BridgeError:
+                pass  # that host is the one that failed; there is nothing left to free there
+
+        await asyncio.gather(*(release(c) for c in self.remote))
+
+    async def _eval(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> StepResult:
+        num_items = self._count_tokens(labels)
+        h = input_ids
+        for stage in self.stages:
+            if isinstance(stage, StageClient):
+                h = await stage.forward(h, step=self.step, micro_batch=0, attention_mask=attention_mask, train=False)
+            else:
+                module, inp = stage, h
+
+                def run() -> torch.Tensor:
+                    with torch.no_grad():
+                        return module(inp, attention_mask=attention_mask)
+
+                h = await self._local(run)
+        logits = h
+        loss = await self._local(lambda: causal_lm_loss(logits, labels))
+        return StepResult(loss=float(loss), tokens=num_items)

@@ -1,0 +1,172 @@
+"""Host pipeline stages in this process: ``python -m autograd_bridge.serve``.
+
+A researcher can run the bridge with no Titanic server: save a model's config and per-stage
+weights (``save_stage_weights``), start one of these per host, and point a data owner's
+:class:`~autograd_bridge.remote.StageClient` at the printed URL. The process prints one line
+``listening <url>`` once it accepts connections, and serves until SIGTERM, SIGINT, or (with
+``--exit-with-stdin``) until its standard input closes, so a parent that dies takes it along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .host import HostSettings, StageHost, serve_stage_host
+from .partition import StageSpec
+
+
+def _stage_arg(text: str) -> tuple[int, int, int, int]:
+    """``INDEX/NUM_STAGES:START-END``, e.g. ``1/4:2-4`` (stage 1 of 4 holds blocks 2 and 3)."""
+    try:
+        head, blocks = text.split(":")
+        index, total = (int(v) for v in head.split("/"))
+        start, end = (int(v) for v in blocks.split("-"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected INDEX/NUM_STAGES:START-END, got {text!r}") from exc
+    return index, total, start, end
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m autograd_bridge.serve", description=__doc__)
+    p.add_argument("--config", required=True, type=Path, help="directory with the model's config.json")
+    p.add_argument("--weights", required=True, type=Path, nargs="+", help="safetensors file(s) to read from")
+    p.add_argument(
+        "--stage", required=True, type=_stage_arg, action="append", help="INDEX/NUM_STAGES:START-END (repeatable)"
+    )
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--token", help="peers must present this bearer token")
+    p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ...")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--compression", choices=["none", "fp16", "int8"], default="none")
+    p.add_argument("--exit-with-stdin", action="store_true", help="exit when standard input closes")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from .partition import load_stage
+
+    config = AutoConfig.from_pretrained(args.config)
+    stages = {}
+    for index, total, start, end in args.stage:
+        spec = StageSpec(index=index, num_stages=total, layer_start=start, layer_end=end)
+        stages[index] = load_stage(
+            config, spec, [str(w) for w in args.weights], attn_implementation=args.attn_implementation
+        )
+    settings = HostSettings(lr=args.lr, optimizer=args.optimizer, compression=args.compression)
+    host = StageHost(stages, run_id=args.run_id, settings=settings)
+    token = args.token
+    authenticate = (lambda presented: presented == token) if token else None
+    server = await serve_stage_host(host, args.host, args.port, authenticate=authenticate)
+    print(f"listening {server.url}", flush=True)  # type: ignore[attr-defined]
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.exit_with_stdin:
+        loop.run_in_executor(None, lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)))
+    await stop.wait()
+    await server.close()  # type: ignore[attr-defined]
+    host.close()
+
+
+class StageHostProcess:
+    """A stage host in a child process running this module; ``url`` waits until it listens.
+
+    The child exits when this object is closed or when the parent dies (its stdin closes).
+    """
+
+    def __init__(
+        self,
+        config_dir: str | Path,
+        weights: Sequence[str | Path],
+        specs: Sequence[StageSpec],
+        *,
+        run_id: str,
+        attn_implementation: str | None = None,
+        token: str | None = None,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        start_timeout_s: float = 180.0,
+    ) -> None:
+        cmd = [sys.executable, "-m", "autograd_bridge.serve", "--config", str(config_dir), "--run-id", run_id,
+               "--exit-with-stdin", "--weights", *(str(w) for w in weights)]  # fmt: skip
+        for spec in specs:
+            cmd += ["--stage", f"{spec.index}/{spec.num_stages}:{spec.layer_start}-{spec.layer_end}"]
+        if attn_implementation:
+            cmd += ["--attn-implementation", attn_implementation]
+        if token:
+            cmd += ["--token", token]
+        cmd += list(extra_args)
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(env or os.environ)
+        )
+        self._start_timeout_s = start_timeout_s
+        self._url: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def url(self) -> str:
+        """The ws:// URL the host listens on (blocks until it does)."""
+        if self._url is None:
+            self._url = self._wait_listening()
+        return self._url
+
+    def _wait_listening(self) -> str:
+        stdout = self._proc.stdout
+        if stdout is None:
+            raise RuntimeError("stage host process has no stdout pipe")
+        deadline = time.monotonic() + self._start_timeout_s
+        while time.monotonic() < deadline:
+            line = stdout.readline()
+            if line.startswith("listening "):
+                return line.split(" ", 1)[1].strip()
+            if not line and self._proc.poll() is not None:
+                raise RuntimeError(f"stage host exited with status {self._proc.returncode} before listening")
+        raise RuntimeError(f"stage host did not listen within {self._start_timeout_s:g} s")
+
+    def kill(self) -> None:
+        """Kill the host abruptly (to test peers that vanish)."""
+        self._proc.kill()
+        self._proc.wait()
+
+    def close(self) -> None:
+        """Ask the host to exit (stdin closes), then make sure it is gone."""
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
