@@ -34,7 +34,7 @@ import ssl as ssl_lib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -46,6 +46,8 @@ from .transport import Connection
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "1"
+
+_T = TypeVar("_T")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -198,7 +200,7 @@ class StageHost:
             log.warning("stage compute failed: %s", exc)
             return error_frame(frame, "COMPUTE_ERROR", f"{type(exc).__name__}: {exc}")
 
-    async def _compute(self, fn: Callable[[], object]) -> object:
+    async def _compute(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     # -- handlers --------------------------------------------------------------------------
@@ -285,7 +287,7 @@ class StageHost:
                 outputs = module(inputs, attention_mask=mask, position_ids=positions)
             return inputs, outputs
 
-        inputs, outputs = await self._compute(run)  # type: ignore[misc]
+        inputs, outputs = await self._compute(run)
         self._states[key] = _MicroBatchState(inputs, outputs, time.monotonic(), conn_id)
         return self._result(frame, MessageKind.FORWARD_RESULT, {"y": outputs.detach()})
 
@@ -298,7 +300,6 @@ class StageHost:
                 return module(x, attention_mask=mask, position_ids=positions)
 
         outputs = await self._compute(run)
-        assert isinstance(outputs, torch.Tensor)  # internal: our own compute result
         return self._result(frame, MessageKind.FORWARD_RESULT, {"y": outputs})
 
     async def _backward(self, frame: Frame, conn_id: int) -> Frame:
@@ -328,7 +329,7 @@ class StageHost:
             return state.inputs.grad
 
         grad_in = await self._compute(run)
-        tensors = {"grad": grad_in} if isinstance(grad_in, torch.Tensor) else {}
+        tensors = {"grad": grad_in} if grad_in is not None else {}
         return self._result(frame, MessageKind.BACKWARD_RESULT, tensors)
 
     async def _optimizer_step(self, frame: Frame, conn_id: int) -> Frame:

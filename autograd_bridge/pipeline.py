@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar, cast
@@ -311,10 +312,9 @@ class Pipeline:
 
     async def _release_remote(self, step: int) -> None:
         async def release(client: StageClient) -> None:
-            try:
+            # A host that fails here is the one that broke the step; nothing is left to free there.
+            with contextlib.suppress(BridgeError):
                 await client.release(step)
-            except BridgeError:
-                pass  # that host is the one that failed; there is nothing left to free there
 
         await asyncio.gather(*(release(c) for c in self.remote))
 
@@ -327,9 +327,8 @@ class Pipeline:
             if isinstance(stage, StageClient):
                 h = await stage.forward(h, step=self.step, micro_batch=0, attention_mask=attention_mask, train=False)
             else:
-                module, inp = stage, h
 
-                def run() -> torch.Tensor:
+                def run(module: nn.Module = stage, inp: torch.Tensor = h) -> torch.Tensor:
                     with torch.no_grad():
                         return module(inp, attention_mask=attention_mask)
 

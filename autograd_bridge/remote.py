@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import ssl as ssl_lib
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,7 +46,7 @@ class ClientSettings:
 
     timeout_s: float = 120.0  # a request without an answer by then fails with BridgeTimeoutError
     compression: Compression = "none"  # compression of the activations/gradients sent to the host
-    limits: FrameLimits = FrameLimits()  # what a response frame may be
+    limits: FrameLimits = field(default_factory=FrameLimits)  # what a response frame may be
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:

@@ -13,7 +13,6 @@ sides, since its random masks differ between processes; gradients are computed a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile

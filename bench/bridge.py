@@ -21,19 +21,19 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autograd_bridge.models import tiny_config  # noqa: E402
-from autograd_bridge.partition import (  # noqa: E402
+from autograd_bridge.models import tiny_config
+from autograd_bridge.partition import (
     causal_lm_loss,
     even_stage_specs,
     load_stage,
@@ -41,10 +41,10 @@ from autograd_bridge.partition import (  # noqa: E402
     split_model,
     tie_stage_weights,
 )
-from autograd_bridge.pipeline import SplitModel  # noqa: E402
-from autograd_bridge.remote import RemoteStage, StageClient  # noqa: E402
-from autograd_bridge.runtime import EventLoopThread  # noqa: E402
-from autograd_bridge.serve import StageHostProcess  # noqa: E402
+from autograd_bridge.pipeline import SplitModel
+from autograd_bridge.remote import RemoteStage, StageClient
+from autograd_bridge.runtime import EventLoopThread
+from autograd_bridge.serve import StageHostProcess
 
 STAGES = 4
 
