@@ -1,0 +1,334 @@
+"""The client daemon: join, measure, stay alive, follow commands, and come back after outages.
+
+One *session* is one registration: register (with the compute profile), then at the same
+time send heartbeats, read the command stream, and measure the link and report the full
+profile. A session ends when the server goes away or ends it; the daemon then waits with
+exponential backoff and registers again. A new session starts from nothing: runs of an
+earlier one are closed, because a server that forgot the session forgot its runs too.
+
+Errors decide what happens next by their class (see :mod:`client.errors`): a refused
+registration or an unverifiable certificate ends the daemon (``run`` raises it), an
+unreachable server or an ended session reconnects, and a failed command is reported as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import random
+import socket
+import tempfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .channel import ControlChannel
+from .config import ClientConfig
+from .errors import ClientError, HostingError, ServerUnavailableError, SessionEndedError
+from .hosting import HostedRun, build_stages, reach_peers, start_stage_host
+from .messages import (
+    ClientInfo,
+    Command,
+    CommandState,
+    ConnectPeers,
+    DeviceProfile,
+    HostRun,
+    RunState,
+    RunStatus,
+    Session,
+    StatusReport,
+    StopRun,
+    Train,
+    Upload,
+    WeightHeader,
+)
+from .profiling import (
+    ComputeMeasurement,
+    LinkMeasurement,
+    available_memory_bytes,
+    compute_profile,
+    link_declared,
+    measure_compute,
+    measure_link,
+    training_device,
+    with_link,
+)
+from .weights import fetch_partition, file_sha256
+
+log = logging.getLogger(__name__)
+
+
+def data_size(path: Path | None) -> int:
+    """Bytes of the data at ``path`` (a file or a folder); 0 without data."""
+    if path is None:
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class ClientDaemon:
+    """Runs sessions against the server until stopped."""
+
+    def __init__(self, config: ClientConfig, *, unit_random: Callable[[], float] = random.random) -> None:
+        self.config = config
+        self.runs: dict[str, HostedRun] = {}
+        self.session: Session | None = None
+        self.profile: DeviceProfile | None = None
+        self._unit_random = unit_random
+        self._attempt = 0
+        self._seen: set[int] = set()
+        self._host_tasks: dict[str, asyncio.Task[None]] = {}
+        self._command_tasks: set[asyncio.Task[None]] = set()
+        self._ca_pem = config.tls.ca.read_bytes() if config.tls.ca else None
+
+    # -- the outer loop ------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set.
+
+        Raises RegistrationRefusedError or TlsVerificationError when retrying cannot help.
+        """
+        compute = await asyncio.to_thread(self._measure_compute)
+        base_profile = compute_profile(compute, self.config.declare, capacity=self.config.client.capacity)
+        log.info("compute: %.3g FLOP/s (%s)", base_profile.flops_per_s, base_profile.flops_method)
+        try:
+            while not stop.is_set():
+                try:
+                    async with self._channel() as channel:
+                        await self._session(channel, base_profile, stop)
+                except (ServerUnavailableError, SessionEndedError) as exc:
+                    delay = self.config.reconnect.delay(self._attempt, self._unit_random())
+                    self._attempt += 1
+                    log.warning("%s; reconnecting in %.1f s", exc, delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            await self._close_runs()
+        log.info("stopped")
+
+    def _measure_compute(self) -> ComputeMeasurement:
+        declared = self.config.declare.values()
+        if "flops_per_s" in declared:
+            device = training_device(self.config.profile)
+            return ComputeMeasurement(
+                flops_per_s=float(declared["flops_per_s"]), device=device, accelerator="", method="declared"
+            )
+        return measure_compute(self.config.profile)
+
+    def _channel(self) -> ControlChannel:
+        tls = self.config.tls
+        return ControlChannel(
+            self.config.client.server, tls=tls.active, ca_pem=self._ca_pem, server_name=tls.server_name
+        )
+
+    def _info(self) -> ClientInfo:
+        data = self.config.client.data
+        return ClientInfo(
+            version=__version__,
+            hostname=socket.gethostname(),
+            platform=platform.platform(),
+            has_data=data is not None,
+            data_bytes=data_size(data),
+            bridge_host=self.config.bridge.public_host,
+        )
+
+    # -- one session ---------------------------------------------------------------------
+
+    async def _session(self, channel: ControlChannel, base_profile: DeviceProfile, stop: asyncio.Event) -> None:
+        c = self.config.client
+        session = await channel.register(
+            name=c.name, join_token=c.token, client_key=c.key, info=self._info(), profile=base_profile
+        )
+        self.session = session
+        self._attempt = 0
+        log.info("registered as %s with %s", session.client_id, channel.target)
+        await self._close_runs()  # a new session starts from nothing
+        self._seen.clear()
+        stopping = asyncio.ensure_future(stop.wait())
+        workers = {
+            asyncio.ensure_future(self._heartbeats(channel, session)),
+            asyncio.ensure_future(self._follow_commands(channel)),
+            asyncio.ensure_future(self._report_profile(channel, session, base_profile)),
+        }
+        try:
+            while True:
+                done, _ = await asyncio.wait({stopping, *workers}, return_when=asyncio.FIRST_COMPLETED)
+                if stopping in done:
+                    with contextlib.suppress(ClientError):
+                        await channel.leave("shutting down")
+                    return
+                for task in done:
+                    workers.discard(task)
+                    task.result()  # a worker that failed ends the session with its error
+        finally:
+            for task in (stopping, *workers, *self._command_tasks):
+                task.cancel()
+            await asyncio.gather(stopping, *workers, *self._command_tasks, return_exceptions=True)
+            self._command_tasks.clear()
+
+    async def _report_profile(self, channel: ControlChannel, session: Session, base: DeviceProfile) -> None:
+        declare = self.config.declare
+        if link_declared(declare):
+            nothing = LinkMeasurement(upload_bytes_per_s=0.0, download_bytes_per_s=0.0, rtt_s=0.0)
+            profile = with_link(base, nothing, declare)  # every link field is declared and replaces these
+        else:
+            link = await measure_link(channel, self.config.profile, max_seconds=session.probe_max_seconds)
+            profile = with_link(base, link, declare)
+        self.profile = profile
+        await channel.report_profile(profile)
+        log.info(
+            "profile reported: up %.3g MB/s, down %.3g MB/s, rtt %.2f ms",
+            profile.upload_bytes_per_s / 1e6,
+            profile.download_bytes_per_s / 1e6,
+            profile.rtt_s * 1e3,
+        )
+
+    async def _heartbeats(self, channel: ControlChannel, session: Session) -> None:
+        interval = session.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            runs = [r.status() for r in self.runs.values()]
+            interval = await channel.heartbeat(runs, available_memory_bytes(), timeout_s=session.heartbeat_timeout_s)
+
+    async def _follow_commands(self, channel: ControlChannel) -> None:
+        async for command in channel.commands():
+            if command.command_id in self._seen:
+                continue
+            self._seen.add(command.command_id)
+            await channel.report_status(StatusReport(command_id=command.command_id, state=CommandState.ACCEPTED))
+            self._spawn(self._execute(channel, command))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+        return task
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def _execute(self, channel: ControlChannel, command: Command) -> None:
+        body = command.body
+        try:
+            status = await self._dispatch(channel, body)
+        except (ServerUnavailableError, SessionEndedError):
+            return  # the session is ending; the next one starts over
+        except Exception as exc:  # reported as FAILED: the server would otherwise wait for this command forever
+            if isinstance(exc, ClientError | OSError):
+                log.warning("command %d (%s) failed: %s", command.command_id, type(body).__name__, exc)
+            else:
+                log.exception("command %d (%s) failed unexpectedly", command.command_id, type(body).__name__)
+            run = self.runs.get(body.run_id)
+            if run is not None and not isinstance(body, StopRun):
+                run.state, run.message = RunState.FAILED, str(exc)
+            failed_run = run.status() if run is not None else None
+            report = StatusReport(command_id=command.command_id, state=CommandState.FAILED, message=str(exc), run=failed_run)
+        else:
+            report = StatusReport(command_id=command.command_id, state=CommandState.DONE, run=status)
+        with contextlib.suppress(ServerUnavailableError, SessionEndedError):
+            await channel.report_status(report)
+
+    async def _dispatch(self, channel: ControlChannel, body: object) -> RunStatus | None:
+        if isinstance(body, HostRun):
+            return await self._host(channel, body)
+        if isinstance(body, ConnectPeers):
+            return await self._connect(body)
+        if isinstance(body, Upload):
+            return await self._upload(channel, body)
+        if isinstance(body, StopRun):
+            return await self._stop_run(body)
+        if isinstance(body, Train):
+            raise HostingError("this client cannot train runs yet; update titanic on this device")
+        raise HostingError(f"unknown command {type(body).__name__}")
+
+    async def _host(self, channel: ControlChannel, cmd: HostRun) -> RunStatus:
+        old = self.runs.pop(cmd.run_id, None)
+        if old is not None:
+            await old.close()
+        run = HostedRun(run_id=cmd.run_id, partitions=cmd.partitions)
+        self.runs[cmd.run_id] = run
+        task = asyncio.current_task()
+        assert task is not None  # internal: always called from a task
+        self._host_tasks[cmd.run_id] = task  # type: ignore[assignment]
+        try:
+            cache = self.config.cache_dir
+            files = {p.index: await fetch_partition(channel, cmd.run_id, p, cache) for p in cmd.partitions}
+            workdir = cache / "runs" / cmd.run_id
+            run.stages = await asyncio.to_thread(build_stages, cmd.model_config_json, cmd.partitions, files, workdir)
+            served = {p.index: run.stages[p.index] for p in cmd.partitions if not p.local}
+            if served:
+                bridge = self.config.bridge
+                run.served = await start_stage_host(
+                    served,
+                    run_id=cmd.run_id,
+                    allowed=cmd.allowed_peers,
+                    bind_host=bridge.host,
+                    port=bridge.port,
+                    public_host=bridge.public_host,
+                )
+                run.state = RunState.SERVING
+            else:
+                run.state = RunState.READY
+        finally:
+            self._host_tasks.pop(cmd.run_id, None)
+        return run.status()
+
+    async def _connect(self, cmd: ConnectPeers) -> RunStatus:
+        preparing = self._host_tasks.get(cmd.run_id)
+        if preparing is not None:
+            # The owner's own stages may still be loading; connecting is the step after that.
+            await asyncio.wait({preparing})
+        run = self.runs.get(cmd.run_id)
+        if run is None:
+            raise HostingError(f"run {cmd.run_id} is not known here; the server sent ConnectPeers before HostRun")
+        if run.state == RunState.FAILED:
+            raise HostingError(f"run {cmd.run_id} failed here before connecting: {run.message}")
+        await reach_peers(cmd.run_id, cmd.peers)
+        run.peers = cmd.peers
+        run.state = RunState.CONNECTED
+        log.info("run %s: reached %d peer(s)", cmd.run_id, len(cmd.peers))
+        return run.status()
+
+    async def _upload(self, channel: ControlChannel, cmd: Upload) -> RunStatus:
+        from autograd_bridge.partition import save_stage_weights
+
+        run = self.runs.get(cmd.run_id)
+        if run is None:
+            raise HostingError(f"run {cmd.run_id} is not hosted here")
+        chunk = self.session.max_chunk_bytes if self.session else 1 << 20
+        for index in cmd.partitions:
+            stage = run.stages.get(index)
+            if stage is None:
+                raise HostingError(f"partition {index} of run {cmd.run_id} is not hosted here")
+            with tempfile.TemporaryDirectory(prefix="titanic-upload-") as tmp:
+                path = Path(tmp) / "stage.safetensors"
+                await asyncio.to_thread(save_stage_weights, stage, path)
+                sha = await asyncio.to_thread(file_sha256, path)
+                header = WeightHeader(
+                    run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha, round=cmd.round
+                )
+                await channel.upload_partition(header, path, chunk)
+        return run.status()
+
+    async def _stop_run(self, cmd: StopRun) -> RunStatus:
+        task = self._host_tasks.pop(cmd.run_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        run = self.runs.pop(cmd.run_id, None)
+        if run is not None:
+            await run.close()
+        log.info("run %s stopped: %s", cmd.run_id, cmd.reason)
+        return RunStatus(run_id=cmd.run_id, state=RunState.STOPPED, message=cmd.reason)
+
+    async def _close_runs(self) -> None:
+        for task in list(self._host_tasks.values()):
+            task.cancel()
+        self._host_tasks.clear()
+        runs, self.runs = self.runs, {}
+        for run in runs.values():
+            await run.close()
+
+

@@ -1,0 +1,181 @@
+"""The running server: gRPC control plane, admin API, liveness checks and the coordinator.
+
+``titanic-server run`` calls :func:`serve`, which prints one line once both endpoints accept
+connections (ports chosen by the system when configured as 0)::
+
+    titanic-server ready control=127.0.0.1:50051 admin=http://127.0.0.1:8750
+
+and runs until SIGTERM or SIGINT, then stops both endpoints and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import ssl
+import time
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+
+from proto import control_pb2_grpc as pb_grpc
+
+from .admin import AdminContext, admin_app
+from .config import MIB, AuthSettings, ServerConfig
+from .coordinator import Coordinator, ModelSource, PlanFunction
+from .handler import ControlHandler
+from .servicer import ControlServicer
+from .state import ControlState, InMemoryState
+from .weights import WeightStore
+
+log = logging.getLogger(__name__)
+
+# Chunks are at most 3 MiB (config check); the limit leaves room for framing.
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 4 * MIB),
+    ("grpc.max_receive_message_length", 4 * MIB),
+]
+
+
+def read_or_create_secret(path: Path) -> str:
+    """The secret stored at ``path``, created (random, mode 0600) when missing."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+class ServerApp:
+    """All parts of a server, started and stopped together."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        model: ModelSource | None = None,
+        plan: PlanFunction | None = None,
+        state: ControlState | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.plan = plan
+        self.state = state or InMemoryState()
+        self.control_port = 0
+        self.admin_port = 0
+        self.admin_token = ""
+        self._grpc: grpc.aio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self._coordinator: Coordinator | None = None
+        self._liveness: asyncio.Task[None] | None = None
+        self.handler: ControlHandler | None = None
+
+    @property
+    def control_address(self) -> str:
+        """host:port of the control plane (valid after start)."""
+        return f"{self.config.server.host}:{self.control_port}"
+
+    @property
+    def admin_url(self) -> str:
+        """Base URL of the admin API (valid after start)."""
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{self.config.server.admin_host}:{self.admin_port}"
+
+    def _auth(self, state_dir: Path) -> AuthSettings:
+        auth = self.config.auth
+        if not auth.join_tokens and not auth.client_keys:
+            token = read_or_create_secret(state_dir / "join_token")
+            log.warning("no join token configured; clients join with the one in %s", state_dir / "join_token")
+            auth = AuthSettings(join_tokens=(token,), client_keys=auth.client_keys, admin_token=auth.admin_token)
+        return auth
+
+    async def start(self) -> None:
+        """Bind both endpoints and start the background tasks."""
+        cfg = self.config
+        state_dir = Path(cfg.server.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.admin_token = cfg.auth.admin_token or read_or_create_secret(state_dir / "admin_token")
+        weights = WeightStore(state_dir / "weights", chunk_bytes=cfg.control.max_chunk_bytes)
+        handler = ControlHandler(self.state, settings=cfg.control, auth=self._auth(state_dir), weights=weights)
+        self.handler = handler
+        self._coordinator = Coordinator(
+            handler, model=self.model, plan=self.plan, settings=cfg.planning, scratch_dir=state_dir / "scratch"
+        )
+        handler.listener = self._coordinator
+
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_ControlServicer_to_server(ControlServicer(handler), server)
+        address = f"{cfg.server.host}:{cfg.server.port}"
+        if cfg.tls is not None:
+            credentials = grpc.ssl_server_credentials([(cfg.tls.key.read_bytes(), cfg.tls.cert.read_bytes())])
+            self.control_port = server.add_secure_port(address, credentials)
+        else:
+            self.control_port = server.add_insecure_port(address)
+        if self.control_port == 0:
+            raise OSError(f"could not listen on {address}; is the port in use?")
+        await server.start()
+        self._grpc = server
+
+        context = AdminContext(
+            state=self.state,
+            control_address=self.control_address,
+            tls=cfg.tls is not None,
+            model=cfg.model.path if cfg.model else "",
+            started_at=time.monotonic(),
+            clock=handler.clock,
+        )
+        runner = web.AppRunner(admin_app(context, token=self.admin_token), access_log=None)
+        await runner.setup()
+        ssl_context = None
+        if cfg.tls is not None:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+        site = web.TCPSite(runner, cfg.server.admin_host, cfg.server.admin_port, ssl_context=ssl_context)
+        await site.start()
+        self._admin = runner
+        self.admin_port = runner.addresses[0][1]
+
+        self._liveness = asyncio.get_running_loop().create_task(self._check_liveness(handler))
+        self._coordinator.start()
+
+    async def _check_liveness(self, handler: ControlHandler) -> None:
+        period = min(0.25, handler.settings.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            handler.expire()
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Stop accepting calls, end the streams, and stop the background tasks."""
+        if self._liveness is not None:
+            self._liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._liveness
+        if self._coordinator is not None:
+            await self._coordinator.close()
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        if self._admin is not None:
+            await self._admin.cleanup()
+
+
+async def serve(app: ServerApp) -> None:
+    """Run ``app`` until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    print(f"titanic-server ready control={app.control_address} admin={app.admin_url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await app.stop()

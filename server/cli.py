@@ -1,0 +1,197 @@
+"""``titanic-server``: run the server, or ask a running one how it is doing.
+
+::
+
+    titanic-server run [--config server.toml] [flags]     serve until SIGTERM
+    titanic-server status  [--json]                       the server at a glance
+    titanic-server clients [--json]                       clients and their measured profiles
+    titanic-server plan    [--json]                       the plan: partition, blocks, client, why
+    titanic-server runs    [--json]                       training runs
+
+The admin commands talk to the admin API at ``--admin`` (default ``http://127.0.0.1:8750``)
+with the bearer token from ``--token``, ``$TITANIC_ADMIN_TOKEN``, or the file
+``<state dir>/admin_token`` the server writes when no token is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import (
+    AuthSettings,
+    ControlSettings,
+    ListenSettings,
+    ModelSettings,
+    PlanningSettings,
+    ServerConfig,
+    TlsSettings,
+    load_config,
+)
+from .tables import clients_table, plan_table, runs_table, status_table
+
+DEFAULT_ADMIN = f"http://127.0.0.1:{ListenSettings().admin_port}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``titanic-server``."""
+    parser = argparse.ArgumentParser(prog="titanic-server", description="Titanic control-plane server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the server until SIGTERM")
+    run.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    run.add_argument("--host", help="address of the gRPC control plane")
+    run.add_argument("--port", type=int, help="its port (0: any free port)")
+    run.add_argument("--admin-host", help="address of the admin API")
+    run.add_argument("--admin-port", type=int, help="its port (0: any free port)")
+    run.add_argument("--state-dir", type=Path, help="where weights, uploads and generated tokens live")
+    run.add_argument("--join-token", action="append", help="a token clients join with (repeatable)")
+    run.add_argument("--admin-token", help="bearer token of the admin API")
+    run.add_argument("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key serves TLS")
+    run.add_argument("--tls-key", type=Path, help="PEM private key")
+    run.add_argument("--model", help="model directory (or hub name) to plan for")
+    run.add_argument("--stages", type=int, help="partitions per pipeline (default: the planner chooses)")
+    run.add_argument("--heartbeat-interval", type=float, help="seconds between client heartbeats")
+    run.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before a client is lost")
+    run.add_argument("--settle", type=float, help="seconds without client changes before replanning")
+    run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+    for name, text in (
+        ("status", "the server at a glance"),
+        ("clients", "registered clients and their profiles"),
+        ("plan", "the current plan, one row per partition"),
+        ("runs", "training runs"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--admin", default=os.environ.get("TITANIC_ADMIN_URL", DEFAULT_ADMIN), help="admin API URL")
+        sub.add_argument("--token", help="admin token (default: $TITANIC_ADMIN_TOKEN or <state dir>/admin_token)")
+        sub.add_argument("--state-dir", type=Path, default=ListenSettings().state_dir, help="server state dir")
+        sub.add_argument("--ca", type=Path, help="CA file to verify an https admin API")
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The config file (if any) with the flags applied on top."""
+    config = load_config(args.config) if args.config else ServerConfig()
+
+    def override(section: Any, **values: Any) -> Any:
+        given = {k: v for k, v in values.items() if v is not None}
+        return dataclasses.replace(section, **given) if given else section
+
+    server = override(
+        config.server,
+        host=args.host,
+        port=args.port,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        state_dir=args.state_dir,
+    )
+    auth: AuthSettings = override(
+        config.auth,
+        join_tokens=tuple(args.join_token) if args.join_token else None,
+        admin_token=args.admin_token or os.environ.get("TITANIC_ADMIN_TOKEN") or None,
+    )
+    tls = config.tls
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None:
+        tls = TlsSettings(cert=args.tls_cert, key=args.tls_key)
+    control: ControlSettings = override(
+        config.control, heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout
+    )
+    model = config.model
+    if args.model is not None:
+        stages = args.stages if args.stages is not None else (model.stages if model else None)
+        model = ModelSettings(path=args.model, stages=stages)
+    elif args.stages is not None:
+        if model is None:
+            raise ValueError("--stages needs a model: pass --model or set [model] path")
+        model = dataclasses.replace(model, stages=args.stages)
+    planning: PlanningSettings = override(config.planning, settle_s=args.settle)
+    return ServerConfig(server=server, auth=auth, tls=tls, control=control, model=model, planning=planning)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .app import ServerApp, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    config = config_from_args(args)
+    model = plan = None
+    if config.model is not None:
+        from .planning import hf_model_source, planner_for
+
+        model = hf_model_source(config.model, work_dir=Path(config.server.state_dir) / "model")
+        plan = planner_for(model, config.model, config.planning)
+    app = ServerApp(config, model=model, plan=plan)
+    asyncio.run(serve(app))
+    return 0
+
+
+def admin_token(args: argparse.Namespace) -> str:
+    """The admin token from the flag, the environment, or the server's state dir."""
+    if args.token:
+        return str(args.token)
+    if os.environ.get("TITANIC_ADMIN_TOKEN"):
+        return os.environ["TITANIC_ADMIN_TOKEN"]
+    path = Path(args.state_dir) / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    raise ValueError(f"no admin token: pass --token, set TITANIC_ADMIN_TOKEN, or point --state-dir at the server's ({path})")
+
+
+def admin_get(base: str, route: str, token: str, *, ca: Path | None = None, timeout_s: float = 10.0) -> Any:
+    """GET ``route`` from the admin API and return the decoded JSON."""
+    request = urllib.request.Request(base.rstrip("/") + route, headers={"Authorization": f"Bearer {token}"})
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise ValueError("the admin API refused the token; pass the server's admin token with --token") from exc
+        raise ValueError(f"the admin API answered {exc.code} for {route}") from exc
+    except urllib.error.URLError as exc:
+        raise ValueError(f"cannot reach the admin API at {base} ({exc.reason}); is titanic-server running?") from exc
+
+
+_VIEWS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "status": ("/v1/status", status_table),
+    "clients": ("/v1/clients", clients_table),
+    "plan": ("/v1/plan", plan_table),
+    "runs": ("/v1/runs", runs_table),
+}
+
+
+def _admin(args: argparse.Namespace) -> int:
+    route, render = _VIEWS[args.command]
+    body = admin_get(args.admin, route, admin_token(args), ca=args.ca)
+    print(json.dumps(body, indent=2, sort_keys=True) if args.json else render(body))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``titanic-server``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args) if args.command == "run" else _admin(args)
+    except ValueError as exc:
+        print(f"titanic-server: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The control plane's logic, independent of gRPC.
+
+:class:`ControlHandler` does what each RPC means: it checks credentials and inputs, keeps the
+registry in a :class:`~server.state.ControlState`, feeds command streams, and tells a
+:class:`ControlListener` (the coordinator) when the set of usable clients changes or a client
+reports progress. It raises :mod:`server.errors`; the servicer maps those to status codes.
+
+Everything arriving from a client is checked explicitly: names, numbers, chunk sizes, totals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Protocol
+
+from .config import AuthSettings, ControlSettings
+from .errors import AuthenticationError, InvalidRequestError, LimitExceededError
+from .messages import (
+    LIVE_STATUSES,
+    PROTOCOL_VERSION,
+    ClientStatus,
+    Command,
+    CommandBody,
+    CommandState,
+    DeviceProfile,
+    Heartbeat,
+    ProbeResult,
+    Registration,
+    RegistrationResult,
+    RunStatus,
+    StatusReport,
+    StoredUpload,
+    UploadReceipt,
+    WeightHeader,
+)
+from .state import ClientRecord, ControlState
+from .weights import WeightStore
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_MAX_RUNS_REPORTED = 64
+_MAX_TEXT = 4096  # longest free-text field kept from a client
+# A probe may run a little past its nominal length: the last chunk is in flight when time is up.
+_PROBE_GRACE_S = 2.0
+
+
+class ControlListener(Protocol):
+    """Who wants to know about changes (the coordinator)."""
+
+    def membership_changed(self) -> None:
+        """The set of ready clients, or one of their profiles, changed."""
+
+    def status_reported(self, client_id: str, report: StatusReport) -> None:
+        """A client reported progress on a command."""
+
+
+def session_digest(token: str) -> str:
+    """What the state keeps of a session token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _same_secret(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+class ControlHandler:
+    """Does the work of every control RPC against ``state``."""
+
+    def __init__(
+        self,
+        state: ControlState,
+        *,
+        settings: ControlSettings,
+        auth: AuthSettings,
+        weights: WeightStore,
+        listener: ControlListener | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.state = state
+        self.settings = settings
+        self.auth = auth
+        self.weights = weights
+        self.listener = listener
+        self.clock = clock
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._stream_epochs: dict[str, int] = {}
+        # Probe filler: random, so no layer on the way can compress it.
+        self._filler = os.urandom(settings.max_chunk_bytes)
+
+    # -- joining -------------------------------------------------------------------------
+
+    def register(self, registration: Registration) -> RegistrationResult:
+        """Let a client in (a new session, replacing any earlier one under the same name)."""
+        if registration.protocol_version != PROTOCOL_VERSION:
+            raise InvalidRequestError(
+                f"this server speaks control protocol {PROTOCOL_VERSION}, the client "
+                f"{registration.protocol_version}; install matching versions of titanic"
+            )
+        if not _NAME.match(registration.name):
+            raise InvalidRequestError(
+                f"client name {registration.name!r} is not allowed; use 1-64 characters of [A-Za-z0-9._-]"
+            )
+        self._check_credential(registration)
+        _check_profile(registration.profile, need_link=False)
+        token = secrets.token_urlsafe(32)
+        previous = self.state.get_client(registration.name)
+        record = ClientRecord(
+            client_id=registration.name,
+            status=ClientStatus.MEASURING,
+            session_digest=session_digest(token),
+            info=registration.info,
+            profile=registration.profile,
+            address=registration.address,
+            registered_at=time.time(),
+            last_seen=self.clock(),
+        )
+        self.state.put_client(record)
+        self.state.drop_commands(record.client_id)
+        self._wake(record.client_id)  # ends the previous session's command stream
+        log.info("client %s registered from %s", record.client_id, record.address or "?")
+        if previous is not None and previous.status == ClientStatus.READY:
+            self._membership_changed()
+        return RegistrationResult(
+            client_id=record.client_id,
+            session_token=token,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
+            max_chunk_bytes=self.settings.max_chunk_bytes,
+            probe_max_seconds=self.settings.probe_max_seconds,
+        )
+
+    def _check_credential(self, registration: Registration) -> None:
+        name = registration.name
+        if registration.client_key is not None:
+            expected = self.auth.client_keys.get(name)
+            if expected is None or not _same_secret(expected, registration.client_key):
+                raise AuthenticationError(
+                    f"client {name!r} is unknown to this server or its key is wrong; the operator "
+                    "lists known clients and their keys under [auth.client_keys]"
+                )
+            return
+        if registration.join_token is None:
+            raise AuthenticationError("registration needs a join token (--token) or a client key (--key)")
+        if name in self.auth.client_keys:
+            raise AuthenticationError(f"the name {name!r} belongs to a keyed client; register with its key")
+        if not any(_same_secret(t, registration.join_token) for t in self.auth.join_tokens):
+            raise AuthenticationError(
+                "the join token is not valid for this server; ask its operator for the current token"
+            )
+
+    def authenticate(self, session_token: str | None) -> ClientRecord:
+        """The live client a session token belongs to; marks it seen."""
+        if not session_token:
+            raise AuthenticationError("this call needs a session; register first")
+        record = self.state.client_by_session(session_digest(session_token))
+        if record is None:
+            raise AuthenticationError(
+                "unknown session (the server restarted or the client registered again); register again"
+            )
+        if record.status not in LIVE_STATUSES:
+            raise AuthenticationError(
+                f"the session of {record.client_id!r} has ended ({record.status}: {record.status_reason}); "
+                "register again"
+            )
+        return self.state.update_client(record.client_id, last_seen=self.clock())
+
+    def report_profile(self, client: ClientRecord, profile: DeviceProfile) -> None:
+        """Store a complete profile; the client becomes ready for planning."""
+        _check_profile(profile, need_link=True)
+        changed = client.status != ClientStatus.READY or client.profile != profile
+        self.state.update_client(client.client_id, profile=profile, status=ClientStatus.READY)
+        log.info(
+            "client %s ready: %.3g FLOP/s, %.3g MB/s up, %.3g MB/s down, rtt %.1f ms",
+            client.client_id,
+            profile.flops_per_s,
+            profile.upload_bytes_per_s / 1e6,
+            profile.download_bytes_per_s / 1e6,
+            profile.rtt_s * 1e3,
+        )
+        if changed:
+            self._membership_changed()
+
+    def leave(self, client: ClientRecord, reason: str) -> None:
+        """The client says goodbye; it is no longer planned for."""
+        self._end_session(client, ClientStatus.LEFT, reason[:_MAX_TEXT] or "left")
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def heartbeat(self, client: ClientRecord, beat: Heartbeat) -> float:
+        """Record a heartbeat; returns the interval the client should keep."""
+        runs = _check_runs(beat.runs)
+        self.state.update_client(client.client_id, runs=runs, free_memory_bytes=beat.free_memory_bytes)
+        return self.settings.heartbeat_interval_s
+
+    def expire(self) -> list[str]:
+        """Mark clients silent for longer than the timeout as lost; returns their ids."""
+        deadline = self.clock() - self.settings.heartbeat_timeout_s
+        lost = [c for c in self.state.list_clients() if c.status in LIVE_STATUSES and c.last_seen < deadline]
+        for client in lost:
+            log.warning("client %s lost: no heartbeat for %.1f s", client.client_id, self.clock() - client.last_seen)
+            self._end_session(
+                client, ClientStatus.LOST, f"no heartbeat for {self.settings.heartbeat_timeout_s:g} s", notify=False
+            )
+        if lost:
+            self._membership_changed()
+        return [c.client_id for c in lost]
+
+    def _end_session(self, client: ClientRecord, status: ClientStatus, reason: str, *, notify: bool = True) -> None:
+        was_ready = client.status == ClientStatus.READY
+        self.state.update_client(client.client_id, status=status, status_reason=reason)
+        self.state.drop_commands(client.client_id)
+        self._wake(client.client_id)
+        if notify and was_ready:
+            self._membership_changed()
+
+    # -- commands ------------------------------------------------------------------------
+
+    def send_command(self, client_id: str, body: CommandBody) -> Command:
+        """Queue a command for a client; its command stream delivers it."""
+        command = self.state.push_command(client_id, body)
+        self._wake(client_id)
+        return command
+
+    def commands(self, client: ClientRecord) -> AsyncIterator[Command]:
+        """The commands of ``client``'s session as they come; ends when the session ends.
+
+        A newer stream of the same client ends an older one (from the moment this is
+        called), so a client that reopened its stream never has two readers.
+        """
+        epoch = self._stream_epochs.get(client.client_id, 0) + 1
+        self._stream_epochs[client.client_id] = epoch
+        self._wake(client.client_id)
+        return self._command_stream(client, epoch)
+
+    async def _command_stream(self, client: ClientRecord, epoch: int) -> AsyncIterator[Command]:
+        client_id = client.client_id
+        event = self._wakeups.setdefault(client_id, asyncio.Event())
+        sent = 0
+        while True:
+            event.clear()
+            current = self.state.get_client(client_id)
+            if (
+                current is None
+                or current.session_digest != client.session_digest
+                or current.status not in LIVE_STATUSES
+                or self._stream_epochs.get(client_id) != epoch
+            ):
+                return
+            pending = self.state.pending_commands(client_id, after=sent)
+            for command in pending:
+                yield command
+                sent = command.command_id
+            if not pending:
+                await event.wait()
+
+    def report_status(self, client: ClientRecord, report: StatusReport) -> None:
+        """Record a client's progress on a command and pass it on."""
+        if report.command_id <= 0:
+            raise InvalidRequestError("a status report must name the command it is about (command_id > 0)")
+        report = replace(report, message=report.message[:_MAX_TEXT])
+        if report.state in (CommandState.ACCEPTED, CommandState.DONE, CommandState.FAILED):
+            self.state.acknowledge(client.client_id, report.command_id)
+        if report.run is not None:
+            (run,) = _check_runs((report.run,))
+            others = tuple(r for r in client.runs if r.run_id != run.run_id)
+            self.state.update_client(client.client_id, runs=(*others, run)[-_MAX_RUNS_REPORTED:])
+        self.state.record_status(client.client_id, report)
+        if self.listener is not None:
+            self.listener.status_reported(client.client_id, report)
+
+    def _wake(self, client_id: str) -> None:
+        event = self._wakeups.get(client_id)
+        if event is not None:
+            event.set()
+
+    def _membership_changed(self) -> None:
+        if self.listener is not None:
+            self.listener.membership_changed()
+
+    # -- probes --------------------------------------------------------------------------
+
+    async def probe_upload(self, client: ClientRecord, chunks: AsyncIterator[bytes]) -> ProbeResult:
+        """Receive an upload probe; returns what arrived after the first chunk, and over how long."""
+        first: float | None = None
+        last = 0.0
+        total = 0
+        limit_s = self.settings.probe_max_seconds + _PROBE_GRACE_S
+        async for chunk in chunks:
+            now = time.perf_counter()
+            if len(chunk) > self.settings.max_chunk_bytes:
+                raise LimitExceededError(f"probe chunks may be at most {self.settings.max_chunk_bytes} bytes")
+            if first is None:
+                first = now
+            else:
+                total += len(chunk)
+            last = now
+            if total > self.settings.probe_max_bytes or now - first > limit_s:
+                raise LimitExceededError(
+                    f"a probe may move at most {self.settings.probe_max_bytes} bytes in "
+                    f"{self.settings.probe_max_seconds:g} s"
+                )
+        if first is None:
+            raise InvalidRequestError("an upload probe needs at least one chunk")
+        return ProbeResult(bytes=total, seconds=last - first)
+
+    async def probe_download(self, client: ClientRecord, seconds: float, chunk_bytes: int) -> AsyncIterator[bytes]:
+        """Stream filler for ``seconds`` (capped by the settings) in chunks of ``chunk_bytes``."""
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise InvalidRequestError(f"a download probe needs a positive duration, got {seconds}")
+        seconds = min(seconds, self.settings.probe_max_seconds)
+        size = min(chunk_bytes or self.settings.max_chunk_bytes, self.settings.max_chunk_bytes)
+        chunk = self._filler[:size]
+        sent = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds and sent < self.settings.probe_max_bytes:
+            yield chunk
+            sent += len(chunk)
+
+    # -- weights -------------------------------------------------------------------------
+
+    def partition_weights(self, client: ClientRecord, run_id: str, partition: int) -> tuple[WeightHeader, AsyncIterator[bytes]]:
+        """The header and chunks of a partition the client was assigned."""
+        stored = self.weights.get(run_id, partition, client_id=client.client_id)
+        header = WeightHeader(run_id=run_id, partition=partition, total_bytes=stored.size, sha256=stored.sha256)
+        return header, self.weights.read_chunks(stored)
+
+    async def upload_partition(
+        self, client: ClientRecord, header: WeightHeader, chunks: AsyncIterator[bytes]
+    ) -> UploadReceipt:
+        """Receive weights (or an update) from a client; kept only when size and digest match."""
+        if not _RUN_ID.match(header.run_id):
+            raise InvalidRequestError(f"run id {header.run_id!r} is not valid")
+
+        async def checked() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                if len(chunk) > self.settings.max_chunk_bytes:
+                    raise LimitExceededError(f"chunks may be at most {self.settings.max_chunk_bytes} bytes")
+                yield chunk
+
+        path = await self.weights.receive_upload(
+            header, checked(), client_id=client.client_id, max_bytes=self.settings.max_upload_bytes
+        )
+        self.state.add_upload(
+            StoredUpload(client_id=client.client_id, header=header, path=str(path), received_at=time.time())
+        )
+        return UploadReceipt(sha256=header.sha256, total_bytes=header.total_bytes)
+
+
+def _check_profile(profile: DeviceProfile, *, need_link: bool) -> None:
+    numbers = {
+        "flops_per_s": profile.flops_per_s,
+        "upload_bytes_per_s": profile.upload_bytes_per_s,
+        "download_bytes_per_s": profile.download_bytes_per_s,
+        "rtt_s": profile.rtt_s,
+    }
+    for name, value in numbers.items():
+        if not math.isfinite(value) or value < 0:
+            raise InvalidRequestError(f"profile field {name} must be a finite non-negative number, got {value}")
+    if profile.flops_per_s <= 0:
+        raise InvalidRequestError("the profile has no FLOP/s; measure it (or declare it) before registering")
+    if profile.device not in ("cpu", "cuda", "mps"):
+        raise InvalidRequestError(f"profile device must be cpu, cuda or mps, got {profile.device!r}")
+    if profile.capacity < 1:
+        raise InvalidRequestError("profile capacity must be at least 1 partition")
+    if need_link and not profile.has_link:
+        raise InvalidRequestError("the profile lacks upload and download bandwidth; measure the link first")
+    if need_link and profile.training_memory_bytes <= 0:
+        raise InvalidRequestError(f"the profile has no free memory on its training device ({profile.device})")
+
+
+def _check_runs(runs: tuple[RunStatus, ...]) -> tuple[RunStatus, ...]:
+    if len(runs) > _MAX_RUNS_REPORTED:
+        raise InvalidRequestError(f"at most {_MAX_RUNS_REPORTED} runs may be reported at once")
+    for run in runs:
+        if not _RUN_ID.match(run.run_id):
+            raise InvalidRequestError(f"run id {run.run_id!r} is not valid")
+    return tuple(replace(r, message=r.message[:_MAX_TEXT], bridge_url=r.bridge_url[:_MAX_TEXT]) for r in runs)

@@ -1,0 +1,186 @@
+"""Where the server meets the model and the planner.
+
+* :class:`HFModelSource` is the configured model: its config, its profile, and one
+  partition's weights at a time, read from the model's safetensors files (a model that has
+  none, such as a ``.gguf`` file, is converted once into ``work_dir``).
+* :func:`planner_for` wraps :mod:`server.planner` as the coordinator's plan function:
+  registry records in, :class:`~server.state.PlanRow` rows out, the planner's
+  ``PlanningError`` turned into the server's.
+
+Both import torch and transformers, so only ``titanic-server run`` with a model loads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ModelSettings, PlanningSettings
+from .coordinator import PlanFunction, PlanOutcome
+from .errors import PlanningError
+from .state import ClientRecord, PlanRow
+
+log = logging.getLogger(__name__)
+
+
+class HFModelSource:
+    """A Hugging Face causal LM on disk, read one partition at a time."""
+
+    def __init__(self, settings: ModelSettings, *, work_dir: Path) -> None:
+        self.settings = settings
+        self.work_dir = Path(work_dir)
+        self._lock = threading.Lock()
+        self._dir: Path | None = None
+        self._config: Any = None
+        self._profile: Any = None
+
+    def model_dir(self) -> Path:
+        """A directory with the model's config.json and safetensors files."""
+        with self._lock:
+            if self._dir is None:
+                self._dir = self._locate()
+            return self._dir
+
+    def _locate(self) -> Path:
+        given = Path(self.settings.path)
+        if given.is_dir() and any(given.glob("*.safetensors")):
+            return given
+        from autograd_bridge.models import load_causal_lm, save_pretrained_dir
+
+        converted = self.work_dir / "converted"
+        if not any(converted.glob("*.safetensors")):
+            log.info("converting %s to safetensors in %s (once)", self.settings.path, converted)
+            save_pretrained_dir(load_causal_lm(self.settings.path), None, converted)
+        return converted
+
+    def config(self) -> Any:
+        """The model's transformers config."""
+        if self._config is None:
+            from transformers import AutoConfig
+
+            self._config = AutoConfig.from_pretrained(self.model_dir())
+        return self._config
+
+    def config_json(self) -> str:
+        """The config as clients rebuild it (config.json's contents)."""
+        return str(self.config().to_json_string())
+
+    def profile(self, seq_len: int) -> Any:
+        """The model's per-piece costs (``autograd_bridge.profile.ModelProfile``)."""
+        if self._profile is None or self._profile.seq_len != seq_len:
+            from autograd_bridge.profile import profile_model
+
+            self._profile = profile_model(self.config(), seq_len=seq_len, name=self.settings.path)
+        return self._profile
+
+    def write_stage(self, *, index: int, num_stages: int, layer_start: int, layer_end: int, path: Path) -> None:
+        """Write one partition's weights (and only its tensors are read) to ``path``."""
+        from autograd_bridge.partition import StageSpec, load_stage, save_stage_weights
+
+        spec = StageSpec(index=index, num_stages=num_stages, layer_start=layer_start, layer_end=layer_end)
+        save_stage_weights(load_stage(self.config(), spec, self.model_dir()), path)
+
+
+def hf_model_source(settings: ModelSettings, *, work_dir: Path) -> HFModelSource:
+    """The model named in the config."""
+    return HFModelSource(settings, work_dir=work_dir)
+
+
+def client_profile(record: ClientRecord) -> Any:
+    """A registry record as the planner's ``ClientProfile``."""
+    from .planner.types import ClientProfile
+
+    p = record.profile
+    declared = {"memory_bytes" if d == "gpu_memory_bytes" else d for d in p.declared}
+    return ClientProfile(
+        client_id=record.client_id,
+        flops_per_s=p.flops_per_s,
+        memory_bytes=p.training_memory_bytes,
+        upload_bytes_per_s=p.upload_bytes_per_s,
+        download_bytes_per_s=p.download_bytes_per_s,
+        rtt_s=p.rtt_s,
+        capacity=p.capacity,
+        declared=frozenset(declared & {"flops_per_s", "memory_bytes", "upload_bytes_per_s", "download_bytes_per_s", "rtt_s", "capacity"}),
+    )
+
+
+def planner_settings(model: ModelSettings, settings: PlanningSettings) -> Any:
+    """The planner's settings from the server's."""
+    from .planner.types import PlannerSettings
+
+    return PlannerSettings(
+        transfer_weight=settings.transfer_weight,
+        compute_weight=settings.compute_weight,
+        batch_tokens=settings.batch_tokens,
+        micro_batches=settings.micro_batches,
+        steps_per_round=settings.steps_per_round,
+        num_stages=model.stages,
+        max_step_time_s=settings.max_step_time_s,
+        solver=settings.solver,  # type: ignore[arg-type]
+    )
+
+
+def rows_of(plan: Any) -> tuple[PlanRow, ...]:
+    """The planner's ``PartitionPlan`` as the server's plan rows."""
+    return tuple(
+        PlanRow(
+            pipeline=a.pipeline,
+            owner_id=a.owner_id,
+            run_id="",
+            partition=a.stage,
+            layer_start=a.layer_start,
+            layer_end=a.layer_end,
+            params=a.num_params,
+            client_id=a.client_id,
+            est_compute_s=a.compute_s,
+            est_transfer_s=a.transfer_s,
+            why=a.why,
+            pinned=a.pinned,
+        )
+        for a in plan.assignments
+    )
+
+
+def summary_of(plan: Any) -> dict[str, Any]:
+    """Facts about the solve for the admin API."""
+    return {
+        "solver": plan.solver,
+        "integral": plan.integral,
+        "objective": round(plan.objective, 6),
+        "bottleneck_s": round(plan.bottleneck_s, 6),
+        "solve_ms": round(plan.solve_ms, 3),
+        "block_counts": list(plan.block_counts),
+    }
+
+
+def planner_for(model: HFModelSource, model_settings: ModelSettings, settings: PlanningSettings) -> PlanFunction:
+    """The coordinator's plan function for ``model``."""
+    from .planner import PlanningError as PlannerError
+    from .planner import plan as make_plan
+
+    def plan(clients: Sequence[ClientRecord], owners: Sequence[str]) -> PlanOutcome:
+        if not owners:
+            raise PlanningError(
+                "no data owner among the ready clients: start at least one client with --data PATH "
+                "(the owner keeps the first and last stage, so its data never leaves it)"
+            )
+        profile = model.profile(settings.seq_len)
+        try:
+            profiles = [client_profile(c) for c in clients]
+        except ValueError as exc:
+            raise PlanningError(f"a client's profile cannot be planned with: {exc}") from exc
+        try:
+            result = make_plan(
+                profile,
+                profiles,
+                owners=list(owners),
+                settings=planner_settings(model_settings, settings),
+            )
+        except PlannerError as exc:
+            raise PlanningError(str(exc)) from exc
+        return PlanOutcome(rows=rows_of(result), summary=summary_of(result))
+
+    return plan

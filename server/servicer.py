@@ -1,0 +1,179 @@
+"""The gRPC edge: converts messages, calls the handler, and maps server errors to status codes.
+
+Nothing here decides anything; see :mod:`server.handler` for what each call means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from proto import control_pb2 as pb
+from proto import control_pb2_grpc as pb_grpc
+
+from . import convert
+from .errors import (
+    AuthenticationError,
+    ForbiddenError,
+    IntegrityError,
+    InvalidRequestError,
+    LimitExceededError,
+    NotFoundError,
+    ServerError,
+)
+from .handler import ControlHandler
+from .state import ClientRecord
+
+SESSION_METADATA_KEY = "x-titanic-session"
+
+GRPC_STATUS: dict[type[ServerError], grpc.StatusCode] = {
+    AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    ForbiddenError: grpc.StatusCode.PERMISSION_DENIED,
+    LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    IntegrityError: grpc.StatusCode.DATA_LOSS,
+}
+
+
+def status_code_of(error: ServerError) -> grpc.StatusCode:
+    """The gRPC status code a server error travels as."""
+    for cls in type(error).__mro__:
+        if cls in GRPC_STATUS:
+            return GRPC_STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ServerError) -> None:
+    await context.abort(status_code_of(error), str(error))
+
+
+def _session_token(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+class ControlServicer(pb_grpc.ControlServicer):
+    """Thin gRPC servicer over a :class:`ControlHandler`."""
+
+    def __init__(self, handler: ControlHandler) -> None:
+        self.handler = handler
+
+    async def _client(self, context: grpc.aio.ServicerContext) -> ClientRecord:
+        try:
+            return self.handler.authenticate(_session_token(context))
+        except ServerError as error:
+            await _abort(context, error)
+            raise  # unreachable: abort raises
+
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
+        try:
+            registration = convert.registration_from_proto(request, address=context.peer())
+            return convert.registration_result_to_proto(self.handler.register(registration))
+        except ServerError as error:
+            await _abort(context, error)
+            raise
+
+    async def ReportProfile(self, request: pb.ProfileReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        client = await self._client(context)
+        try:
+            self.handler.report_profile(client, convert.device_profile_from_proto(request.profile))
+        except ServerError as error:
+            await _abort(context, error)
+        return pb.Ack()
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        client = await self._client(context)
+        try:
+            interval = self.handler.heartbeat(client, convert.heartbeat_from_proto(request))
+        except ServerError as error:
+            await _abort(context, error)
+            raise
+        return pb.HeartbeatReply(heartbeat_interval_s=interval)
+
+    async def Commands(
+        self, request: pb.CommandsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Command]:
+        client = await self._client(context)
+        async for command in self.handler.commands(client):
+            yield convert.command_to_proto(command)
+
+    async def ReportStatus(self, request: pb.StatusReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        client = await self._client(context)
+        try:
+            self.handler.report_status(client, convert.status_report_from_proto(request))
+        except ServerError as error:
+            await _abort(context, error)
+        return pb.Ack()
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
+        client = await self._client(context)
+        self.handler.leave(client, request.reason)
+        return pb.Ack()
+
+    async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.PingReply:
+        await self._client(context)
+        return pb.PingReply(nonce=request.nonce)
+
+    async def ProbeUpload(
+        self, request_iterator: AsyncIterator[pb.ProbeChunk], context: grpc.aio.ServicerContext
+    ) -> pb.ProbeResult:
+        client = await self._client(context)
+
+        async def data() -> AsyncIterator[bytes]:
+            async for chunk in request_iterator:
+                yield chunk.data
+
+        try:
+            result = await self.handler.probe_upload(client, data())
+        except ServerError as error:
+            await _abort(context, error)
+            raise
+        return convert.probe_result_to_proto(result)
+
+    async def ProbeDownload(
+        self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProbeChunk]:
+        client = await self._client(context)
+        try:
+            async for data in self.handler.probe_download(client, request.seconds, request.chunk_bytes):
+                yield pb.ProbeChunk(data=data)
+        except ServerError as error:
+            await _abort(context, error)
+
+    async def DownloadPartition(
+        self, request: pb.PartitionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WeightChunk]:
+        client = await self._client(context)
+        try:
+            header, chunks = self.handler.partition_weights(client, request.run_id, request.partition)
+        except ServerError as error:
+            await _abort(context, error)
+            return
+        yield convert.weight_header_to_proto(header)
+        async for data in chunks:
+            yield pb.WeightChunk(data=data)
+
+    async def UploadPartition(
+        self, request_iterator: AsyncIterator[pb.WeightChunk], context: grpc.aio.ServicerContext
+    ) -> pb.UploadReply:
+        client = await self._client(context)
+        messages = aiter(request_iterator)
+        try:
+            first = await anext(messages, None)
+            if first is None:
+                raise InvalidRequestError("an upload needs a header message")
+            header = convert.weight_header_from_proto(first)
+
+            async def data() -> AsyncIterator[bytes]:
+                async for message in messages:
+                    yield convert.weight_data_from_proto(message)
+
+            receipt = await self.handler.upload_partition(client, header, data())
+        except ServerError as error:
+            await _abort(context, error)
+            raise
+        return convert.upload_receipt_to_proto(receipt)

@@ -1,0 +1,122 @@
+"""Aligned plain-text tables for the admin CLI, and the views of clients and plans it prints.
+
+The admin API answers JSON (see :mod:`server.admin`); these functions turn the same JSON into
+tables, so ``titanic-server plan`` and ``titanic-server plan --json`` show the same facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, text in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    numeric = [all(isinstance(row[i], int | float) for row in rows) and bool(rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    out = [line(list(headers)), line(["-" * w for w in widths])]
+    out.extend(line(row) for row in cells)
+    return "\n".join(out)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _si(value: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def clients_table(clients: Sequence[Mapping[str, Any]]) -> str:
+    """The ``/v1/clients`` answer as a table."""
+    rows = []
+    for c in clients:
+        p = c["profile"]
+        declared = set(p.get("declared", []))
+
+        def mark(field: str, declared: set[str] = declared) -> str:
+            return "*" if field in declared else ""
+
+        rows.append(
+            [
+                c["client_id"],
+                c["status"],
+                "yes" if c["info"]["has_data"] else "no",
+                _si(p["flops_per_s"], "FLOP/s") + mark("flops_per_s"),
+                _si(p["training_memory_bytes"], "B") + mark("memory_bytes"),
+                _si(p["upload_bytes_per_s"], "B/s") + mark("upload_bytes_per_s"),
+                _si(p["download_bytes_per_s"], "B/s") + mark("download_bytes_per_s"),
+                f"{p['rtt_s'] * 1e3:.1f} ms" + mark("rtt_s"),
+                f"{c['seen_s_ago']:.1f} s",
+            ]
+        )
+    headers = ["client", "status", "owner", "compute", "memory", "upload", "download", "rtt", "last seen"]
+    note = "\n(* declared by the operator, not measured)" if any("*" in str(v) for r in rows for v in r) else ""
+    return format_table(headers, rows) + note
+
+
+def plan_table(plan: Mapping[str, Any]) -> str:
+    """The ``/v1/plan`` answer as a table, with a line about the run and the solve."""
+    if not plan.get("plan_id"):
+        return f"no plan: {plan.get('error') or 'none made yet'}"
+    rows = [
+        [
+            r["run_id"],
+            r["partition"],
+            f"{r['layer_start']}-{r['layer_end'] - 1}" if r["blocks"] else "-",
+            r["params"],
+            r["client_id"] + (" (owner)" if r["local"] else ""),
+            r["est_compute_s"],
+            r["est_transfer_s"],
+            r["why"],
+        ]
+        for r in plan["rows"]
+    ]
+    headers = ["pipeline", "partition", "blocks", "params", "client", "est. compute s", "est. transfer s", "why"]
+    head = f"{plan['plan_id']} ({plan['state']}; owners: {', '.join(plan['owners']) or 'none'})"
+    facts = ", ".join(f"{k}={v}" for k, v in sorted(plan.get("summary", {}).items()))
+    return "\n".join(x for x in (head, format_table(headers, rows), facts) if x)
+
+
+def status_table(status: Mapping[str, Any]) -> str:
+    """The ``/v1/status`` answer as key/value lines."""
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(status["clients"].items())) or "none"
+    plan = status["plan"]
+    plan_text = f"{plan['plan_id']} ({plan['state']})" if plan.get("plan_id") else f"none ({plan.get('error', '')})"
+    pairs = [
+        ("version", status["version"]),
+        ("uptime", f"{status['uptime_s']:.0f} s"),
+        ("control plane", status["control_address"] + (" (TLS)" if status["tls"] else "")),
+        ("model", status["model"] or "-"),
+        ("clients", counts),
+        ("plan", plan_text),
+    ]
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
+
+
+def runs_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    """The ``/v1/runs`` answer as a table."""
+    if not runs:
+        return "no runs"
+    return format_table(["run", "state"], [[r.get("run_id", ""), r.get("state", "")] for r in runs])

@@ -1,0 +1,213 @@
+"""Planning and delivery with the real planner and a real tiny model, without sockets."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from server.config import ModelSettings, PlanningSettings
+from server.coordinator import Coordinator, PlanOutcome
+from server.handler import ControlHandler
+from server.messages import (
+    ClientStatus,
+    CommandState,
+    ConnectPeers,
+    DeviceProfile,
+    HostRun,
+    RunState,
+    RunStatus,
+    StatusReport,
+    StopRun,
+)
+from server.planning import hf_model_source, planner_for
+
+from .conftest import FakeClock, registration
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (4 blocks) saved as a Hugging Face directory."""
+    from transformers import AutoModelForCausalLM
+
+    from autograd_bridge.models import save_pretrained_dir, tiny_config
+
+    path = tmp_path_factory.mktemp("model")
+    save_pretrained_dir(AutoModelForCausalLM.from_config(tiny_config("llama")), None, path)
+    return path
+
+
+@pytest.fixture
+def coordinator(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> Coordinator:
+    settings = ModelSettings(path=str(model_dir), stages=3)
+    source = hf_model_source(settings, work_dir=tmp_path / "model-work")
+    planning = PlanningSettings(settle_s=0.0)
+    coordinator = Coordinator(
+        handler, model=source, plan=planner_for(source, settings, planning), settings=planning, scratch_dir=tmp_path / "scratch"
+    )
+    handler.listener = coordinator
+    return coordinator
+
+
+def join(handler: ControlHandler, name: str, flops: float, *, owner: bool = False) -> str:
+    """Register a ready client with the given speed; returns its session token."""
+    result = handler.register(registration(name, owner=owner))
+    client = handler.authenticate(result.session_token)
+    profile = DeviceProfile(
+        flops_per_s=flops, memory_bytes=8 << 30, upload_bytes_per_s=1e8, download_bytes_per_s=1e8, rtt_s=0.001
+    )
+    handler.report_profile(client, profile)
+    return result.session_token
+
+
+def bodies(handler: ControlHandler, client_id: str) -> list[object]:
+    return [c.body for c in handler.state.pending_commands(client_id)]
+
+
+def report(handler: ControlHandler, token: str, run: RunStatus) -> None:
+    handler.report_status(handler.authenticate(token), StatusReport(command_id=1, state=CommandState.DONE, run=run))
+
+
+async def test_fast_helper_gets_the_middle_partition(handler: ControlHandler, coordinator: Coordinator) -> None:
+    """The owner keeps the first and last stage, the fastest helper hosts the middle one."""
+    join(handler, "owner", 1e10, owner=True)
+    join(handler, "slow", 1e9)
+    join(handler, "fast", 5e10)
+    deployment = await coordinator.replan()
+    assert deployment.error == "" and deployment.owners == ("owner",)
+    by_partition = {r.partition: r.client_id for r in deployment.rows}
+    assert by_partition == {0: "owner", 1: "fast", 2: "owner"}
+    assert sum(r.blocks for r in deployment.rows) == 4
+
+
+async def test_hosts_get_their_partitions_and_the_owners_token_digest(handler: ControlHandler, coordinator: Coordinator) -> None:
+    """Each client gets one HostRun with its partitions; only the served host lists the owner as peer."""
+    join(handler, "owner", 1e10, owner=True)
+    join(handler, "fast", 5e10)
+    deployment = await coordinator.replan()
+    (owner_cmd,) = bodies(handler, "owner")
+    (host_cmd,) = bodies(handler, "fast")
+    assert isinstance(owner_cmd, HostRun) and isinstance(host_cmd, HostRun)
+    assert [p.index for p in owner_cmd.partitions] == [0, 2] and all(p.local for p in owner_cmd.partitions)
+    assert owner_cmd.allowed_peers == ()
+    assert [p.index for p in host_cmd.partitions] == [1] and not host_cmd.partitions[0].local
+    assert [a.client_id for a in host_cmd.allowed_peers] == ["owner"]
+    assert host_cmd.run_id == deployment.rows[0].run_id == f"{deployment.plan_id}-p0"
+
+
+async def test_partition_weights_match_their_command(handler: ControlHandler, coordinator: Coordinator) -> None:
+    """The weights a host may download hash to the digest in its command."""
+    join(handler, "owner", 1e10, owner=True)
+    join(handler, "fast", 5e10)
+    await coordinator.replan()
+    (cmd,) = bodies(handler, "fast")
+    assert isinstance(cmd, HostRun)
+    part = cmd.partitions[0]
+    stored = handler.weights.get(cmd.run_id, part.index, client_id="fast")
+    assert hashlib.sha256(stored.path.read_bytes()).hexdigest() == part.weights_sha256
+    assert stored.size == part.weights_bytes
+
+
+async def test_owner_is_sent_its_peers_once_hosts_serve(handler: ControlHandler, coordinator: Coordinator) -> None:
+    """When the host serves, the owner gets ConnectPeers with a token the host will accept."""
+    owner = join(handler, "owner", 1e10, owner=True)
+    fast = join(handler, "fast", 5e10)
+    deployment = await coordinator.replan()
+    run_id = deployment.rows[0].run_id
+    (host_cmd,) = bodies(handler, "fast")
+    assert isinstance(host_cmd, HostRun)
+    report(handler, fast, RunStatus(run_id=run_id, partitions=(1,), state=RunState.SERVING, bridge_url="ws://127.0.0.1:9"))
+    connect = bodies(handler, "owner")[-1]
+    assert isinstance(connect, ConnectPeers)
+    (peer,) = connect.peers
+    assert (peer.partition, peer.client_id, peer.url) == (1, "fast", "ws://127.0.0.1:9")
+    assert hashlib.sha256(peer.token.encode()).hexdigest() == host_cmd.allowed_peers[0].token_sha256
+    report(handler, owner, RunStatus(run_id=run_id, partitions=(0, 2), state=RunState.CONNECTED))
+    current = handler.state.get_deployment()
+    assert current is not None and current.state == "connected"
+
+
+async def test_lost_host_is_replaced(handler: ControlHandler, coordinator: Coordinator, clock: FakeClock) -> None:
+    """When the middle host is lost, the next plan moves its partition and stops the old run."""
+    owner = join(handler, "owner", 1e10, owner=True)
+    join(handler, "fast", 5e10)
+    second = join(handler, "second", 2e10)
+    first_plan = await coordinator.replan()
+    clock.advance(handler.settings.heartbeat_timeout_s - 1)
+    handler.authenticate(owner)
+    handler.authenticate(second)
+    clock.advance(2)
+    assert handler.expire() == ["fast"]
+    new_plan = await coordinator.replan()
+    assert new_plan.generation > first_plan.generation
+    assert {r.partition: r.client_id for r in new_plan.rows}[1] == "second"
+    stops = [b for b in bodies(handler, "owner") if isinstance(b, StopRun)]
+    assert [s.run_id for s in stops] == [first_plan.rows[0].run_id]
+
+
+async def test_unchanged_clients_keep_the_plan(handler: ControlHandler, coordinator: Coordinator) -> None:
+    """Replanning with the same ready clients keeps the current plan and sends nothing new."""
+    join(handler, "owner", 1e10, owner=True)
+    join(handler, "fast", 5e10)
+    first = await coordinator.replan()
+    queued = len(handler.state.pending_commands("fast"))
+    again = await coordinator.replan()
+    assert again.generation == first.generation
+    assert len(handler.state.pending_commands("fast")) == queued
+
+
+async def test_no_owner_gives_an_explained_error(handler: ControlHandler, coordinator: Coordinator) -> None:
+    """Without a data owner there is no plan, and the reason says what to do."""
+    join(handler, "fast", 5e10)
+    deployment = await coordinator.replan()
+    assert deployment.plan_id == "" and "--data" in deployment.error
+
+
+async def test_too_few_clients_is_infeasible(handler: ControlHandler, coordinator: Coordinator) -> None:
+    """An owner alone cannot run a three-stage pipeline; the planner's reason is kept."""
+    join(handler, "owner", 1e10, owner=True)
+    deployment = await coordinator.replan()
+    assert deployment.plan_id == "" and "constraint" in deployment.error
+    assert handler.state.get_client("owner").status == ClientStatus.READY  # type: ignore[union-attr]
+
+
+async def test_planning_loop_survives_an_unexpected_error(handler: ControlHandler, tmp_path: Path) -> None:
+    """A plan function that crashes leaves an explained failed plan, and the loop plans again on the next change."""
+    import asyncio
+
+    calls = []
+
+    def crashing_plan(clients: object, owners: object) -> PlanOutcome:
+        calls.append(1)
+        raise RuntimeError("solver exploded")
+
+    coordinator = Coordinator(
+        handler, model=_NoModel(), plan=crashing_plan, settings=PlanningSettings(settle_s=0.0), scratch_dir=tmp_path
+    )
+    coordinator.start()
+    try:
+        for _ in range(100):
+            deployment = handler.state.get_deployment()
+            if deployment is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert deployment is not None and "solver exploded" in deployment.error
+        coordinator.membership_changed()
+        for _ in range(100):
+            if len(calls) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(calls) == 2
+    finally:
+        await coordinator.close()
+
+
+class _NoModel:
+    """A model source that is never asked for weights (the plan fails first)."""
+
+    def config_json(self) -> str:
+        raise AssertionError("not reached")
+
+    def write_stage(self, **kwargs: object) -> None:
+        raise AssertionError("not reached")
