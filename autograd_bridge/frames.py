@@ -47,6 +47,7 @@ _PREFIX = struct.Struct("<4sI")  # magic, header length
 _PAYLOAD_ALIGNMENT = 8  # the encoder pads the header so the first payload starts here
 
 _KiB = 1 << 10
+_MiB = 1 << 20
 _GiB = 1 << 30
 _UINT32_MAX = (1 << 32) - 1
 _UINT64_MAX = (1 << 64) - 1
@@ -102,10 +103,10 @@ class FrameLimits:
 
     # Whole frame, prefix and header included. Transports should refuse to buffer more than this.
     max_frame_bytes: int = 2 * _GiB
-    # Serialized FrameHeader. Headers hold metadata only, so they stay small.
-    max_header_bytes: int = 64 * _KiB
-    # Tensors in one frame (a WEIGHTS frame of a stage holds one per parameter).
-    max_tensors: int = 64
+    # Serialized FrameHeader: metadata only, but a GRADS/WEIGHTS frame names every parameter.
+    max_header_bytes: int = 1 * _MiB
+    # Tensors in one frame (a WEIGHTS frame of a stage holds one per parameter: ~9 per block).
+    max_tensors: int = 4096
     # Dimensions of one tensor.
     max_ndim: int = 8
     # Characters in a tensor name or an option key.

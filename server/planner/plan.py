@@ -1,0 +1,268 @@
+"""``plan()``: cut the model, pin the owners' stages, assign the rest, explain the result."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from autograd_bridge.partition import stage_specs_from_counts
+from autograd_bridge.profile import ModelProfile, PartitionProfile, profile_partitions
+
+from .costs import CostTerms, Slots, StageDemand, cost_terms, stage_demands
+from .cuts import CutInputs, CutSearch
+from .errors import AssignmentInfeasibleError
+from .explain import assigned_reason, pinned_reason
+from .solve import Infeasible, Solution, hall_violation, solve_lp, solve_matching
+from .types import Assignment, ClientProfile, PartitionPlan, PlannerSettings
+
+
+def cut_inputs(model: ModelProfile, settings: PlannerSettings) -> CutInputs:
+    """The per-step numbers the cut search needs, taken from the model's piece profiles."""
+    length = model.num_layers
+    # One stage per piece: embedding alone, each block alone, head alone. Every number of a
+    # partition is a sum over its pieces, so these add up to any cut's numbers.
+    pieces = profile_partitions(model, stage_specs_from_counts([0, *([1] * length), 0]))
+    tokens = settings.batch_tokens
+    edge, blocks = [pieces[0], pieces[-1]], pieces[1:-1]
+    hidden = max(piece.activation_bytes_per_token for piece in [model.embedding, *model.blocks])
+    return CutInputs(
+        num_layers=length,
+        edge_flops=sum(p.train_flops_per_token for p in edge) * tokens,
+        edge_memory=float(sum(p.train_memory_bytes(tokens) for p in edge)),
+        block_flops=max((p.train_flops_per_token for p in blocks), default=0.0) * tokens,
+        block_memory=float(max((p.train_memory_bytes(tokens) for p in blocks), default=0)),
+        boundary_bytes=float(hidden * tokens),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AssignmentProblem:
+    """The middle partitions of every pipeline against the helper clients."""
+
+    stages: tuple[int, ...]  # the middle stage numbers, 1..K-2
+    row_stage: NDArray[np.int64]  # (R,) index into ``stages`` of each row (pipeline-major)
+    row_pipeline: NDArray[np.int64]  # (R,) pipeline of each row
+    terms: CostTerms  # (M, N) estimates per middle stage and helper client
+    capacity: NDArray[np.int64]  # (N,) partitions each helper client may host
+    client_ids: tuple[str, ...]  # (N,) the helper clients, in column order
+
+    @property
+    def row_names(self) -> list[str]:
+        """``"p<pipeline> stage <k>"`` for every row, as the reasons and errors name them."""
+        return [
+            f"p{p} stage {self.stages[s]}" for p, s in zip(self.row_pipeline.tolist(), self.row_stage.tolist(), strict=True)
+        ]
+
+    @property
+    def cost(self) -> NDArray[np.float64]:
+        """(R, N) cost of every row on every client."""
+        return self.terms.cost[self.row_stage]
+
+    @property
+    def eligible(self) -> NDArray[np.bool_]:
+        """(R, N) pairs the solver may use."""
+        return self.terms.eligible[self.row_stage]
+
+
+def assignment_problem(
+    demands: Sequence[StageDemand], num_pipelines: int, helpers: Sequence[ClientProfile], settings: PlannerSettings
+) -> AssignmentProblem:
+    """Rows = (pipeline, middle stage) pairs; columns = helper clients (slot shares)."""
+    stages = tuple(range(1, len(demands) - 1))
+    slots = Slots.of(helpers)
+    terms = cost_terms([demands[k] for k in stages], slots, settings)
+    row_stage = np.tile(np.arange(len(stages)), num_pipelines)
+    row_pipeline = np.repeat(np.arange(num_pipelines), len(stages))
+    return AssignmentProblem(
+        stages=stages,
+        row_stage=row_stage,
+        row_pipeline=row_pipeline,
+        terms=terms,
+        capacity=slots.capacity,
+        client_ids=tuple(c.client_id for c in helpers),
+    )
+
+
+def solve(problem: AssignmentProblem, settings: PlannerSettings) -> Solution:
+    """Run the solver the settings ask for; raises :class:`AssignmentInfeasibleError`."""
+    eligible = problem.eligible
+    use_matching = settings.solver == "matching" or (
+        settings.solver == "auto" and int(eligible.sum()) > settings.matching_above
+    )
+    try:
+        if use_matching:
+            return solve_matching(problem.cost, eligible, problem.capacity)
+        return solve_lp(problem.cost, eligible, problem.capacity)
+    except Infeasible:
+        raise _infeasible(problem) from None
+
+
+def plan_partitions(
+    model: ModelProfile,
+    clients: Sequence[ClientProfile],
+    *,
+    owners: Sequence[str],
+    settings: PlannerSettings | None = None,
+) -> PartitionPlan:
+    """Cut ``model`` into stages and place every pipeline's stages on ``clients``.
+
+    Each id in ``owners`` is a data owner (one of ``clients``) that drives its own pipeline and
+    runs that pipeline's first and last stage; every other client is a helper offering
+    ``capacity`` slots to the middle stages of all pipelines. Raises a
+    :class:`~server.planner.errors.PlanningError` naming the constraint that failed.
+    """
+    settings = settings or PlannerSettings()
+    owner_profiles, helpers = _split_clients(clients, owners)
+    search = CutSearch(
+        cut_inputs(model, settings), Slots.of(owner_profiles, shared=False), Slots.of(helpers), settings
+    )
+    cut = search.choose()
+    specs = stage_specs_from_counts(cut.block_counts)
+    partitions = profile_partitions(model, specs)
+    demands = stage_demands(partitions, settings)
+    owner_terms = cost_terms(demands, Slots.of(owner_profiles, shared=False), settings)  # (K, P)
+    problem = assignment_problem(demands, len(owner_profiles), helpers, settings)
+    solution = solve(problem, settings) if problem.row_stage.size else None
+    rows = _rows(
+        partitions=partitions,
+        owners=owner_profiles,
+        helpers=helpers,
+        owner_terms=owner_terms,
+        problem=problem,
+        solution=solution,
+        settings=settings,
+    )
+    bottleneck_s, step_s = _estimates(rows, len(owner_profiles), settings.micro_batches)
+    return PartitionPlan(
+        model_name=model.model_name,
+        num_stages=len(specs),
+        block_counts=cut.block_counts,
+        owners=tuple(owners),
+        assignments=tuple(rows),
+        solver=solution.solver if solution else "none",
+        integral=solution.integral if solution else True,
+        max_fractional=solution.max_fractional if solution else 0.0,
+        objective=solution.objective if solution else 0.0,
+        bottleneck_s=bottleneck_s,
+        step_s=step_s,
+        cut_bottleneck_s=cut.bottleneck_s,
+        cut_step_s=cut.pipeline_s,
+        solve_ms=solution.solve_ms if solution else 0.0,
+        settings=settings,
+    )
+
+
+def _split_clients(
+    clients: Sequence[ClientProfile], owners: Sequence[str]
+) -> tuple[list[ClientProfile], list[ClientProfile]]:
+    """(owner profiles in ``owners`` order, helpers); checks ids."""
+    by_id: dict[str, ClientProfile] = {}
+    for client in clients:
+        if client.client_id in by_id:
+            raise ValueError(f"client id {client.client_id!r} appears twice; client ids must be unique")
+        by_id[client.client_id] = client
+    if not owners:
+        raise ValueError("owners is empty: name at least one data owner (a client id) to drive a pipeline")
+    if len(set(owners)) != len(owners):
+        raise ValueError(f"owners {list(owners)} name a client twice; each owner drives one pipeline")
+    missing = [owner for owner in owners if owner not in by_id]
+    if missing:
+        raise ValueError(f"owners {missing} are not among the clients; pass their ClientProfiles too")
+    owner_set = set(owners)
+    return [by_id[o] for o in owners], [c for c in clients if c.client_id not in owner_set]
+
+
+def _infeasible(problem: AssignmentProblem) -> AssignmentInfeasibleError:
+    """Explain an infeasible assignment with a set of partitions that has too few clients."""
+    row_names = problem.row_names
+    violation = hall_violation(problem.eligible, problem.capacity)
+    rows, cols = violation if violation is not None else (list(range(len(row_names))), [])
+    names = [problem.client_ids[c] for c in cols]
+    slots = int(sum(min(int(problem.capacity[c]), len(row_names)) for c in cols))
+    return AssignmentInfeasibleError(
+        f"partitions {[row_names[r] for r in rows]} fit (in memory and time) only on clients {names}, "
+        f"which offer {slots} slot(s) for {len(rows)} partitions",
+        constraint="each partition on its own eligible client slot (memory mask + capacity)",
+        fix="add clients with enough memory per slot for these partitions, raise those clients' capacity, "
+        "or cut into more stages so each partition is smaller",
+    )
+
+
+def _rows(
+    *,
+    partitions: Sequence[PartitionProfile],
+    owners: Sequence[ClientProfile],
+    helpers: Sequence[ClientProfile],
+    owner_terms: CostTerms,
+    problem: AssignmentProblem,
+    solution: Solution | None,
+    settings: PlannerSettings,
+) -> list[Assignment]:
+    """Every pipeline's stages in order, pinned or solved, with estimates and reasons."""
+    num_stages = len(partitions)
+    middle_row = {
+        (int(p), problem.stages[int(s)]): r
+        for r, (p, s) in enumerate(zip(problem.row_pipeline, problem.row_stage, strict=True))
+    }
+    weights = (settings.transfer_weight, settings.compute_weight)
+    row_names = problem.row_names
+    rows: list[Assignment] = []
+    for p, owner in enumerate(owners):
+        for k, part in enumerate(partitions):
+            if k in (0, num_stages - 1):
+                terms, stage, client_index = owner_terms, k, p
+                client_id = owner.client_id
+                why = pinned_reason(owner.client_id, k, num_stages)
+            else:
+                assert solution is not None
+                r = middle_row[(p, k)]
+                terms, stage = problem.terms, int(problem.row_stage[r])
+                client_index = int(solution.client_of_row[r])
+                client_id = helpers[client_index].client_id
+                why = assigned_reason(
+                    row=r,
+                    stage=stage,
+                    client=client_index,
+                    terms=terms,
+                    clients=helpers,
+                    client_of_row=solution.client_of_row,
+                    row_names=row_names,
+                    settings_weights=weights,
+                )
+            rows.append(
+                Assignment(
+                    pipeline=p,
+                    owner_id=owner.client_id,
+                    stage=k,
+                    layer_start=part.layer_start,
+                    layer_end=part.layer_end,
+                    num_params=part.num_params,
+                    memory_bytes=part.train_memory_bytes(settings.batch_tokens),
+                    client_id=client_id,
+                    pinned=k in (0, num_stages - 1),
+                    compute_s=float(terms.compute[stage, client_index]),
+                    transfer_s=float(terms.transfer[stage, client_index]),
+                    step_s=float(terms.step[stage, client_index]),
+                    cost=float(terms.cost[stage, client_index]),
+                    why=why,
+                )
+            )
+    return rows
+
+
+def _estimates(rows: Sequence[Assignment], num_pipelines: int, micro_batches: int) -> tuple[float, float]:
+    """(slowest stage, fill-drain step time) over all pipelines, per step.
+
+    An owner runs both of its stages, so they count as one stage of their summed time.
+    """
+    bottleneck = step = 0.0
+    for p in range(num_pipelines):
+        times = [row.step_s for row in rows if row.pipeline == p and not row.pinned]
+        times.append(sum(row.step_s for row in rows if row.pipeline == p and row.pinned))
+        slowest = max(times)
+        bottleneck = max(bottleneck, slowest)
+        step = max(step, (sum(times) + (micro_batches - 1) * slowest) / micro_batches)
+    return bottleneck, step
