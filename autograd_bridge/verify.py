@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports and progress bars would bury the table
+    transformers.utils.logging.disable_progress_bar()
     try:
         opts = VerifyOptions(
             model=args.model, stages=args.stages, attn_implementation=args.attn,
