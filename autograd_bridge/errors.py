@@ -27,7 +27,11 @@ class UnsupportedModelError(BridgeError):
 
 
 class FrameError(BridgeError):
-    """A frame was malformed or not expected; the connection itself stays usable."""
+    """A frame or message was malformed or not expected.
+
+    A stage host answers such a frame with an error frame and keeps the connection; a transport
+    that finds a lying message length closes the connection, since it cannot resynchronise.
+    """
 
 
 class FrameTooLargeError(FrameError):
