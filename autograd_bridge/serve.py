@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--token", help="peers must present this bearer token")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss:// (needs --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ...")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
@@ -70,7 +73,13 @@ async def _serve(args: argparse.Namespace) -> None:
     host = StageHost(stages, run_id=args.run_id, settings=settings)
     token = args.token
     authenticate = (lambda presented: presented == token) if token else None
-    server = await serve_stage_host(host, args.host, args.port, authenticate=authenticate)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    server = await serve_stage_host(host, args.host, args.port, ssl=tls, authenticate=authenticate)
     print(f"listening {server.url}", flush=True)  # type: ignore[attr-defined]
 
     stop = asyncio.Event()
