@@ -20,7 +20,7 @@ def _whole(model, batch):
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(out.loss), grads
+    return float(out.loss.detach()), grads
 
 
 def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
