@@ -24,6 +24,7 @@ lint: setup
 	$(BIN)/python -m proto.generate --check
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 test: lint
 	$(BIN)/pytest -q -ra
