@@ -140,6 +140,11 @@ class StageHost:
             return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
         return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
 
+    def reset_optimizer(self) -> None:
+        """Rebuild the optimizer over the parameters that require grad now (after add_lora, say)."""
+        params = [p for m in self.stages.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer(params)
+
     @property
     def held_micro_batches(self) -> int:
         """How many FORWARD states the host keeps right now."""

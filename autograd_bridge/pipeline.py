@@ -302,6 +302,9 @@ class Pipeline:
         inputs, outputs = entry
 
         def run() -> torch.Tensor | None:
+            if not outputs.requires_grad:
+                # A frozen first stage (LoRA, embeddings only): token ids in, nothing to train.
+                return None
             torch.autograd.backward(outputs, grad)
             return inputs.grad
 

@@ -18,8 +18,10 @@ from .messages import (
     ConnectPeers,
     DeviceProfile,
     HostRun,
+    LoadPartitions,
     PartitionAssignment,
     PeerEndpoint,
+    PrepareRun,
     RunState,
     RunStatus,
     Session,
@@ -166,6 +168,14 @@ def command_from_proto(msg: pb.Command) -> Command:
         body = Upload(run_id=msg.upload.run_id, partitions=tuple(msg.upload.partitions), round=msg.upload.round)
     elif kind == "stop":
         body = StopRun(run_id=msg.stop.run_id, reason=msg.stop.reason)
+    elif kind == "prepare":
+        body = PrepareRun(run_id=msg.prepare.run_id, settings_json=msg.prepare.settings_json)
+    elif kind == "load":
+        body = LoadPartitions(
+            run_id=msg.load.run_id,
+            partitions=tuple(_partition_from_proto(p) for p in msg.load.partitions),
+            round=msg.load.round,
+        )
     else:
         raise ControlCallError(
             f"command {msg.command_id} is of a kind this client does not know; update the client",

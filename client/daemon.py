@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import platform
 import random
@@ -36,6 +37,8 @@ from .messages import (
     ConnectPeers,
     DeviceProfile,
     HostRun,
+    LoadPartitions,
+    PrepareRun,
     RunState,
     RunStatus,
     Session,
@@ -55,6 +58,14 @@ from .profiling import (
     measure_link,
     training_device,
     with_link,
+)
+from .trainer import (
+    OwnerTrainer,
+    PrepareSettings,
+    RoundSettings,
+    adapt_stages,
+    load_trained_tensors,
+    trained_tensors,
 )
 from .weights import fetch_partition, file_sha256
 
@@ -83,6 +94,8 @@ class ClientDaemon:
         self._seen: set[int] = set()
         self._host_tasks: dict[str, asyncio.Task[None]] = {}
         self._command_tasks: set[asyncio.Task[None]] = set()
+        self._trainers: dict[str, OwnerTrainer] = {}  # run id -> its training pipeline (data owners only)
+        self._lora: dict[str, bool] = {}  # run id -> whether a PrepareRun gave its stages LoRA adapters
         self._ca_pem = config.tls.ca.read_bytes() if config.tls.ca else None
 
     # -- the outer loop ------------------------------------------------------------------
@@ -212,8 +225,13 @@ class ClientDaemon:
 
     async def _execute(self, channel: ControlChannel, command: Command) -> None:
         body = command.body
+        message = ""
+        status: RunStatus | None
         try:
-            status = await self._dispatch(channel, body)
+            if isinstance(body, Train):
+                status, message = await self._train(body)
+            else:
+                status = await self._dispatch(channel, body)
         except (ServerUnavailableError, SessionEndedError):
             return  # the session is ending; the next one starts over
         except Exception as exc:  # reported as FAILED: the server would otherwise wait for this command forever
@@ -227,7 +245,7 @@ class ClientDaemon:
             failed_run = run.status() if run is not None else None
             report = StatusReport(command_id=command.command_id, state=CommandState.FAILED, message=str(exc), run=failed_run)
         else:
-            report = StatusReport(command_id=command.command_id, state=CommandState.DONE, run=status)
+            report = StatusReport(command_id=command.command_id, state=CommandState.DONE, message=message, run=status)
         with contextlib.suppress(ServerUnavailableError, SessionEndedError):
             await channel.report_status(report)
 
@@ -240,8 +258,10 @@ class ClientDaemon:
             return await self._upload(channel, body)
         if isinstance(body, StopRun):
             return await self._stop_run(body)
-        if isinstance(body, Train):
-            raise HostingError("this client cannot train runs yet; update titanic on this device")
+        if isinstance(body, PrepareRun):
+            return await self._prepare(body)
+        if isinstance(body, LoadPartitions):
+            return await self._load(channel, body)
         raise HostingError(f"unknown command {type(body).__name__}")
 
     async def _host(self, channel: ControlChannel, cmd: HostRun) -> RunStatus:
@@ -299,13 +319,17 @@ class ClientDaemon:
         if run is None:
             raise HostingError(f"run {cmd.run_id} is not hosted here")
         chunk = self.session.max_chunk_bytes if self.session else 1 << 20
+        lora = self._lora.get(cmd.run_id)
         for index in cmd.partitions:
             stage = run.stages.get(index)
             if stage is None:
                 raise HostingError(f"partition {index} of run {cmd.run_id} is not hosted here")
             with tempfile.TemporaryDirectory(prefix="titanic-upload-") as tmp:
                 path = Path(tmp) / "stage.safetensors"
-                await asyncio.to_thread(save_stage_weights, stage, path)
+                if lora is None:
+                    await asyncio.to_thread(save_stage_weights, stage, path)
+                else:  # a training run: what it trains (all tensors, or the adapters)
+                    await asyncio.to_thread(_save_tensors, trained_tensors(stage, lora), path)
                 sha = await asyncio.to_thread(file_sha256, path)
                 header = WeightHeader(
                     run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha, round=cmd.round
@@ -313,7 +337,73 @@ class ClientDaemon:
                 await channel.upload_partition(header, path, chunk)
         return run.status()
 
+    async def _prepare(self, cmd: PrepareRun) -> RunStatus:
+        """Set the run's stages up for training (LoRA adapters when asked) before its first round."""
+        preparing = self._host_tasks.get(cmd.run_id)
+        if preparing is not None:
+            await asyncio.wait({preparing})
+        run = self.runs.get(cmd.run_id)
+        if run is None or run.state == RunState.FAILED:
+            raise HostingError(f"run {cmd.run_id} is not hosted here; the server sent PrepareRun too early")
+        settings = PrepareSettings.from_json(cmd.settings_json)
+        if cmd.run_id in self._lora:
+            if self._lora[cmd.run_id] != settings.lora:
+                raise HostingError(f"run {cmd.run_id} was prepared differently before; replan to change it")
+            return run.status()
+        if settings.lora:
+            await asyncio.to_thread(adapt_stages, run.stages, settings)
+            if run.served is not None and run.served.host is not None:
+                run.served.host.reset_optimizer()
+        self._lora[cmd.run_id] = settings.lora
+        return run.status()
+
+    async def _load(self, channel: ControlChannel, cmd: LoadPartitions) -> RunStatus:
+        """Replace the trained tensors of some partitions with the server's merged ones."""
+        from safetensors.torch import load_file
+
+        run = self.runs.get(cmd.run_id)
+        if run is None or cmd.run_id not in self._lora:
+            raise HostingError(f"run {cmd.run_id} is not prepared for training here")
+        lora = self._lora[cmd.run_id]
+        for p in cmd.partitions:
+            stage = run.stages.get(p.index)
+            if stage is None:
+                raise HostingError(f"partition {p.index} of run {cmd.run_id} is not hosted here")
+            path = await fetch_partition(channel, cmd.run_id, p, self.config.cache_dir / "merged")
+            tensors = await asyncio.to_thread(load_file, path)
+            await asyncio.to_thread(load_trained_tensors, stage, tensors, lora)
+        return run.status()
+
+    async def _train(self, cmd: Train) -> tuple[RunStatus, str]:
+        """Train one round through the run's pipeline; the metrics go back as JSON in the status."""
+        data = self.config.client.data
+        if data is None:
+            raise HostingError("this client has no data to train on; start it with --data")
+        run = self.runs.get(cmd.run_id)
+        if run is None or run.state not in (RunState.CONNECTED, RunState.TRAINING):
+            raise HostingError(f"run {cmd.run_id} is not connected here; the server sent Train too early")
+        settings = RoundSettings.from_json(cmd.settings_json)
+        run.state = RunState.TRAINING
+        try:
+            trainer = self._trainers.get(cmd.run_id)
+            if trainer is None:
+                trainer = await asyncio.to_thread(OwnerTrainer, cmd.run_id, run.stages, run.peers, data, settings)
+                self._trainers[cmd.run_id] = trainer
+            metrics = await asyncio.to_thread(trainer.train_round, settings)
+        finally:
+            if run.state == RunState.TRAINING:
+                run.state = RunState.CONNECTED
+        log.info("run %s round %d: val ppl %.3f", cmd.run_id, settings.round, metrics["ppl"])
+        return run.status(), json.dumps(metrics)
+
+    async def _close_trainer(self, run_id: str) -> None:
+        trainer = self._trainers.pop(run_id, None)
+        if trainer is not None:
+            await asyncio.to_thread(trainer.close)
+
     async def _stop_run(self, cmd: StopRun) -> RunStatus:
+        await self._close_trainer(cmd.run_id)
+        self._lora.pop(cmd.run_id, None)
         task = self._host_tasks.pop(cmd.run_id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -327,8 +417,17 @@ class ClientDaemon:
         for task in list(self._host_tasks.values()):
             task.cancel()
         self._host_tasks.clear()
+        for run_id in list(self._trainers):
+            await self._close_trainer(run_id)
+        self._lora.clear()
         runs, self.runs = self.runs, {}
         for run in runs.values():
             await run.close()
 
 
+
+
+def _save_tensors(tensors: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(path))

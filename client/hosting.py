@@ -31,6 +31,7 @@ class ServedStages:
 
     url: str  # ws://host:port peers connect to
     close: Callable[[], Awaitable[None]]  # stop listening and free the stages
+    host: Any = None  # the StageHost serving them (its optimizer is rebuilt when LoRA is added)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -129,7 +130,7 @@ async def start_stage_host(
         host.close()
 
     log.info("run %s: serving stages %s at %s", run_id, sorted(stages), url)
-    return ServedStages(url=url, close=close)
+    return ServedStages(url=url, close=close, host=host)
 
 
 async def reach_peers(run_id: str, peers: Sequence[PeerEndpoint], *, timeout_s: float = 30.0) -> None:

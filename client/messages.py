@@ -167,7 +167,24 @@ class StopRun:
     reason: str
 
 
-CommandBody = HostRun | ConnectPeers | Train | Upload | StopRun
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrepareRun:
+    """Before a training run's first round: how its stages train (LoRA or full), as JSON."""
+
+    run_id: str
+    settings_json: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadPartitions:
+    """Replace these partitions' trained tensors with the server's merged ones."""
+
+    run_id: str
+    partitions: tuple[PartitionAssignment, ...]  # index, weights_sha256, weights_bytes
+    round: int
+
+
+CommandBody = HostRun | ConnectPeers | Train | Upload | StopRun | PrepareRun | LoadPartitions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

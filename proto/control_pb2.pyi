@@ -237,21 +237,43 @@ class StopRun(_message.Message):
     reason: str
     def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class PrepareRun(_message.Message):
+    __slots__ = ("run_id", "settings_json")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    settings_json: str
+    def __init__(self, run_id: _Optional[str] = ..., settings_json: _Optional[str] = ...) -> None: ...
+
+class LoadPartitions(_message.Message):
+    __slots__ = ("run_id", "partitions", "round")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    partitions: _containers.RepeatedCompositeFieldContainer[PartitionAssignment]
+    round: int
+    def __init__(self, run_id: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAssignment, _Mapping]]] = ..., round: _Optional[int] = ...) -> None: ...
+
 class Command(_message.Message):
-    __slots__ = ("command_id", "host", "connect", "train", "upload", "stop")
+    __slots__ = ("command_id", "host", "connect", "train", "upload", "stop", "prepare", "load")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CONNECT_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     host: HostRun
     connect: ConnectPeers
     train: Train
     upload: Upload
     stop: StopRun
-    def __init__(self, command_id: _Optional[int] = ..., host: _Optional[_Union[HostRun, _Mapping]] = ..., connect: _Optional[_Union[ConnectPeers, _Mapping]] = ..., train: _Optional[_Union[Train, _Mapping]] = ..., upload: _Optional[_Union[Upload, _Mapping]] = ..., stop: _Optional[_Union[StopRun, _Mapping]] = ...) -> None: ...
+    prepare: PrepareRun
+    load: LoadPartitions
+    def __init__(self, command_id: _Optional[int] = ..., host: _Optional[_Union[HostRun, _Mapping]] = ..., connect: _Optional[_Union[ConnectPeers, _Mapping]] = ..., train: _Optional[_Union[Train, _Mapping]] = ..., upload: _Optional[_Union[Upload, _Mapping]] = ..., stop: _Optional[_Union[StopRun, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRun, _Mapping]] = ..., load: _Optional[_Union[LoadPartitions, _Mapping]] = ...) -> None: ...
 
 class StatusReport(_message.Message):
     __slots__ = ("command_id", "state", "message", "run")

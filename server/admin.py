@@ -7,7 +7,11 @@ GET /v1/status     version, uptime, addresses, clients by status, the plan's sta
 GET /v1/clients    every client with its profile (declared fields listed)
 GET /v1/plan       the current plan, one row per partition with the reason;
                    ``?format=text`` answers the table ``titanic-server plan`` prints
-GET /v1/runs       training runs (none until the training issue lands)
+GET /v1/runs       training runs, oldest first
+POST /v1/runs      start a run: body ``{"spec": {...}}`` (the run file's settings), plus
+                   ``"resume": "<run id>"`` to continue that run from its last checkpoint
+GET /v1/runs/ID    one run: state, round, per-round losses and validation perplexity
+POST /v1/runs/ID/stop  stop a run (it keeps its checkpoints)
 =================  ============================================================
 """
 
@@ -24,6 +28,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from . import __version__
+from .run_manager import RunManager, spec_and_resume
 from .state import ClientRecord, ControlState, Deployment
 from .tables import plan_table
 
@@ -40,6 +45,7 @@ class AdminContext:
     model: str  # the configured model, or "" when none
     started_at: float  # time.monotonic() at start
     clock: Callable[[], float] = time.monotonic  # the handler's clock (for "last seen")
+    runs: RunManager | None = None  # training runs; None: this server cannot train
 
 
 def client_json(record: ClientRecord, now: float) -> dict[str, Any]:
@@ -130,11 +136,44 @@ def admin_app(context: AdminContext, *, token: str) -> web.Application:
         return web.json_response(body)
 
     async def runs(request: web.Request) -> web.Response:
-        return web.json_response([])
+        if context.runs is None:
+            return web.json_response([])
+        return web.json_response([r.to_json() for r in context.runs.list_runs()])
+
+    def no_runs() -> web.Response:
+        return web.json_response({"error": "this server cannot train (no run manager)"}, status=404)
+
+    async def start_run(request: web.Request) -> web.Response:
+        if context.runs is None:
+            return no_runs()
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError('send a JSON body {"spec": {...}}')
+            spec, resume = spec_and_resume(body)
+            record = context.runs.start(spec, resume=resume)
+        except (TypeError, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(record.to_json(), status=201)
+
+    async def show_run(request: web.Request) -> web.Response:
+        record = context.runs.runs.get(request.match_info["run_id"]) if context.runs else None
+        if record is None:
+            return web.json_response({"error": f"no run {request.match_info['run_id']!r}; see GET /v1/runs"}, status=404)
+        return web.json_response(record.to_json())
+
+    async def stop_run(request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        if context.runs is None or run_id not in context.runs.runs:
+            return web.json_response({"error": f"no run {run_id!r}; see GET /v1/runs"}, status=404)
+        return web.json_response(context.runs.stop(run_id).to_json())
 
     app = web.Application(middlewares=[_require_token(token)])
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/clients", clients)
     app.router.add_get("/v1/plan", plan)
     app.router.add_get("/v1/runs", runs)
+    app.router.add_post("/v1/runs", start_run)
+    app.router.add_get("/v1/runs/{run_id}", show_run)
+    app.router.add_post("/v1/runs/{run_id}/stop", stop_run)
     return app

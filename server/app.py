@@ -26,9 +26,12 @@ from aiohttp import web
 from proto import control_pb2_grpc as pb_grpc
 
 from .admin import AdminContext, admin_app
+from .checkpoints import CheckpointStore
 from .config import MIB, AuthSettings, ServerConfig
 from .coordinator import Coordinator, ModelSource, PlanFunction
-from .handler import ControlHandler
+from .handler import ControlHandler, ControlListener
+from .messages import StatusReport
+from .run_manager import RunManager
 from .servicer import ControlServicer
 from .state import ControlState, InMemoryState
 from .weights import WeightStore
@@ -54,6 +57,21 @@ def read_or_create_secret(path: Path) -> str:
     return secret
 
 
+class _Listeners:
+    """Passes the handler's notifications to several listeners, in order."""
+
+    def __init__(self, *listeners: ControlListener) -> None:
+        self.listeners = listeners
+
+    def membership_changed(self) -> None:
+        for listener in self.listeners:
+            listener.membership_changed()
+
+    def status_reported(self, client_id: str, report: StatusReport) -> None:
+        for listener in self.listeners:
+            listener.status_reported(client_id, report)
+
+
 class ServerApp:
     """All parts of a server, started and stopped together."""
 
@@ -75,6 +93,7 @@ class ServerApp:
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._coordinator: Coordinator | None = None
+        self.runs: RunManager | None = None
         self._liveness: asyncio.Task[None] | None = None
         self.handler: ControlHandler | None = None
 
@@ -109,7 +128,14 @@ class ServerApp:
         self._coordinator = Coordinator(
             handler, model=self.model, plan=self.plan, settings=cfg.planning, scratch_dir=state_dir / "scratch"
         )
-        handler.listener = self._coordinator
+        self.runs = RunManager(
+            handler,
+            model=self.model,
+            model_name=cfg.model.path if cfg.model else "",
+            stages=cfg.model.stages if cfg.model else None,
+            checkpoints=CheckpointStore(state_dir / "checkpoints"),
+        )
+        handler.listener = _Listeners(self._coordinator, self.runs)
 
         server = grpc.aio.server(options=GRPC_OPTIONS)
         pb_grpc.add_ControlServicer_to_server(ControlServicer(handler), server)
@@ -131,6 +157,7 @@ class ServerApp:
             model=cfg.model.path if cfg.model else "",
             started_at=time.monotonic(),
             clock=handler.clock,
+            runs=self.runs,
         )
         runner = web.AppRunner(admin_app(context, token=self.admin_token), access_log=None)
         await runner.setup()
@@ -160,6 +187,8 @@ class ServerApp:
                 await self._liveness
         if self._coordinator is not None:
             await self._coordinator.close()
+        if self.runs is not None:
+            await self.runs.close()
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
         if self._admin is not None:

@@ -7,6 +7,10 @@
     titanic-server clients [--json]                       clients and their measured profiles
     titanic-server plan    [--json]                       the plan: partition, blocks, client, why
     titanic-server runs    [--json]                       training runs
+    titanic-server runs start FILE [--rounds N ...]       start a run described by a TOML file
+                   [--resume RUN_ID]                      ... or continue RUN_ID from its last checkpoint
+    titanic-server runs show ID | stop ID                 one run's progress per round; stop it
+    titanic-server demo [--tiny]                          a server + 4 clients on loopback, case 3, LoRA
 
 The admin commands talk to the admin API at ``--admin`` (default ``http://127.0.0.1:8750``)
 with the bearer token from ``--token``, ``$TITANIC_ADMIN_TOKEN``, or the file
@@ -39,7 +43,7 @@ from .config import (
     TlsSettings,
     load_config,
 )
-from .tables import clients_table, plan_table, runs_table, status_table
+from .tables import clients_table, plan_table, run_table, runs_table, status_table
 
 DEFAULT_ADMIN = f"http://127.0.0.1:{ListenSettings().admin_port}"
 
@@ -79,7 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--state-dir", type=Path, default=ListenSettings().state_dir, help="server state dir")
         sub.add_argument("--ca", type=Path, help="CA file to verify an https admin API")
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name == "runs":
+            sub.add_argument("action", nargs="?", default="list", choices=("list", "start", "show", "stop"))
+            sub.add_argument("target", nargs="?", help="start: the run's TOML file; show, stop: the run id")
+            sub.add_argument("--resume", metavar="RUN_ID", help="start: continue this run from its last checkpoint")
+            for flag, kind in RUN_FLAGS.items():
+                sub.add_argument(f"--{flag.replace('_', '-')}", dest=f"run_{flag}", type=kind, help=f"override {flag}")
+    from .demo import add_demo_parser
+
+    add_demo_parser(commands)
     return parser
+
+
+# Run settings a flag of ``runs start`` overrides (the file holds the rest).
+RUN_FLAGS: dict[str, type] = {
+    "case": int,
+    "rounds": int,
+    "steps_per_round": int,
+    "batch_size": int,
+    "seq_len": int,
+    "lr": float,
+    "seed": int,
+    "finetune": str,
+    "tokenizer": str,
+    "aggregator": str,
+}
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -176,7 +204,58 @@ _VIEWS: dict[str, tuple[str, Callable[[Any], str]]] = {
 }
 
 
+def admin_post(base: str, route: str, token: str, body: Any, *, ca: Path | None = None, timeout_s: float = 30.0) -> Any:
+    """POST JSON ``body`` to ``route`` of the admin API and return the decoded answer."""
+    request = urllib.request.Request(
+        base.rstrip("/") + route,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.load(exc).get("error", "")
+        except ValueError:
+            detail = ""
+        raise ValueError(f"the admin API answered {exc.code} for {route}: {detail}") from exc
+    except urllib.error.URLError as exc:
+        raise ValueError(f"cannot reach the admin API at {base} ({exc.reason}); is titanic-server running?") from exc
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from .runs import load_run_spec
+
+    token = admin_token(args)
+    if args.action in ("show", "stop", "start") and not args.target:
+        what = "the run's TOML file" if args.action == "start" else "the run id"
+        raise ValueError(f"runs {args.action} needs {what}")
+    if args.action == "start":
+        overrides = {flag: getattr(args, f"run_{flag}") for flag in RUN_FLAGS}
+        spec = load_run_spec(args.target, overrides)
+        request: dict[str, Any] = {"spec": spec.to_json()}
+        if args.resume:
+            request["resume"] = args.resume
+        body = admin_post(args.admin, "/v1/runs", token, request, ca=args.ca)
+    elif args.action == "stop":
+        body = admin_post(args.admin, f"/v1/runs/{args.target}/stop", token, {}, ca=args.ca)
+    elif args.action == "show":
+        body = admin_get(args.admin, f"/v1/runs/{args.target}", token, ca=args.ca)
+    else:
+        body = admin_get(args.admin, "/v1/runs", token, ca=args.ca)
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+    else:
+        print(runs_table(body) if args.action == "list" else run_table(body))
+    return 0
+
+
 def _admin(args: argparse.Namespace) -> int:
+    if args.command == "runs":
+        return _runs(args)
     route, render = _VIEWS[args.command]
     body = admin_get(args.admin, route, admin_token(args), ca=args.ca)
     print(json.dumps(body, indent=2, sort_keys=True) if args.json else render(body))
@@ -187,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``titanic-server``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "demo":
+            from .demo import demo_main
+
+            return demo_main(args)
         return _run(args) if args.command == "run" else _admin(args)
     except ValueError as exc:
         print(f"titanic-server: error: {exc}", file=sys.stderr)

@@ -18,7 +18,9 @@ from .messages import (
     DeviceProfile,
     Heartbeat,
     HostRun,
+    LoadPartitions,
     PartitionAssignment,
+    PrepareRun,
     ProbeResult,
     Registration,
     RegistrationResult,
@@ -199,6 +201,14 @@ def command_to_proto(command: Command) -> pb.Command:
         msg.upload.CopyFrom(pb.Upload(run_id=body.run_id, partitions=list(body.partitions), round=body.round))
     elif isinstance(body, StopRun):
         msg.stop.CopyFrom(pb.StopRun(run_id=body.run_id, reason=body.reason))
+    elif isinstance(body, PrepareRun):
+        msg.prepare.CopyFrom(pb.PrepareRun(run_id=body.run_id, settings_json=body.settings_json))
+    elif isinstance(body, LoadPartitions):
+        msg.load.CopyFrom(
+            pb.LoadPartitions(
+                run_id=body.run_id, partitions=[_partition_to_proto(p) for p in body.partitions], round=body.round
+            )
+        )
     else:  # pragma: no cover - the union above is exhaustive
         raise TypeError(f"not a command body: {type(body).__name__}")
     return msg

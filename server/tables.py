@@ -119,4 +119,35 @@ def runs_table(runs: Sequence[Mapping[str, Any]]) -> str:
     """The ``/v1/runs`` answer as a table."""
     if not runs:
         return "no runs"
-    return format_table(["run", "state"], [[r.get("run_id", ""), r.get("state", "")] for r in runs])
+    rows = []
+    for r in runs:
+        per_round = r.get("per_round") or [{}]
+        ppl = per_round[-1].get("ppl")
+        rows.append([r.get("run_id", ""), r.get("state", ""), f"{r.get('round', 0)}/{r.get('rounds', 0)}",
+                     f"{ppl:.3f}" if isinstance(ppl, float) else "-", r.get("error", "")])
+    return format_table(["run", "state", "round", "val ppl", "error"], rows)
+
+
+def run_table(run: Mapping[str, Any]) -> str:
+    """One run (``/v1/runs/ID``): its state, then one line per finished round."""
+    head = f"{run.get('run_id', '')}  {run.get('state', '')}  round {run.get('round', 0)}/{run.get('rounds', 0)}"
+    if run.get("error"):
+        head += f"  error: {run['error']}"
+    rows = []
+    for h in run.get("history", []):
+        losses = h.get("losses") or [float("nan")]
+        rows.append([h.get("round", 0), h.get("owner", ""), f"{losses[0]:.4f}", f"{losses[-1]:.4f}",
+                     f"{h.get('val_loss', float('nan')):.4f}", f"{h.get('ppl', float('nan')):.3f}", h.get("samples", 0)])
+    table = format_table(["round", "owner", "first loss", "last loss", "val loss", "val ppl", "samples"], rows)
+    return head + "\n" + table + "\n\n" + ppl_table(run.get("per_round", []))
+
+
+def ppl_table(per_round: Sequence[Mapping[str, Any]]) -> str:
+    """Validation perplexity per round: each owner's, and the token-weighted one over all owners."""
+    owners = sorted({o for r in per_round for o in r.get("owners", {})})
+    rows = []
+    for r in per_round:
+        ppl = r.get("ppl")
+        rows.append([r.get("round", 0), *(f"{r['owners'][o]:.3f}" if o in r.get("owners", {}) else "-" for o in owners),
+                     f"{ppl:.3f}" if isinstance(ppl, float) else "-"])
+    return format_table(["round", *(f"ppl {o}" for o in owners), "ppl (weighted)"], rows)

@@ -72,3 +72,24 @@ async def test_runs_is_an_empty_list(tmp_path: Path) -> None:
         http.get(app.admin_url + "/v1/runs") as response,
     ):
         assert await response.json() == []
+
+
+async def test_runs_cannot_start_without_a_model(tmp_path: Path) -> None:
+    """POST /v1/runs on a server without a model answers 400 with the fix, and nothing is listed."""
+    async with running_app(server_config(tmp_path)) as app, aiohttp.ClientSession(headers=AUTH) as http:
+        async with http.post(app.admin_url + "/v1/runs", json={"spec": {"rounds": 1}}) as response:
+            assert response.status == 400
+            assert "--model" in (await response.json())["error"]
+        async with http.post(app.admin_url + "/v1/runs", json={"spec": {"rounds": 0}}) as response:
+            assert response.status == 400 and "rounds" in (await response.json())["error"]
+        async with http.get(app.admin_url + "/v1/runs") as response:
+            assert await response.json() == []
+
+
+async def test_unknown_runs_are_404(tmp_path: Path) -> None:
+    """Showing or stopping a run that does not exist answers 404."""
+    async with running_app(server_config(tmp_path)) as app, aiohttp.ClientSession(headers=AUTH) as http:
+        async with http.get(app.admin_url + "/v1/runs/run-9") as response:
+            assert response.status == 404
+        async with http.post(app.admin_url + "/v1/runs/run-9/stop") as response:
+            assert response.status == 404

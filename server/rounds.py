@@ -1,0 +1,253 @@
+"""The round state machine of a training run (cases 1, 2 and 3), without any I/O.
+
+The machine takes events (the plan's pipelines are connected, a client finished a command,
+the server merged the uploads, the operator stopped the run) and returns the actions the
+caller must carry out. The caller (:mod:`server.run_manager`) turns actions into commands and
+files; tests drive the machine directly.
+
+A plan has one pipeline per data owner (its bridge run id). A round is a sequence of *turns*;
+in a turn some pipelines train, then every client holding one of their partitions uploads
+what it trains, and the server merges each partition's copies (FedAvg weighted by samples;
+one copy merges to itself) into the new global partitions:
+
+* case 1: one pipeline, one turn per round;
+* case 2: one turn per owner, in order: each trains the global model, then hands over;
+* case 3: one turn with every pipeline training in parallel.
+
+Before a turn the pipelines that do not hold the global partitions already load them
+(``SendLoad``): in case 3 every pipeline after a merge, in case 2 the next owner's, in case 1
+none, and after a resume from a checkpoint every one. The last merge of a round is written
+as the round's checkpoint.
+
+::
+
+    waiting --pipelines_ready--> preparing --all prepared--> [loading] --> training
+        --all trained--> uploading --all uploaded--> merging --merged-->
+            next turn ([loading] training) | round done: next round | done
+    any active phase --failed--> failed;  --stop--> stopped
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Phase(enum.StrEnum):
+    """Where a run stands."""
+
+    WAITING = "waiting"  # for a plan whose pipelines are connected
+    PREPARING = "preparing"  # holders set their stages up (LoRA adapters)
+    LOADING = "loading"  # pipelines load the global partitions
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    MERGING = "merging"  # the server merges (and, at a round's end, writes the checkpoint)
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+ACTIVE = (Phase.WAITING, Phase.PREPARING, Phase.LOADING, Phase.TRAINING, Phase.UPLOADING, Phase.MERGING)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineInfo:
+    """One pipeline of the plan."""
+
+    owner: str  # its data owner
+    holders: Mapping[str, tuple[int, ...]]  # client id -> the partitions it holds in this pipeline
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendPrepare:
+    """Tell a holder how the run trains (before the first round)."""
+
+    client_id: str
+    bridge_run: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendLoad:
+    """Tell a holder to load the global version of its partitions of ``bridge_run``."""
+
+    client_id: str
+    bridge_run: str
+    partitions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendTrain:
+    """Tell an owner to train ``round``."""
+
+    client_id: str  # the data owner
+    bridge_run: str  # its pipeline
+    round: int  # 1-based
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendUpload:
+    """Ask a holder to upload what its partitions train, as it is at the end of this turn."""
+
+    client_id: str
+    bridge_run: str
+    partitions: tuple[int, ...]
+    round: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Merge:
+    """Merge each partition's uploaded copies from ``bridge_runs``; at a round's end, checkpoint."""
+
+    round: int
+    bridge_runs: tuple[str, ...]  # the pipelines that trained this turn
+    weights: Mapping[str, int]  # bridge run -> its FedAvg weight (the owner's training samples)
+    checkpoint: bool  # the last turn of the round: write the round's checkpoint
+
+
+Action = SendPrepare | SendLoad | SendTrain | SendUpload | Merge
+
+
+def turns_for(case: int, bridge_runs: Sequence[str]) -> list[tuple[str, ...]]:
+    """The turns of one round: who trains together, in order."""
+    if case == 2:
+        return [(run,) for run in bridge_runs]
+    return [tuple(bridge_runs)]
+
+
+@dataclass(slots=True)
+class RoundMachine:
+    """One run's progress through its rounds."""
+
+    rounds: int  # the last round to train
+    case: int = 1
+    round: int = 0  # the round in progress (1-based), or the last finished one; 0 before the first
+    phase: Phase = Phase.WAITING
+    error: str = ""
+    pipelines: dict[str, PipelineInfo] = field(default_factory=dict)  # bridge run -> pipeline
+    turns: list[tuple[str, ...]] = field(default_factory=list)
+    turn: int = 0  # index into turns
+    # The pipelines holding the global partitions: None when every pipeline does (they all
+    # start from the same weights); () when none does (resumed from a checkpoint).
+    holding: tuple[str, ...] | None = None
+    pending: set[tuple[str, str]] = field(default_factory=set)  # (bridge run, client) still to answer
+    weights: dict[str, int] = field(default_factory=dict)  # bridge run -> samples, this turn
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per owner and turn: its metrics
+
+    @property
+    def active(self) -> bool:
+        """Whether the run still has work ahead."""
+        return self.phase in ACTIVE
+
+    def resume_after(self, round: int) -> None:
+        """Continue after checkpointed ``round``: the pipelines must load the checkpoint first."""
+        if self.phase != Phase.WAITING:
+            raise ValueError("a run can only be resumed before it starts")
+        self.round, self.holding = round, ()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def pipelines_ready(self, pipelines: Mapping[str, PipelineInfo]) -> list[Action]:
+        """The plan's pipelines are connected: prepare every holder."""
+        if self.phase != Phase.WAITING:
+            return []
+        if not pipelines:
+            raise ValueError("a run needs at least one pipeline")
+        self.pipelines = dict(pipelines)
+        self.turns = turns_for(self.case, list(self.pipelines))
+        if self.round >= self.rounds:
+            self.phase = Phase.DONE
+            return []
+        self.phase = Phase.PREPARING
+        self.pending = {(run, c) for run, p in self.pipelines.items() for c in p.holders}
+        return [SendPrepare(client_id=c, bridge_run=run) for run, c in sorted(self.pending)]
+
+    def command_done(self, bridge_run: str, client_id: str) -> list[Action]:
+        """A prepare, load or upload command finished on ``client_id``."""
+        if self.phase not in (Phase.PREPARING, Phase.LOADING, Phase.UPLOADING):
+            return []
+        self.pending.discard((bridge_run, client_id))
+        if self.pending:
+            return []
+        if self.phase == Phase.PREPARING:
+            self.round += 1
+            self.turn = 0
+            return self._begin_turn()
+        if self.phase == Phase.LOADING:
+            return self._train()
+        self.phase = Phase.MERGING
+        group = self.turns[self.turn]
+        return [
+            Merge(
+                round=self.round,
+                bridge_runs=group,
+                weights={run: self.weights.get(run, 0) for run in group},
+                checkpoint=self.turn == len(self.turns) - 1,
+            )
+        ]
+
+    def train_done(self, bridge_run: str, metrics: Mapping[str, Any]) -> list[Action]:
+        """An owner trained and evaluated: once the turn's owners all have, gather the partitions."""
+        if self.phase != Phase.TRAINING or bridge_run not in self.turns[self.turn]:
+            return []
+        if all(run != bridge_run for run, _ in self.pending):
+            return []  # a repeated report
+        self.pending = {(run, c) for run, c in self.pending if run != bridge_run}
+        owner = self.pipelines[bridge_run].owner
+        self.history.append({"round": self.round, "owner": owner, "bridge_run": bridge_run, **metrics})
+        self.weights[bridge_run] = int(metrics.get("data_samples", metrics.get("samples", 0)))
+        if self.pending:
+            return []
+        self.phase = Phase.UPLOADING
+        group = self.turns[self.turn]
+        self.pending = {(run, c) for run in group for c in self.pipelines[run].holders}
+        return [
+            SendUpload(client_id=c, bridge_run=run, partitions=self.pipelines[run].holders[c], round=self.round)
+            for run, c in sorted(self.pending)
+        ]
+
+    def merged(self) -> list[Action]:
+        """The server merged the turn's copies (and wrote the checkpoint at a round's end)."""
+        if self.phase != Phase.MERGING:
+            return []
+        self.holding = self.turns[self.turn]
+        if self.turn + 1 < len(self.turns):
+            self.turn += 1
+            return self._begin_turn()
+        if self.round >= self.rounds:
+            self.phase = Phase.DONE
+            return []
+        self.round += 1
+        self.turn = 0
+        return self._begin_turn()
+
+    def failed(self, reason: str) -> None:
+        """Something the run needs broke; the run ends (resume it from its last checkpoint)."""
+        if self.active:
+            self.phase, self.error = Phase.FAILED, reason
+
+    def stop(self, reason: str = "stopped by the operator") -> None:
+        """The operator stopped the run."""
+        if self.active:
+            self.phase, self.error = Phase.STOPPED, reason
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _begin_turn(self) -> list[Action]:
+        group = self.turns[self.turn]
+        self.weights = {}
+        if self.holding is None or (len(self.holding) == 1 and group == self.holding):
+            return self._train()  # these pipelines hold the global partitions already
+        self.phase = Phase.LOADING
+        self.pending = {(run, c) for run in group for c in self.pipelines[run].holders}
+        return [
+            SendLoad(client_id=c, bridge_run=run, partitions=self.pipelines[run].holders[c])
+            for run, c in sorted(self.pending)
+        ]
+
+    def _train(self) -> list[Action]:
+        group = self.turns[self.turn]
+        self.phase = Phase.TRAINING
+        self.pending = {(run, self.pipelines[run].owner) for run in group}
+        return [SendTrain(client_id=self.pipelines[run].owner, bridge_run=run, round=self.round) for run in group]

@@ -1,0 +1,134 @@
+"""The round state machine of cases 1, 2 and 3, driven without any I/O."""
+
+from __future__ import annotations
+
+from server.rounds import (
+    Merge,
+    Phase,
+    PipelineInfo,
+    RoundMachine,
+    SendLoad,
+    SendPrepare,
+    SendTrain,
+    SendUpload,
+)
+
+P0 = PipelineInfo(owner="a", holders={"a": (0, 2), "h": (1,)})
+P1 = PipelineInfo(owner="b", holders={"b": (0, 2), "h": (1,)})
+METRICS = {"losses": [2.0, 1.5], "val_loss": 1.4, "ppl": 4.0, "samples": 8, "data_samples": 30, "seconds": 0.1}
+
+
+def prepared(machine: RoundMachine, pipelines: dict[str, PipelineInfo]) -> list[object]:
+    """Connect ``pipelines`` and answer every prepare; returns the actions of the last answer."""
+    actions = machine.pipelines_ready(pipelines)
+    assert all(isinstance(a, SendPrepare) for a in actions)
+    last: list[object] = []
+    for action in actions:
+        assert isinstance(action, SendPrepare)
+        last = list(machine.command_done(action.bridge_run, action.client_id))
+    return last
+
+
+def finish_turn(machine: RoundMachine, runs: list[str], metrics: dict[str, object] = METRICS) -> list[object]:
+    """Train and upload ``runs``; returns the Merge actions."""
+    uploads: list[object] = []
+    for run in runs:
+        uploads += machine.train_done(run, metrics)
+    merges: list[object] = []
+    for upload in uploads:
+        assert isinstance(upload, SendUpload)
+        merges += machine.command_done(upload.bridge_run, upload.client_id)
+    return merges
+
+
+def test_every_holder_is_prepared_before_round_one() -> None:
+    """Each (pipeline, holder) gets a prepare, and round 1 starts only after the last answer."""
+    machine = RoundMachine(rounds=2)
+    actions = machine.pipelines_ready({"p0": P0})
+    assert actions == [SendPrepare(client_id="a", bridge_run="p0"), SendPrepare(client_id="h", bridge_run="p0")]
+    assert machine.command_done("p0", "a") == [] and machine.phase == Phase.PREPARING
+    assert machine.command_done("p0", "h") == [SendTrain(client_id="a", bridge_run="p0", round=1)]
+
+
+def test_case1_uploads_merges_and_moves_on_without_loading() -> None:
+    """In case 1 the only pipeline keeps its weights: after a merge the next round trains right away."""
+    machine = RoundMachine(rounds=2)
+    prepared(machine, {"p0": P0})
+    uploads = machine.train_done("p0", METRICS)
+    assert uploads == [
+        SendUpload(client_id="a", bridge_run="p0", partitions=(0, 2), round=1),
+        SendUpload(client_id="h", bridge_run="p0", partitions=(1,), round=1),
+    ]
+    assert machine.command_done("p0", "a") == []
+    assert machine.command_done("p0", "h") == [Merge(round=1, bridge_runs=("p0",), weights={"p0": 30}, checkpoint=True)]
+    assert machine.merged() == [SendTrain(client_id="a", bridge_run="p0", round=2)]
+    finish_turn(machine, ["p0"])
+    assert machine.merged() == [] and machine.phase == Phase.DONE and machine.round == 2
+
+
+def test_case3_trains_in_parallel_merges_once_and_loads_everywhere() -> None:
+    """Case 3: both owners train, one merge weighted by samples, then every holder loads before round 2."""
+    machine = RoundMachine(rounds=2, case=3)
+    assert prepared(machine, {"p0": P0, "p1": P1}) == [
+        SendTrain(client_id="a", bridge_run="p0", round=1), SendTrain(client_id="b", bridge_run="p1", round=1)
+    ]
+    assert machine.train_done("p0", METRICS) == []  # waits for the other owner
+    uploads = machine.train_done("p1", {**METRICS, "data_samples": 10})
+    assert len(uploads) == 4
+    merges = [m for u in uploads for m in machine.command_done(u.bridge_run, u.client_id)]  # type: ignore[union-attr]
+    assert merges == [Merge(round=1, bridge_runs=("p0", "p1"), weights={"p0": 30, "p1": 10}, checkpoint=True)]
+    loads = machine.merged()
+    assert SendLoad(client_id="h", bridge_run="p1", partitions=(1,)) in loads and len(loads) == 4
+    trains = [t for load in loads for t in machine.command_done(load.bridge_run, load.client_id)]  # type: ignore[union-attr]
+    assert trains == [SendTrain(client_id="a", bridge_run="p0", round=2), SendTrain(client_id="b", bridge_run="p1", round=2)]
+
+
+def test_case2_hands_over_between_owners() -> None:
+    """Case 2: owner a trains, merges alone, then b loads a's weights and trains; the checkpoint comes after b."""
+    machine = RoundMachine(rounds=1, case=2)
+    assert prepared(machine, {"p0": P0, "p1": P1}) == [SendTrain(client_id="a", bridge_run="p0", round=1)]
+    assert finish_turn(machine, ["p0"]) == [Merge(round=1, bridge_runs=("p0",), weights={"p0": 30}, checkpoint=False)]
+    loads = machine.merged()
+    assert loads == [SendLoad(client_id="b", bridge_run="p1", partitions=(0, 2)), SendLoad(client_id="h", bridge_run="p1", partitions=(1,))]
+    machine.command_done("p1", "b")
+    assert machine.command_done("p1", "h") == [SendTrain(client_id="b", bridge_run="p1", round=1)]
+    assert finish_turn(machine, ["p1"]) == [Merge(round=1, bridge_runs=("p1",), weights={"p1": 30}, checkpoint=True)]
+    assert machine.merged() == [] and machine.phase == Phase.DONE
+    assert [(h["round"], h["owner"]) for h in machine.history] == [(1, "a"), (1, "b")]
+
+
+def test_a_resumed_run_loads_the_checkpoint_first() -> None:
+    """After resume_after(1) the first turn loads the global partitions, and training starts at round 2."""
+    machine = RoundMachine(rounds=3)
+    machine.resume_after(1)
+    loads = prepared(machine, {"p0": P0})
+    assert {type(a) for a in loads} == {SendLoad}
+    machine.command_done("p0", "a")
+    assert machine.command_done("p0", "h") == [SendTrain(client_id="a", bridge_run="p0", round=2)]
+
+
+def test_repeated_and_out_of_order_reports_are_ignored() -> None:
+    """A second training report, or one from a pipeline not training now, changes nothing."""
+    machine = RoundMachine(rounds=1, case=2)
+    prepared(machine, {"p0": P0, "p1": P1})
+    assert machine.train_done("p1", METRICS) == []
+    machine.train_done("p0", METRICS)
+    assert machine.train_done("p0", METRICS) == [] and len(machine.history) == 1
+    assert machine.merged() == []
+
+
+def test_failure_and_stop_end_an_active_run_only() -> None:
+    """A failure ends a run with its reason; a stop after that changes nothing."""
+    machine = RoundMachine(rounds=3)
+    prepared(machine, {"p0": P0})
+    machine.failed("helper lost")
+    machine.stop()
+    assert machine.phase == Phase.FAILED and machine.error == "helper lost"
+    assert machine.train_done("p0", METRICS) == []
+
+
+def test_a_stopped_run_ignores_its_pipelines() -> None:
+    """Stopping a waiting run means nothing is ever sent."""
+    machine = RoundMachine(rounds=3)
+    machine.stop()
+    assert machine.pipelines_ready({"p0": P0}) == [] and machine.phase == Phase.STOPPED

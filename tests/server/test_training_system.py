@@ -1,0 +1,273 @@
+"""Training runs over the real system: a server and client processes on loopback train a tiny model.
+
+Every test starts ``titanic-server run`` and ``titanic-client run`` processes, starts a run
+with ``titanic-server runs start FILE``, waits for it through the admin API, and checks the
+checkpoints the server wrote against what the owners reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .support import (
+    ADMIN_TOKEN,
+    REPO_ROOT,
+    Process,
+    admin,
+    client_args,
+    processes,
+    spawn,
+    start_server,
+    wait_until,
+)
+
+SEQ_LEN = 32
+VAL_FRACTION = 0.2
+SEED = 3
+STEPS = 3
+BATCH = 4
+HELPER_FLAGS = ["--device", "cpu", "--declare-upload-bytes-per-s", "1e8", "--declare-download-bytes-per-s", "1e8",
+                "--declare-rtt-s", "0.001"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (4 blocks) with the real GPT-2 tokenizer, saved as a Hugging Face directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autograd_bridge.models import save_pretrained_dir, tiny_config
+    from bench.quality import gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer)))
+    path = tmp_path_factory.mktemp("model")
+    save_pretrained_dir(model, tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def owner_data(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two owners' KJV books (split by book, non-IID)."""
+    from server.demo_data import write_owner_splits
+
+    splits = write_owner_splits(tmp_path_factory.mktemp("data"), 2, max_chars_per_owner=10_000)
+    return [s.path for s in splits]
+
+
+@dataclass
+class Cluster:
+    """A running server and its clients."""
+
+    server: Process
+    admin_url: str
+    state_dir: Path
+    port: int  # the control plane's, fixed so clients find a restarted server
+    started: list[Process]
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "server.cli", *args, "--admin", self.admin_url, "--token", ADMIN_TOKEN],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def run_to_end(self, run_file: Path, *flags: str, timeout_s: float = 300) -> dict[str, Any]:
+        """Start a run with ``runs start`` and wait until it is done; returns its final state."""
+        try:
+            wait_until(lambda: admin(self.admin_url, "/v1/plan")["state"] == "connected", 120, "a connected plan")
+        except TimeoutError as exc:
+            raise AssertionError(f"no connected plan: {admin(self.admin_url, '/v1/plan')}") from exc
+        run_id = json.loads(self.cli("runs", "start", str(run_file), *flags, "--json"))["run_id"]
+
+        def finished() -> dict[str, Any] | None:
+            run = admin(self.admin_url, f"/v1/runs/{run_id}")
+            assert run["state"] not in ("failed", "stopped"), run["error"] + "\n" + self.server.output()[-3000:]
+            return run if run["state"] == "done" else None
+
+        result: dict[str, Any] = wait_until(finished, timeout_s, "the run to finish", interval_s=0.5)
+        return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_process(state_dir: Path, model_dir: Path, port: int) -> tuple[Process, str]:
+    server, _, admin_url = start_server(
+        state_dir, "--model", str(model_dir), "--stages", "3", "--port", str(port),
+        "--heartbeat-interval", "0.4", "--heartbeat-timeout", "5", "--settle", "0.5",
+    )
+    return server, admin_url
+
+
+@contextlib.contextmanager
+def cluster(tmp_path: Path, model_dir: Path, owners: Mapping[str, Path], helpers: int) -> Iterator[Cluster]:
+    """A server, one client per owner (with its data) and ``helpers`` helper clients."""
+    port = free_port()
+    with processes() as started:
+        server, admin_url = server_process(tmp_path / "state", model_dir, port)
+        started.append(server)
+        control = f"127.0.0.1:{port}"
+        for name, data in owners.items():
+            started.append(spawn(name, "client.cli", *client_args(control, name, tmp_path / name, "--data", str(data))))
+        for i in range(helpers):
+            flags = [*HELPER_FLAGS, "--declare-flops-per-s", f"{5e10 / (i + 1):g}"]
+            started.append(spawn(f"helper{i}", "client.cli", *client_args(control, f"helper{i}", tmp_path / f"h{i}", *flags)))
+        yield Cluster(server=server, admin_url=admin_url, state_dir=tmp_path / "state", port=port, started=started)
+
+
+def write_run(path: Path, model_dir: Path, **values: object) -> Path:
+    """A run file with this module's settings and ``values``."""
+    settings: dict[str, object] = {
+        "rounds": 2, "steps_per_round": STEPS, "batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 3e-3, "seed": SEED,
+        "val_fraction": VAL_FRACTION, "tokenizer": str(model_dir), **values,
+    }
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    return path
+
+
+def dataset(checkpoint: Path, data: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from client.data import DataSettings, OwnerDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return OwnerDataset.from_path(data, tokenizer, settings=DataSettings(seq_len=SEQ_LEN, val_fraction=VAL_FRACTION, seed=SEED))
+
+
+def validation_ppl(model: Any, data: Any) -> float:
+    """Perplexity of ``model`` on an owner's validation split, computed here in one process."""
+    from autograd_bridge.partition import even_stage_specs, split_model
+    from autograd_bridge.pipeline import Pipeline
+    from autograd_bridge.runtime import EventLoopThread
+    from client.training import evaluate
+
+    whole = split_model(model, even_stage_specs(int(model.config.num_hidden_layers), 1))[0]
+    with EventLoopThread() as runtime:
+        pipeline = Pipeline([whole], runtime)
+        _, ppl = evaluate(pipeline, data, 8)
+        pipeline.close()
+    return ppl
+
+
+def load_model(folder: Path, model_dir: Path, adapter: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if not adapter:
+        return AutoModelForCausalLM.from_pretrained(folder)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), folder).merge_and_unload()
+
+
+@pytest.mark.slow
+def test_case1_trains_to_completion_and_checkpoints_load(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
+    """A case-1 run trains every round; each checkpoint loads and reproduces the owner's reported perplexity."""
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=1, rounds=3)
+    with cluster(tmp_path, model_dir, {"owner": owner_data[0]}, helpers=2) as c:
+        run = c.run_to_end(run_file, "--rounds", "2")
+        listed = c.cli("runs")
+        shown = c.cli("runs", "show", run["run_id"])
+    assert run["run_id"] in listed and "done" in listed and "ppl (weighted)" in shown
+    history = run["history"]
+    assert [h["round"] for h in history] == [1, 2]
+    assert all(len(h["losses"]) == STEPS and h["samples"] == STEPS * BATCH for h in history)
+    assert history[1]["losses"][-1] < history[0]["losses"][0]
+    assert len(run["checkpoints"]) == 2
+    for h, folder in zip(history, run["checkpoints"], strict=True):
+        data = dataset(Path(folder), owner_data[0])
+        ppl = validation_ppl(load_model(Path(folder), model_dir, adapter=False), data)
+        assert math.isclose(ppl, h["ppl"], rel_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_case3_lora_merges_the_owners_adapters_by_samples(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
+    """In case 3 with LoRA, each round's checkpoint holds the sample-weighted mean of the owners' uploaded adapters."""
+    import torch
+    from safetensors.torch import load_file
+
+    from server.run_manager import from_peft_names
+
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=3, finetune="lora", lora_r=4, lr=1e-2)
+    owners = {"alice": owner_data[0], "bob": owner_data[1]}
+    with cluster(tmp_path, model_dir, owners, helpers=2) as c:
+        run = c.run_to_end(run_file)
+    assert [(h["round"], h["owner"]) for h in sorted(run["history"], key=lambda h: (h["round"], h["owner"]))] == [
+        (1, "alice"), (1, "bob"), (2, "alice"), (2, "bob")
+    ]
+    assert all(set(r["owners"]) == {"alice", "bob"} and r["ppl"] > 0 for r in run["per_round"])
+    for round_, folder in enumerate(run["checkpoints"], start=1):
+        merged = from_peft_names(load_file(Path(folder) / "adapter_model.safetensors"))
+        assert merged and all("lora_" in name for name in merged)
+        copies, weights = [], []
+        for h in (h for h in run["history"] if h["round"] == round_):
+            uploads = c.state_dir / "weights" / "uploads" / h["bridge_run"]
+            state: dict[str, torch.Tensor] = {}
+            for path in uploads.glob(f"p*-r{round_}-*.safetensors"):
+                state.update(load_file(path))
+            copies.append(state)
+            weights.append(h["data_samples"])
+        assert set(copies[0]) == set(merged)
+        for name, value in merged.items():
+            expected = sum(w * copy[name] for w, copy in zip(weights, copies, strict=True)) / sum(weights)
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        assert any(not torch.equal(copies[0][n], copies[1][n]) for n in merged)  # the owners trained differently
+    model = load_model(Path(run["checkpoints"][-1]), model_dir, adapter=True)
+    assert math.isfinite(validation_ppl(model, dataset(Path(run["checkpoints"][-1]), owner_data[0])))
+
+
+@pytest.mark.slow
+def test_case2_hands_the_model_from_owner_to_owner(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
+    """In case 2 the owners train in turn, and a round's checkpoint is the last owner's model as it evaluated it."""
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=2, rounds=1)
+    owners = {"alice": owner_data[0], "bob": owner_data[1]}
+    with cluster(tmp_path, model_dir, owners, helpers=2) as c:
+        run = c.run_to_end(run_file)
+    first, second = run["history"]
+    assert (first["owner"], second["owner"]) == ("alice", "bob") and first["bridge_run"] != second["bridge_run"]
+    (folder,) = run["checkpoints"]
+    model = load_model(Path(folder), model_dir, adapter=False)
+    ppl = validation_ppl(model, dataset(Path(folder), owner_data[1]))
+    assert math.isclose(ppl, second["ppl"], rel_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_restarted_server_resumes_from_the_last_checkpoint(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
+    """After a restart, ``runs start --resume`` continues with round 2 from round 1's checkpoint and data position."""
+    from autograd_bridge.partition import causal_lm_loss
+
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=1, rounds=2)
+    with cluster(tmp_path, model_dir, {"owner": owner_data[0]}, helpers=1) as c:
+        first = c.run_to_end(run_file, "--rounds", "1")
+        assert c.server.terminate() == 0
+        c.server, c.admin_url = server_process(c.state_dir, model_dir, c.port)
+        c.started.append(c.server)
+        resumed = c.run_to_end(run_file, "--resume", first["run_id"])
+    assert resumed["run_id"] == first["run_id"] and resumed["resumed_from"] == 1
+    assert [h["round"] for h in resumed["history"]] == [1, 2] and len(resumed["checkpoints"]) == 2
+    # The first step of round 2 is computed before any update: it is the round-1 checkpoint's
+    # loss on the owner's batch number STEPS, so the pipeline started from that checkpoint.
+    folder = Path(first["checkpoints"][0])
+    model = load_model(folder, model_dir, adapter=False)
+    batch = next(dataset(folder, owner_data[0]).stream(BATCH, start=STEPS))
+    import torch
+
+    with torch.no_grad():
+        expected = float(causal_lm_loss(model(batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels))
+    assert math.isclose(resumed["history"][1]["losses"][0], expected, rel_tol=1e-4)
