@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import http
 import logging
+import secrets
 import ssl as ssl_lib
 import struct
 import sys
@@ -56,9 +57,10 @@ from websockets.exceptions import (
     InvalidStatus,
     InvalidURI,
 )
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, apply_mask
+from websockets.frames import Frame as WsFrame
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol, State
+from websockets.protocol import Protocol, Side, State
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
@@ -498,19 +500,60 @@ def _use_chunk_reader(protocol: Protocol) -> None:
         next(protocol.parser)
 
 
+def _frame_parts(frame: WsFrame, *, mask: bool) -> tuple[bytes, bytes]:
+    """A frame as (header, payload): the wire bytes websockets' ``Frame.serialize`` joins.
+
+    ``serialize`` writes header and payload into a BytesIO: one more copy of every tensor
+    byte than handing the two to the transport one after the other.
+    """
+    frame.check()
+    head1 = (0b10000000 if frame.fin else 0) | frame.opcode  # rsv bits are 0: no extensions
+    head2 = 0b10000000 if mask else 0
+    length = len(frame.data)
+    if length < 126:
+        header = struct.pack("!BB", head1, head2 | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", head1, head2 | 126, length)
+    else:
+        header = struct.pack("!BBQ", head1, head2 | 127, length)
+    if mask:
+        key = secrets.token_bytes(4)
+        return header + key, apply_mask(frame.data, key)
+    # An unmasked payload may be a view of the sender's memory, and a transport (uvloop) may
+    # hold on to what it cannot write at once: hand it a copy the sender cannot change.
+    return header, bytes(frame.data)
+
+
+def _write_frames_unjoined(protocol: Protocol) -> None:
+    """Make ``protocol`` queue each frame as header + payload (see :func:`_frame_parts`)."""
+    if protocol.extensions:
+        return  # compression=None everywhere here; with extensions keep websockets' own path
+    mask = protocol.side is Side.CLIENT
+
+    def send_frame(frame: WsFrame) -> None:
+        header, payload = _frame_parts(frame, mask=mask)
+        protocol.writes.append(header)
+        if payload:  # an empty write means end-of-stream to websockets' connection
+            protocol.writes.append(payload)
+
+    protocol.send_frame = send_frame  # type: ignore[method-assign]
+
+
 class _ClientConnection(ClientConnection):
-    """websockets' client connection, receiving through a :class:`_ChunkReader`."""
+    """websockets' client connection: receives through a :class:`_ChunkReader`, writes unjoined."""
 
     def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
         _use_chunk_reader(protocol)
+        _write_frames_unjoined(protocol)
         super().__init__(protocol, **kwargs)
 
 
 class _ServerConnection(ServerConnection):
-    """websockets' server connection, receiving through a :class:`_ChunkReader`."""
+    """websockets' server connection: receives through a :class:`_ChunkReader`, writes unjoined."""
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         _use_chunk_reader(protocol)
+        _write_frames_unjoined(protocol)
         super().__init__(protocol, *args, **kwargs)
 
 

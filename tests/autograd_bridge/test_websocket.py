@@ -470,3 +470,21 @@ def test_chunk_reader_reads_like_the_stock_reader(data: bytes, cuts: list[int], 
     """_ChunkReader returns the same bytes and errors as websockets' StreamReader for any chunking."""
     chunks = list(_split(data, cuts))
     assert _drive(_ChunkReader(), chunks, reads) == _drive(StreamReader(), chunks, reads)
+
+
+@pytest.mark.parametrize("size", [0, 5, 125, 126, 65535, 65536, 300_000])
+def test_frames_written_unjoined_are_the_bytes_websockets_would_write(size):
+    """Header + payload written separately equal websockets' own serialization (masked: after unmasking)."""
+    from websockets.frames import Frame as WsFrame
+    from websockets.frames import Opcode, apply_mask
+
+    from autograd_bridge.websocket import _frame_parts
+
+    data = memoryview(bytes(range(256)) * (size // 256 + 1))[:size]
+    frame = WsFrame(Opcode.CONT, data, fin=False)
+    header, payload = _frame_parts(frame, mask=False)
+    assert header + payload == frame.serialize(mask=False)
+    header, payload = _frame_parts(frame, mask=True)
+    reference = frame.serialize(mask=True)
+    assert header[:-4] == reference[: len(header) - 4]  # same opcode, flags and length
+    assert apply_mask(payload, header[-4:]) == bytes(data)
