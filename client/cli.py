@@ -130,11 +130,32 @@ async def _run_until_signalled(config: ClientConfig) -> int:
     return 0
 
 
+def _import_training_stack() -> None:
+    """Import transformers, peft and the stage code once, here, before any worker thread does.
+
+    The daemon builds stages and trains in worker threads (asyncio.to_thread). Two threads that
+    import transformers for the first time at once can deadlock on import locks, which Python
+    breaks by handing one of them a half-initialised module: "cannot import name 'AutoConfig'
+    from 'transformers'" (seen in CI, case 3: one owner building its stages while another
+    command's thread trained).
+    """
+    import peft  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import autograd_bridge.lora
+    import autograd_bridge.models
+    import autograd_bridge.partition
+    import autograd_bridge.pipeline  # noqa: F401
+
+    from . import data, hosting, trainer, training  # noqa: F401
+
+
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     config = config_from_args(args)
+    _import_training_stack()
     return asyncio.run(_run_until_signalled(config))
 
 
