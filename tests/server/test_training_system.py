@@ -47,8 +47,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from autograd_bridge.models import save_pretrained_dir, tiny_config
-    from bench.quality import gpt2_tokenizer
+    from autograd_bridge.models import gpt2_tokenizer, save_pretrained_dir, tiny_config
 
     tokenizer = gpt2_tokenizer()
     torch.manual_seed(0)
