@@ -115,16 +115,6 @@ def test_down_removes_what_a_killed_testbed_left(tag: str, tmp_path: Path) -> No
     assert list_namespaces(tag) == []
 
 
-def _runs_start_missing() -> bool:
-    result = subprocess.run([sys.executable, "-m", "server.cli", "runs", "start", "--help"], capture_output=True)
-    return result.returncode != 0
-
-
-@pytest.mark.skipif(_runs_start_missing(), reason="`titanic-server runs start` does not exist yet (issue 4)")
-@pytest.mark.xfail(
-    strict=True,
-    reason="testbed.tiny_model saves no tokenizer, and the owner's training needs one (run fails on c0)",
-)
 def test_a_tiny_model_run_completes_across_the_namespaces(ready_testbed: Any, tmp_path: Path) -> None:
     """A short run started through the server's CLI finishes with every run in a successful state."""
     bed, _clients, _plan = ready_testbed
