@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint demo proto
+.PHONY: setup test lint demo verify proto
 
 setup: $(VENV)/.installed
 
@@ -30,4 +30,7 @@ test: lint
 	$(BIN)/pytest -q -ra
 
 demo: setup
+	$(BIN)/titanic-server demo
+
+verify: setup
 	$(BIN)/titanic-verify --stages 4

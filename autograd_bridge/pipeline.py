@@ -14,6 +14,9 @@ Two ways to drive a split model:
 Local stages compute on one owner thread; remote stages are :class:`StageClient`s. Between
 stages the activation is detached and re-attached, like a host does, so each stage's backward
 is ``torch.autograd.backward(output, grad_output)``.
+
+:class:`Pipeline` also times where its train steps go: per stage, the seconds the owner waits
+for that stage (see :meth:`Pipeline.stage_seconds`), and the whole step.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar, cast
@@ -128,6 +132,10 @@ class Pipeline:
         self.settings = settings or PipelineSettings()
         self.step = 0
         self._compute_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="titanic-owner")
+        # Timing since reset_stage_times(): seconds per stage and per whole step, summed over steps.
+        self._stage_total = [0.0] * len(self.stages)
+        self._step_total = 0.0
+        self._timed_steps = 0
 
     @property
     def remote(self) -> list[StageClient]:
@@ -143,6 +151,7 @@ class Pipeline:
 
     def optimizer_step(self, local_optimizer: torch.optim.Optimizer | None, lr: float | None = None) -> None:
         """Step the local optimizer and every remote host's, then start the next step."""
+        began = time.perf_counter()
         if local_optimizer is not None:
             if lr is not None:
                 for group in local_optimizer.param_groups:
@@ -155,6 +164,7 @@ class Pipeline:
 
         self.runtime.run(step_all())
         self.step += 1
+        self._step_total += time.perf_counter() - began
 
     def eval_loss(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
@@ -165,10 +175,54 @@ class Pipeline:
     def close(self) -> None:
         self._compute_thread.shutdown(wait=False, cancel_futures=True)
 
+    # -- timing -------------------------------------------------------------------------------
+
+    def stage_seconds(self) -> list[float]:
+        """Per stage, the mean seconds per train step the owner waited for it (0.0 before any step).
+
+        A remote stage's time runs from sending each FORWARD or BACKWARD request to its reply:
+        both transfers plus the host's compute and queueing. A local stage's time is its own
+        compute on the owner's thread (not its wait for that thread); the last stage's time
+        includes the loss, forward and backward, which the owner computes right after it.
+        Optimizer steps are not in any stage's time. Only steps that succeeded since
+        :meth:`reset_stage_times` count. With one micro-batch the stages run one after another,
+        so the times add up to at most :meth:`step_seconds`; with several micro-batches in flight
+        each request's wait is summed, so overlapping stages can add up to more.
+        """
+        steps = max(self._timed_steps, 1)
+        return [total / steps for total in self._stage_total]
+
+    def step_seconds(self) -> float:
+        """Mean wall seconds of a whole step: :meth:`train_step` plus the :meth:`optimizer_step` after it."""
+        return self._step_total / max(self._timed_steps, 1)
+
+    @property
+    def timed_steps(self) -> int:
+        """Train steps counted in :meth:`stage_seconds` and :meth:`step_seconds`."""
+        return self._timed_steps
+
+    def reset_stage_times(self) -> None:
+        """Start timing afresh (e.g. at the start of a round)."""
+        self._stage_total = [0.0] * len(self.stages)
+        self._step_total = 0.0
+        self._timed_steps = 0
+
     # -- the schedule ---------------------------------------------------------------------
 
     async def _local(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._compute_thread, fn)
+
+    async def _local_timed(self, fn: Callable[[], T], spent: list[float], s: int) -> T:
+        """:meth:`_local`, adding the seconds ``fn`` itself ran (not its wait for the thread) to ``spent[s]``."""
+
+        def timed() -> tuple[T, float]:
+            began = time.perf_counter()
+            value = fn()
+            return value, time.perf_counter() - began
+
+        value, seconds = await self._local(timed)
+        spent[s] += seconds
+        return value
 
     @staticmethod
     def _count_tokens(labels: torch.Tensor) -> int:
@@ -185,6 +239,7 @@ class Pipeline:
     async def _train_step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
     ) -> StepResult:
+        began = time.perf_counter()
         step = self.step
         m_count = self.settings.micro_batches
         num_items = self._count_tokens(labels)
@@ -202,6 +257,7 @@ class Pipeline:
         in_flight = asyncio.Semaphore(n if self.settings.schedule == "1f1b" else m_count)
         admit = _Turnstile()
         losses: list[float] = [0.0] * m_count
+        spent = [0.0] * n  # this step's seconds per stage; counted only if the step succeeds
 
         async def micro_batch(m: int) -> None:
             nonlocal done_count
@@ -213,11 +269,13 @@ class Pipeline:
                 saved: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * (n + 1)
                 h = cast(torch.Tensor, ids_mb[m])
                 for s, stage in enumerate(self.stages):
-                    h = await self._stage_forward(s, stage, h, mask, step, m, fwd_turn[s], saved)
+                    h = await self._stage_forward(s, stage, h, mask, step, m, fwd_turn[s], saved, spent)
                 labels_m = cast(torch.Tensor, labels_mb[m])
                 await fwd_turn[n].wait_for(m)
                 logits_in = h.detach().requires_grad_(True)
-                loss = await self._local(lambda: causal_lm_loss(logits_in, labels_m, num_items=num_items))
+                loss = await self._local_timed(
+                    lambda: causal_lm_loss(logits_in, labels_m, num_items=num_items), spent, n - 1
+                )
                 await fwd_turn[n].advance()
                 saved[n] = (logits_in, loss)
                 losses[m] = float(loss.detach())
@@ -228,7 +286,7 @@ class Pipeline:
                     await forwards_done.wait()
                 grad: torch.Tensor | None = None
                 for s in range(n, -1, -1):
-                    grad = await self._stage_backward(s, grad, step, m, bwd_turn[s], saved)
+                    grad = await self._stage_backward(s, grad, step, m, bwd_turn[s], saved, spent)
             finally:
                 in_flight.release()
 
@@ -241,6 +299,10 @@ class Pipeline:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._release_remote(step)
             raise
+        for s, seconds in enumerate(spent):
+            self._stage_total[s] += seconds
+        self._step_total += time.perf_counter() - began
+        self._timed_steps += 1
         return StepResult(loss=sum(losses), tokens=num_items)
 
     async def _stage_forward(
@@ -253,14 +315,18 @@ class Pipeline:
         m: int,
         turn: _Turnstile,
         saved: list[tuple[torch.Tensor, torch.Tensor] | None],
+        spent: list[float],
     ) -> torch.Tensor:
         await turn.wait_for(m)
         if isinstance(stage, StageClient):
+            began = time.perf_counter()
             try:
                 pending = await stage.start_forward(h, step=step, micro_batch=m, attention_mask=mask)
             finally:
                 await turn.advance()
-            return await pending
+            y = await pending
+            spent[s] += time.perf_counter() - began
+            return y
 
         module = stage
 
@@ -270,7 +336,7 @@ class Pipeline:
                 return inputs, module(inputs, attention_mask=mask)
 
         try:
-            inputs, outputs = await self._local(run)
+            inputs, outputs = await self._local_timed(run, spent, s)
         finally:
             await turn.advance()
         saved[s] = (inputs, outputs)
@@ -284,17 +350,21 @@ class Pipeline:
         m: int,
         turn: _Turnstile,
         saved: list[tuple[torch.Tensor, torch.Tensor] | None],
+        spent: list[float],
     ) -> torch.Tensor | None:
         await turn.wait_for(m)
         stage = self.stages[s] if s < len(self.stages) else None
         if isinstance(stage, StageClient):
             if grad is None:
                 raise BridgeError(f"no gradient reached stage {s} for micro-batch {m}")
+            began = time.perf_counter()
             try:
                 pending = await stage.start_backward(grad, step=step, micro_batch=m)
             finally:
                 await turn.advance()
-            return await pending
+            grad_in = await pending
+            spent[s] += time.perf_counter() - began
+            return grad_in
         entry = saved[s]
         saved[s] = None
         if entry is None:
@@ -309,7 +379,8 @@ class Pipeline:
             return inputs.grad
 
         try:
-            return await self._local(run)
+            # s == n is the loss's backward, the owner's work right after the last stage's.
+            return await self._local_timed(run, spent, min(s, len(self.stages) - 1))
         finally:
             await turn.advance()
 

@@ -64,8 +64,10 @@ from .trainer import (
     PrepareSettings,
     RoundSettings,
     adapt_stages,
-    load_trained_tensors,
-    trained_tensors,
+    build_owner_optimizer,
+    load_trained_state,
+    tie_owner_stages,
+    trained_state,
 )
 from .weights import fetch_partition, file_sha256
 
@@ -278,6 +280,7 @@ class ClientDaemon:
             files = {p.index: await fetch_partition(channel, cmd.run_id, p, cache) for p in cmd.partitions}
             workdir = cache / "runs" / cmd.run_id
             run.stages = await asyncio.to_thread(build_stages, cmd.model_config_json, cmd.partitions, files, workdir)
+            tie_owner_stages({p.index: run.stages[p.index] for p in cmd.partitions if p.local})
             served = {p.index: run.stages[p.index] for p in cmd.partitions if not p.local}
             if served:
                 bridge = self.config.bridge
@@ -328,8 +331,9 @@ class ClientDaemon:
                 path = Path(tmp) / "stage.safetensors"
                 if lora is None:
                     await asyncio.to_thread(save_stage_weights, stage, path)
-                else:  # a training run: what it trains (all tensors, or the adapters)
-                    await asyncio.to_thread(_save_tensors, trained_tensors(stage, lora), path)
+                else:  # a training run: what it trains (all tensors, or the adapters) and its optimizer state
+                    state = await asyncio.to_thread(trained_state, stage, lora, self._optimizer_for(run, index))
+                    await asyncio.to_thread(_save_tensors, state, path)
                 sha = await asyncio.to_thread(file_sha256, path)
                 header = WeightHeader(
                     run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha, round=cmd.round
@@ -354,8 +358,20 @@ class ClientDaemon:
             await asyncio.to_thread(adapt_stages, run.stages, settings)
             if run.served is not None and run.served.host is not None:
                 run.served.host.reset_optimizer()
+        local = [run.stages[p.index] for p in run.partitions if p.local]
+        run.optimizer = build_owner_optimizer(local)  # before any Load, which may bring its state
         self._lora[cmd.run_id] = settings.lora
         return run.status()
+
+    def _optimizer_for(self, run: HostedRun, index: int) -> Any:
+        """The optimizer that trains partition ``index`` here: the stage host's, or the owner's own."""
+        host = run.served.host if run.served is not None else None
+        if host is not None and index in host.stages:
+            return host.optimizer
+        trainer = self._trainers.get(run.run_id)
+        if trainer is not None and trainer.optimizer is not None:
+            return trainer.optimizer
+        return run.optimizer
 
     async def _load(self, channel: ControlChannel, cmd: LoadPartitions) -> RunStatus:
         """Replace the trained tensors of some partitions with the server's merged ones."""
@@ -371,7 +387,8 @@ class ClientDaemon:
                 raise HostingError(f"partition {p.index} of run {cmd.run_id} is not hosted here")
             path = await fetch_partition(channel, cmd.run_id, p, self.config.cache_dir / "merged")
             tensors = await asyncio.to_thread(load_file, path)
-            await asyncio.to_thread(load_trained_tensors, stage, tensors, lora)
+            optimizer = self._optimizer_for(run, p.index)
+            await asyncio.to_thread(load_trained_state, stage, tensors, lora, optimizer)
         return run.status()
 
     async def _train(self, cmd: Train) -> tuple[RunStatus, str]:
@@ -387,7 +404,9 @@ class ClientDaemon:
         try:
             trainer = self._trainers.get(cmd.run_id)
             if trainer is None:
-                trainer = await asyncio.to_thread(OwnerTrainer, cmd.run_id, run.stages, run.peers, data, settings)
+                trainer = await asyncio.to_thread(
+                    OwnerTrainer, cmd.run_id, run.stages, run.peers, data, settings, run.optimizer
+                )
                 self._trainers[cmd.run_id] = trainer
             metrics = await asyncio.to_thread(trainer.train_round, settings)
         finally:

@@ -45,6 +45,7 @@ class HostedRun:
     stages: dict[int, Any] = field(default_factory=dict)  # partition -> StageModule
     served: ServedStages | None = None
     peers: tuple[PeerEndpoint, ...] = ()  # hosts this client (a data owner) reached
+    optimizer: Any = None  # the optimizer of the stages this client runs itself (a data owner's ends)
 
     def status(self) -> RunStatus:
         """The run as reported to the server."""

@@ -78,6 +78,7 @@ class OwnerTrainer:
         peers: Sequence[PeerEndpoint],
         data: Path,
         settings: RoundSettings,
+        optimizer: Any = None,
     ) -> None:
         from autograd_bridge.models import load_tokenizer
         from autograd_bridge.partition import tie_stage_weights
@@ -117,7 +118,9 @@ class OwnerTrainer:
         self.local_stages = [stages[k] for k in sorted(stages)]
         pipeline_settings = PipelineSettings(micro_batches=settings.micro_batches)
         self.pipeline = Pipeline(chain, self.runtime, pipeline_settings)
-        self.optimizer: Any = None
+        # The optimizer of the owner's own stages; the daemon builds it when the run is
+        # prepared, so that a handed-over optimizer state can be loaded before round 1.
+        self.optimizer: Any = optimizer
 
     def train_round(self, settings: RoundSettings) -> dict[str, Any]:
         """Train ``settings.steps`` steps, then evaluate; the metrics the server records (blocking)."""
@@ -127,6 +130,7 @@ class OwnerTrainer:
         if self.optimizer is None and trainable_parameters(self.local_stages):
             self.optimizer = build_local_optimizer(self.local_stages, lr=settings.lr)
         began = time.perf_counter()
+        self.pipeline.reset_stage_times()  # this round's steps only
         losses = train_steps(
             self.pipeline,
             self.dataset,
@@ -136,6 +140,9 @@ class OwnerTrainer:
             local_optimizer=self.optimizer,
             lr=settings.lr,
         )
+        # Per stage, the owner's wait per step (transfers + the host's compute), before evaluation adds none.
+        stage_seconds = [round(x, 6) for x in self.pipeline.stage_seconds()]
+        step_seconds = round(self.pipeline.step_seconds(), 6)
         val_loss, ppl = evaluate(self.pipeline, self.dataset, settings.eval_batch_size)
         val_tokens = sum(b.num_targets for b in self.dataset.validation_batches(settings.eval_batch_size))
         return {
@@ -146,6 +153,8 @@ class OwnerTrainer:
             "samples": settings.steps * settings.batch_size,  # sequences trained this round
             "data_samples": self.dataset.num_samples,  # training sequences held: the FedAvg weight
             "seconds": time.perf_counter() - began,
+            "stage_seconds": stage_seconds,  # per stage, mean seconds per step this round
+            "step_seconds": step_seconds,  # mean seconds of a whole step (forward, backward, optimizer)
         }
 
     def close(self) -> None:
@@ -228,6 +237,65 @@ def trained_tensors(stage: Any, lora: bool) -> dict[str, Any]:
         has_adapters = any(is_adapter_name(name) for name, _ in stage.named_parameters())
         return lora_state(stage) if has_adapters else {}  # a frozen stage without blocks
     return {name: t.detach().cpu().contiguous() for name, t in stage.model_state().items()}
+
+
+def tie_owner_stages(stages: Mapping[int, Any]) -> None:
+    """Give the owner's first and last stage one embedding/head tensor when the model ties them.
+
+    Done right after the stages are built, before any optimizer sees the parameters.
+    """
+    from autograd_bridge.partition import tie_stage_weights
+
+    ends = [s for s in stages.values() if s.spec.is_first or s.spec.is_last]
+    first = next((s for s in ends if s.spec.is_first), None)
+    last = next((s for s in ends if s.spec.is_last), None)
+    if first is None or last is None or first is last:
+        return
+    if getattr(first, "tied_embeddings", False) and getattr(last, "tied_embeddings", False):
+        tie_stage_weights(first, last)
+
+
+def build_owner_optimizer(stages: Sequence[Any]) -> Any:
+    """AdamW over what the owner's own stages train, or None when they train nothing.
+
+    Its learning rate is set at every step from the round's settings.
+    """
+    from .training import build_local_optimizer, trainable_parameters
+
+    if not trainable_parameters(stages):
+        return None
+    return build_local_optimizer(stages, lr=0.0)
+
+
+def trained_state(stage: Any, lora: bool, optimizer: Any) -> dict[str, Any]:
+    """What a holder uploads for one partition: :func:`trained_tensors` plus its optimizer's state for them.
+
+    The optimizer state (``optimizer/<entry>/<name>`` tensors, see
+    :mod:`autograd_bridge.optim_state`) lets the server hand a partition to the next owner
+    in case 2, and resume a run, with AdamW's moments and step count intact.
+    """
+    from autograd_bridge.optim_state import optimizer_tensors
+
+    tensors = trained_tensors(stage, lora)
+    tensors.update(optimizer_tensors(optimizer, stage.named_model_parameters()))
+    return tensors
+
+
+def load_trained_state(stage: Any, tensors: Mapping[str, Any], lora: bool, optimizer: Any) -> None:
+    """Load what the server sent for one partition: the tensors, and the optimizer state when it sent one.
+
+    Without optimizer-state tensors the optimizer keeps its own state (case 3: every
+    pipeline keeps its local moments across rounds).
+    """
+    from autograd_bridge.optim_state import load_optimizer_tensors, split_optimizer_tensors
+
+    weights, state = split_optimizer_tensors(tensors)
+    if state:
+        try:
+            load_optimizer_tensors(optimizer, stage.named_model_parameters(), state)
+        except ValueError as exc:
+            raise HostingError(f"partition {stage.spec.index}: {exc}") from exc
+    load_trained_tensors(stage, weights, lora)
 
 
 def load_trained_tensors(stage: Any, tensors: Mapping[str, Any], lora: bool) -> None:

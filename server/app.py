@@ -18,6 +18,7 @@ import secrets
 import signal
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -95,6 +96,7 @@ class ServerApp:
         self._coordinator: Coordinator | None = None
         self.runs: RunManager | None = None
         self._liveness: asyncio.Task[None] | None = None
+        self._warm_up: asyncio.Task[None] | None = None
         self.handler: ControlHandler | None = None
 
     @property
@@ -107,6 +109,12 @@ class ServerApp:
         """Base URL of the admin API (valid after start)."""
         scheme = "https" if self.config.tls else "http"
         return f"{scheme}://{self.config.server.admin_host}:{self.admin_port}"
+
+    async def _prepare_model(self, prepare: Callable[[int], None]) -> None:
+        try:
+            await asyncio.to_thread(prepare, self.config.planning.seq_len)
+        except Exception as exc:  # the first plan meets the same problem and reports it
+            log.warning("preparing the model failed: %s", exc)
 
     def _auth(self, state_dir: Path) -> AuthSettings:
         auth = self.config.auth
@@ -171,6 +179,10 @@ class ServerApp:
         self.admin_port = runner.addresses[0][1]
 
         self._liveness = asyncio.get_running_loop().create_task(self._check_liveness(handler))
+        prepare = getattr(self.model, "prepare", None)
+        if callable(prepare):
+            # While the clients start and measure themselves, not when the first plan is due.
+            self._warm_up = asyncio.get_running_loop().create_task(self._prepare_model(prepare))
         self._coordinator.start()
 
     async def _check_liveness(self, handler: ControlHandler) -> None:
@@ -185,6 +197,8 @@ class ServerApp:
             self._liveness.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._liveness
+        if self._warm_up is not None:
+            self._warm_up.cancel()  # a conversion in its thread finishes on its own; nothing waits for it
         if self._coordinator is not None:
             await self._coordinator.close()
         if self.runs is not None:

@@ -107,6 +107,7 @@ RUN_FLAGS: dict[str, type] = {
     "finetune": str,
     "tokenizer": str,
     "aggregator": str,
+    "server_lr": float,
 }
 
 

@@ -86,9 +86,11 @@ class _Processes:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def spawn(self, name: str, module: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, module: str, *args: str, threads: int | None = None) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads
         popen = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT, stdout=log,
                                  stderr=subprocess.STDOUT, env=env)
         self.children.append((name, popen))
@@ -144,17 +146,21 @@ def _federation(settings: DemoSettings, model: str, owners_data: list[Path]) -> 
             "server", "server.cli", "run", "--port", str(port), "--admin-port", "0", "--state-dir", str(out / "state"),
             "--model", model, "--join-token", join, "--admin-token", admin_token, "--settle", "1",
         )
-        log = out / "logs" / "server.log"
-        admin_url = _wait_for(lambda: _ready_line(log), 120, "the server", processes)
+        # The clients start while the server does (they retry until it listens): importing
+        # the training stack takes each process seconds, and the cores are better used at once.
+        # One torch thread each: on a small machine the two pipelines' stages already keep
+        # every core busy, and more threads than cores only slow each other down.
         common = ["--server", f"127.0.0.1:{port}", "--token", join, "--quick-profile"]
         for k, data in enumerate(owners_data):
             processes.spawn(f"owner{k}", "client.cli", "run", "--name", f"owner{k}", *common,
-                            "--cache-dir", str(out / "clients" / f"owner{k}"), "--data", str(data))
+                            "--cache-dir", str(out / "clients" / f"owner{k}"), "--data", str(data), threads=1)
         for k in range(2):
             declared = ["--declare-flops-per-s", f"{4e10 / (k + 1):g}", "--declare-upload-bytes-per-s", "1e9",
                         "--declare-download-bytes-per-s", "1e9", "--declare-rtt-s", "0.0005"]
             processes.spawn(f"helper{k}", "client.cli", "run", "--name", f"helper{k}", *common,
-                            "--cache-dir", str(out / "clients" / f"helper{k}"), *declared)
+                            "--cache-dir", str(out / "clients" / f"helper{k}"), *declared, threads=1)
+        log = out / "logs" / "server.log"
+        admin_url = _wait_for(lambda: _ready_line(log), 120, "the server", processes)
         yield admin_url, admin_token, processes
     finally:
         processes.stop()
@@ -193,7 +199,15 @@ def run_demo(settings: DemoSettings, stdout: TextIO = sys.stdout) -> dict[str, A
         "tokenizer": model, "lora_r": 8, "lora_alpha": 16,
     }
     with _federation(settings, model, [s.path for s in splits]) as (url, token, processes):
-        _wait_for(lambda: _admin(url, token, "/v1/plan")["state"] == "connected", settings.timeout_s, "the plan", processes)
+        everyone = {"owner0", "owner1", "helper0", "helper1"}
+
+        def planned_for_all() -> bool:
+            # The clients register as each finishes starting; a plan made before the last one
+            # came is replaced when it does, so wait for the one that weighed all four.
+            plan = _admin(url, token, "/v1/plan")
+            return plan["state"] == "connected" and set(plan["clients"]) == everyone
+
+        _wait_for(planned_for_all, settings.timeout_s, "a plan over all four clients", processes)
         say("\n" + _admin(url, token, "/v1/plan?format=text"))
         run_id = _admin(url, token, "/v1/runs", {"spec": spec})["run_id"]
         shown = ""
@@ -220,7 +234,10 @@ def run_demo(settings: DemoSettings, stdout: TextIO = sys.stdout) -> dict[str, A
         import shutil
 
         shutil.rmtree(merged)
-    store.export_merged(run_id, run["round"], merged, base_model=model)
+    # The server converted a .gguf model to safetensors once; that copy loads much faster.
+    converted = settings.out.resolve() / "state" / "model" / "converted"
+    base = str(converted) if any(converted.glob("*.safetensors")) else model
+    store.export_merged(run_id, run["round"], merged, base_model=base)
     say(f"\nadapters: {run['checkpoints'][-1]}\nmerged model (AutoModelForCausalLM.from_pretrained): {merged}")
     say(f"demo took {time.monotonic() - began:.0f} s")
     return run

@@ -32,7 +32,7 @@ class HFModelSource:
     def __init__(self, settings: ModelSettings, *, work_dir: Path) -> None:
         self.settings = settings
         self.work_dir = Path(work_dir)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the planner's thread and the warm-up may ask at once
         self._dir: Path | None = None
         self._config: Any = None
         self._profile: Any = None
@@ -58,11 +58,12 @@ class HFModelSource:
 
     def config(self) -> Any:
         """The model's transformers config."""
-        if self._config is None:
-            from transformers import AutoConfig
+        with self._lock:
+            if self._config is None:
+                from transformers import AutoConfig
 
-            self._config = AutoConfig.from_pretrained(self.model_dir())
-        return self._config
+                self._config = AutoConfig.from_pretrained(self.model_dir())
+            return self._config
 
     def config_json(self) -> str:
         """The config as clients rebuild it (config.json's contents)."""
@@ -70,11 +71,16 @@ class HFModelSource:
 
     def profile(self, seq_len: int) -> Any:
         """The model's per-piece costs (``autograd_bridge.profile.ModelProfile``)."""
-        if self._profile is None or self._profile.seq_len != seq_len:
-            from autograd_bridge.profile import profile_model
+        with self._lock:
+            if self._profile is None or self._profile.seq_len != seq_len:
+                from autograd_bridge.profile import profile_model
 
-            self._profile = profile_model(self.config(), seq_len=seq_len, name=self.settings.path)
-        return self._profile
+                self._profile = profile_model(self.config(), seq_len=seq_len, name=self.settings.path)
+            return self._profile
+
+    def prepare(self, seq_len: int) -> None:
+        """Convert (a ``.gguf``), read the config and profile now, so the first plan need not wait (blocking)."""
+        self.profile(seq_len)
 
     def write_stage(self, *, index: int, num_stages: int, layer_start: int, layer_end: int, path: Path) -> None:
         """Write one partition's weights (and only its tensors are read) to ``path``."""

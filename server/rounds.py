@@ -7,8 +7,9 @@ files; tests drive the machine directly.
 
 A plan has one pipeline per data owner (its bridge run id). A round is a sequence of *turns*;
 in a turn some pipelines train, then every client holding one of their partitions uploads
-what it trains, and the server merges each partition's copies (FedAvg weighted by samples;
-one copy merges to itself) into the new global partitions:
+what it trains, and the server merges each partition's copies (FedAvg weighted by samples,
+where one copy merges to itself, or in case 3 a server optimizer's step) into the new
+global partitions:
 
 * case 1: one pipeline, one turn per round;
 * case 2: one turn per owner, in order: each trains the global model, then hands over;
@@ -19,10 +20,20 @@ Before a turn the pipelines that do not hold the global partitions already load 
 none, and after a resume from a checkpoint every one. The last merge of a round is written
 as the round's checkpoint.
 
+A server optimizer (FedAdam, FedYogi, FedAdagrad) steps from the state the copies started
+from, which the server does not have before round 1: LoRA adapters are made on the clients
+(seeded per partition, so every pipeline starts equal) and full fine-tuning starts from the
+base weights. A fresh run made with ``snapshot_first`` therefore takes a *snapshot* after
+preparing: the holders of the first pipeline upload "round 0" (``SendUpload``), and
+``Snapshot`` tells the caller to take that upload as the global state as it is, without
+merging. Every pipeline still holds that state, so round 1 trains without loading. A resumed
+run has its checkpoint as the global state and takes no snapshot.
+
 ::
 
-    waiting --pipelines_ready--> preparing --all prepared--> [loading] --> training
-        --all trained--> uploading --all uploaded--> merging --merged-->
+    waiting --pipelines_ready--> preparing --all prepared-->
+        [snapshot_first, fresh: uploading round 0 --all uploaded--> merging (Snapshot) --merged-->]
+        [loading] --> training --all trained--> uploading --all uploaded--> merging (Merge) --merged-->
             next turn ([loading] training) | round done: next round | done
     any active phase --failed--> failed;  --stop--> stopped
 """
@@ -42,8 +53,8 @@ class Phase(enum.StrEnum):
     PREPARING = "preparing"  # holders set their stages up (LoRA adapters)
     LOADING = "loading"  # pipelines load the global partitions
     TRAINING = "training"
-    UPLOADING = "uploading"
-    MERGING = "merging"  # the server merges (and, at a round's end, writes the checkpoint)
+    UPLOADING = "uploading"  # (round 0: the snapshot of the starting state)
+    MERGING = "merging"  # the server merges (and, at a round's end, writes the checkpoint), or takes the snapshot
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -106,7 +117,15 @@ class Merge:
     checkpoint: bool  # the last turn of the round: write the round's checkpoint
 
 
-Action = SendPrepare | SendLoad | SendTrain | SendUpload | Merge
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    """Take ``bridge_run``'s upload of ``round`` (0) as the global state as it is, without merging."""
+
+    round: int  # always 0: the state before the first round
+    bridge_run: str  # the pipeline whose holders uploaded it (every pipeline starts equal)
+
+
+Action = SendPrepare | SendLoad | SendTrain | SendUpload | Merge | Snapshot
 
 
 def turns_for(case: int, bridge_runs: Sequence[str]) -> list[tuple[str, ...]]:
@@ -122,6 +141,9 @@ class RoundMachine:
 
     rounds: int  # the last round to train
     case: int = 1
+    # Upload the starting state as round 0 before round 1 of a fresh run (server optimizers
+    # need the state each round starts from to form their pseudo-gradient).
+    snapshot_first: bool = False
     round: int = 0  # the round in progress (1-based), or the last finished one; 0 before the first
     phase: Phase = Phase.WAITING
     error: str = ""
@@ -171,12 +193,14 @@ class RoundMachine:
         if self.pending:
             return []
         if self.phase == Phase.PREPARING:
-            self.round += 1
-            self.turn = 0
-            return self._begin_turn()
+            if self.snapshot_first and self.round == 0:
+                return self._snapshot()
+            return self._next_round()
         if self.phase == Phase.LOADING:
             return self._train()
         self.phase = Phase.MERGING
+        if self.round == 0:
+            return [Snapshot(round=0, bridge_run=self.turns[0][0])]
         group = self.turns[self.turn]
         return [
             Merge(
@@ -208,9 +232,11 @@ class RoundMachine:
         ]
 
     def merged(self) -> list[Action]:
-        """The server merged the turn's copies (and wrote the checkpoint at a round's end)."""
+        """The server merged the turn's copies (and wrote the checkpoint at a round's end), or took the snapshot."""
         if self.phase != Phase.MERGING:
             return []
+        if self.round == 0:
+            return self._next_round()  # the snapshot: every pipeline still holds the global state
         self.holding = self.turns[self.turn]
         if self.turn + 1 < len(self.turns):
             self.turn += 1
@@ -218,9 +244,7 @@ class RoundMachine:
         if self.round >= self.rounds:
             self.phase = Phase.DONE
             return []
-        self.round += 1
-        self.turn = 0
-        return self._begin_turn()
+        return self._next_round()
 
     def failed(self, reason: str) -> None:
         """Something the run needs broke; the run ends (resume it from its last checkpoint)."""
@@ -233,6 +257,19 @@ class RoundMachine:
             self.phase, self.error = Phase.STOPPED, reason
 
     # -- steps -----------------------------------------------------------------------------
+
+    def _next_round(self) -> list[Action]:
+        self.round += 1
+        self.turn = 0
+        return self._begin_turn()
+
+    def _snapshot(self) -> list[Action]:
+        """Round 0: the first pipeline's holders upload what their partitions train, untrained."""
+        first = self.turns[0][0]
+        holders = self.pipelines[first].holders
+        self.phase = Phase.UPLOADING
+        self.pending = {(first, c) for c in holders}
+        return [SendUpload(client_id=c, bridge_run=first, partitions=holders[c], round=0) for c in sorted(holders)]
 
     def _begin_turn(self) -> list[Action]:
         group = self.turns[self.turn]

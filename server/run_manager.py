@@ -9,9 +9,16 @@ checkpoint with :class:`~server.checkpoints.CheckpointStore` (a folder ``from_pr
 loads, or a PEFT adapter folder). The owner's ``Train`` answer carries its metrics as JSON in
 the status message (losses, validation loss and perplexity, samples).
 
+Every upload carries the holder's optimizer state for the partition next to its tensors
+(``optimizer/<entry>/<name>``, :mod:`autograd_bridge.optim_state`). The server keeps the
+latest one per partition: in cases 1 and 2 one state that travels with the model (case 2's
+next owner continues with the previous owner's AdamW moments and step count, so the owners
+in turn train exactly like one process would), in case 3 one per owner (each pipeline keeps
+its local moments across rounds; the merge averages weights, not moments).
+
 A run resumes after a server restart from its last checkpoint: the pipelines of the new plan
-first load the checkpoint's partitions, and training continues with the next round (the
-owners' data streams continue where that round ended; the local optimizers start afresh).
+first load the checkpoint's partitions and optimizer states, and training continues with
+the next round (the owners' data streams continue where that round ended).
 
 One run is active at a time: the server serves one plan.
 """
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aggregation import AggregationSettings, ClientUpdate
+from .aggregation import ClientUpdate
 from .checkpoints import CheckpointStore
 from .coordinator import ModelSource
 from .handler import ControlHandler
@@ -53,8 +60,9 @@ from .rounds import (
     SendPrepare,
     SendTrain,
     SendUpload,
+    Snapshot,
 )
-from .runs import RunSpec, prepare_settings, spec_from_mapping, train_settings
+from .runs import RunSpec, aggregation_settings, prepare_settings, spec_from_mapping, train_settings
 from .state import Deployment, PlanRow
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,9 @@ class RunRecord:
     commands: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # id -> (kind, client, bridge run)
     rows: dict[tuple[str, int], PlanRow] = field(default_factory=dict)  # (bridge run, partition) -> plan row
     global_state: dict[str, Any] = field(default_factory=dict)  # merged tensors (all, or adapters) by name
+    # Optimizer states by key (the owner in case 3, "*" in cases 1 and 2), then partition,
+    # then optimizer-state name: what the pipelines load after a hand-over or a resume.
+    optimizers: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     aggregator_state: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -144,7 +155,22 @@ def parse_metrics(message: str) -> dict[str, Any]:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"the owner's training report needs {key!r}, an integer >= 0")
         out[key] = value
+    # Optional timing (older clients send none): per stage and whole step, mean seconds per step.
+    if "stage_seconds" in raw:
+        stage_seconds = raw["stage_seconds"]
+        if not isinstance(stage_seconds, list) or not all(_seconds(x) for x in stage_seconds):
+            raise ValueError("the owner's training report has 'stage_seconds' that is not a list of finite numbers >= 0")
+        out["stage_seconds"] = [float(x) for x in stage_seconds]
+    if "step_seconds" in raw:
+        if not _seconds(raw["step_seconds"]):
+            raise ValueError("the owner's training report has 'step_seconds' that is not a finite number >= 0")
+        out["step_seconds"] = float(raw["step_seconds"])
     return out
+
+
+def _seconds(value: object) -> bool:
+    """Whether ``value`` is a duration as JSON brings it: a finite number >= 0, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def to_peft_names(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,6 +210,7 @@ class RunManager:
         self.runs: dict[str, RunRecord] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._scratch = Path(tempfile.mkdtemp(prefix="titanic-merged-"))
+        self._tokenizers: dict[str, Any] = {}  # tokenizer name -> loaded (None: the model has none)
 
     # -- operator API ----------------------------------------------------------------------
 
@@ -198,7 +225,7 @@ class RunManager:
         busy = [r.run_id for r in self.runs.values() if r.machine.active]
         if busy:
             raise ValueError(f"run {busy[0]} is still active; stop it first (titanic-server runs stop {busy[0]})")
-        machine = RoundMachine(rounds=spec.rounds, case=spec.case)
+        machine = RoundMachine(rounds=spec.rounds, case=spec.case, snapshot_first=spec.server_optimizer)
         record = RunRecord(run_id=resume or self._new_id(), spec=spec, machine=machine, created_at=time.time())
         if resume is not None:
             self._resume(record)
@@ -249,6 +276,10 @@ class RunManager:
             state.update(load_file(path))
         record.global_state = from_peft_names(state) if saved.adapter else state
         record.aggregator_state = dict(saved.server_state.get("aggregator", {}))
+        record.optimizers = {
+            key: {int(index): dict(state) for index, state in partitions.items()}
+            for key, partitions in saved.server_state.get("optimizers", {}).items()
+        }
         record.machine.history = json.loads(saved.server_state.get("history_json", "[]"))
         record.machine.resume_after(saved.round)
         record.resumed_from = saved.round
@@ -317,6 +348,8 @@ class RunManager:
                 self._send(record, "load", action.client_id, action.bridge_run, body)
             elif isinstance(action, Merge):
                 self._spawn(self._merge(record, action))
+            elif isinstance(action, Snapshot):
+                self._spawn(self._snapshot(record, action))
 
     async def _follow_plan(self, record: RunRecord) -> None:
         """Wait for a connected plan, then start; fail the run if that plan goes away."""
@@ -385,8 +418,10 @@ class RunManager:
                 if record.spec.finetune == "lora" and row.blocks == 0:
                     continue  # no decoder block, no adapters: nothing of it trains
                 raise ValueError(f"the global state has no tensors of partition {index}")
+            tensors = {n: record.global_state[n].contiguous() for n in names}
+            tensors.update(self._optimizer_to_load(record, action.bridge_run, index))
             path = self._scratch / f"{record.run_id}-{action.bridge_run}-p{index}.safetensors"
-            save_file({n: record.global_state[n].contiguous() for n in names}, str(path))
+            save_file(tensors, str(path))
             stored = self.handler.weights.add(action.bridge_run, index, path, clients=[action.client_id])
             num_stages = sum(1 for (run, _) in record.rows if run == action.bridge_run)
             assignments.append(
@@ -401,6 +436,21 @@ class RunManager:
             )
         return LoadPartitions(run_id=action.bridge_run, partitions=tuple(assignments), round=record.machine.round)
 
+    def _optimizer_key(self, record: RunRecord, bridge_run: str) -> str:
+        """Whose optimizer state a pipeline uses: its owner's own in case 3, the one travelling state otherwise."""
+        return record.machine.pipelines[bridge_run].owner if record.spec.case == 3 else "*"
+
+    def _optimizer_to_load(self, record: RunRecord, bridge_run: str, index: int) -> dict[str, Any]:
+        """The optimizer state partition ``index`` of ``bridge_run`` loads with the global tensors.
+
+        In case 3 a pipeline keeps its own moments across merges, so its state is sent only
+        when it starts from a checkpoint; in cases 1 and 2 the state follows the model.
+        """
+        resuming = record.machine.round == record.resumed_from + 1 and record.resumed_from > 0
+        if record.spec.case == 3 and not resuming:
+            return {}
+        return dict(record.optimizers.get(self._optimizer_key(record, bridge_run), {}).get(index, {}))
+
     async def _merge(self, record: RunRecord, action: Merge) -> None:
         try:
             path = await asyncio.to_thread(self._merge_and_save, record, action)
@@ -413,9 +463,11 @@ class RunManager:
             log.info("%s: round %d saved to %s", record.run_id, action.round, path)
         self._apply(record, record.machine.merged())
 
-    def _uploaded(self, record: RunRecord, bridge_run: str, round: int) -> dict[str, Any]:
-        """One pipeline's tensors at the end of ``round``: every holder's upload, combined."""
+    def _uploaded(self, record: RunRecord, bridge_run: str, round: int) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+        """One pipeline's tensors at the end of ``round`` (every holder's upload, combined) and its optimizer state by partition."""
         from safetensors.torch import load_file
+
+        from autograd_bridge.optim_state import split_optimizer_tensors
 
         pipeline = record.machine.pipelines[bridge_run]
         latest: dict[tuple[str, int], str] = {}
@@ -423,21 +475,52 @@ class RunManager:
             if upload.header.round == round:
                 latest[(upload.client_id, upload.header.partition)] = upload.path
         combined: dict[str, Any] = {}
+        optimizer: dict[int, dict[str, Any]] = {}
         for client_id, partitions in pipeline.holders.items():
             for partition in partitions:
                 path = latest.get((client_id, partition))
                 if path is None:
                     raise ValueError(f"{client_id} reported its upload of partition {partition} but none arrived")
-                combined.update(load_file(path))
-        return combined
+                weights, optimizer[partition] = split_optimizer_tensors(load_file(path))
+                combined.update(weights)
+        return combined, optimizer
+
+    async def _snapshot(self, record: RunRecord, action: Snapshot) -> None:
+        """Take the round-0 upload as the global state a server optimizer's first step starts from."""
+        try:
+            # The optimizer states of round 0 are empty (nothing has trained): keep the tensors.
+            tensors, _ = await asyncio.to_thread(self._uploaded, record, action.bridge_run, action.round)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            log.exception("%s: reading the starting state failed", record.run_id)
+            record.machine.failed(f"reading the starting state (round 0) of {action.bridge_run} failed: {exc}")
+            return
+        record.global_state = tensors
+        log.info("%s: starting state taken from %s (%d tensors)", record.run_id, action.bridge_run, len(record.global_state))
+        self._apply(record, record.machine.merged())
+
+    def _reference(self, record: RunRecord, first: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The global state this turn's copies started from (what a server optimizer steps from)."""
+        if set(record.global_state) == set(first):
+            return record.global_state
+        if record.spec.server_optimizer:
+            # Without the starting state the pseudo-gradient would be measured from a trained copy.
+            differ = sorted(set(first) ^ set(record.global_state))[:3]
+            raise ValueError(
+                f"{record.spec.aggregator} needs the state the copies started from, and it names other tensors "
+                f"than the uploads (e.g. {differ}); start the run afresh so the holders upload it before round 1"
+            )
+        return first  # FedAvg only takes names and dtypes from the reference: any copy will do
 
     def _merge_and_save(self, record: RunRecord, action: Merge) -> Path | None:
-        copies = {run: self._uploaded(record, run, action.round) for run in action.bridge_runs}
-        aggregator = AggregationSettings(kind="fedavg").build()
+        uploaded = {run: self._uploaded(record, run, action.round) for run in action.bridge_runs}
+        copies = {run: weights for run, (weights, _) in uploaded.items()}
+        for run, (_, optimizer) in uploaded.items():
+            record.optimizers[self._optimizer_key(record, run)] = optimizer
+        aggregator = aggregation_settings(record.spec).build()
         if record.aggregator_state:
             aggregator.load_state_dict(record.aggregator_state)  # resumes a server optimizer's moments
         first = copies[action.bridge_runs[0]]
-        reference = record.global_state if set(record.global_state) == set(first) else first
+        reference = self._reference(record, first)
         updates = [
             # All owners weigh the same when none reports samples (FedAvg needs some weight).
             ClientUpdate(state=copies[run], num_samples=max(action.weights.get(run, 0), 0) or 1, client_id=run)
@@ -458,15 +541,19 @@ class RunManager:
         with tempfile.TemporaryDirectory(prefix="titanic-config-") as tmp:
             (Path(tmp) / "config.json").write_text(self.model.config_json())
             config = AutoConfig.from_pretrained(tmp)
-        try:
-            tokenizer = load_tokenizer(record.spec.tokenizer or self.model_name)
-        except ValueError:
-            tokenizer = None  # the model has no tokenizer files; the checkpoint holds the model only
+        name = record.spec.tokenizer or self.model_name
+        if name not in self._tokenizers:  # read once: a .gguf model's takes seconds to convert
+            try:
+                self._tokenizers[name] = load_tokenizer(name)
+            except ValueError:
+                self._tokenizers[name] = None  # the model has no tokenizer files; the checkpoint holds the model only
+        tokenizer = self._tokenizers[name]
         server_state: Mapping[str, Any] = {
             "round": round,
             "spec": record.spec.to_json(),
             "history_json": json.dumps(record.machine.history),
             "aggregator": record.aggregator_state,
+            "optimizers": {key: {str(i): state for i, state in parts.items()} for key, parts in record.optimizers.items()},
         }
         if record.spec.finetune == "lora":
             from peft import LoraConfig

@@ -4,7 +4,7 @@ A run file names the work; the model and its stages come from the server's ``[mo
 (the server plans for one model), so a run that names another model is refused::
 
     # run.toml
-    case = 3                     # 1: one owner; 2: owners in turn; 3: owners in parallel (FedAvg)
+    case = 3                     # 1: one owner; 2: owners in turn; 3: owners in parallel
     finetune = "lora"            # or "full"
     rounds = 3
     steps_per_round = 10
@@ -14,6 +14,17 @@ A run file names the work; the model and its stages come from the server's ``[mo
     lr = 1e-4
     seed = 0
     tokenizer = "/models/tiny"   # where each data owner loads the tokenizer ("" = the model)
+    aggregator = "fedadam"       # case 3 only: fedavg (default), fedadam, fedyogi or fedadagrad
+    server_lr = 0.01             # the server optimizer's step size (eta); unused by fedavg
+    server_beta1 = 0.9           # its first-moment decay
+    server_beta2 = 0.99          # its second-moment decay (fedadam, fedyogi)
+    server_tau = 0.001           # its adaptivity: added to sqrt(v), and v starts at tau^2
+
+In case 3 the owners' copies of each partition merge after every round: ``fedavg`` takes their
+average weighted by the owners' training samples; a server optimizer (Reddi et al. 2021) takes
+the round's starting state minus that average as a pseudo-gradient and makes one Adam, Yogi or
+Adagrad step with it, its moments kept across rounds (and in checkpoints). Cases 1 and 2 train one model
+in sequence, where the merge of one copy is that copy, so they take ``fedavg`` only.
 
 The settings an owner needs for one round travel as JSON in the ``Train`` command
 (:func:`train_settings`); the owner validates them again, as it must any network input.
@@ -22,13 +33,21 @@ The settings an owner needs for one round travel as JSON in the ``Train`` comman
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from .aggregation import AggregationSettings
 
 Finetune = Literal["full", "lora"]
+# The merges server.aggregation implements. Named again here (a test keeps the two equal) so
+# that checking a run file in `titanic-server runs start` does not import torch.
+AggregatorName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad"]
+AGGREGATOR_NAMES: tuple[str, ...] = get_args(AggregatorName)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,7 +70,11 @@ class RunSpec:
     lora_r: int = 8  # adapter rank (finetune = "lora")
     lora_alpha: int = 16  # adapter scale numerator (scale = alpha / r)
     lora_targets: tuple[str, ...] = ()  # module names to adapt (empty: autograd_bridge.lora's per-family default)
-    aggregator: str = "fedavg"  # how each partition's copies merge at a turn's end (case 3), weighted by samples
+    aggregator: AggregatorName = "fedavg"  # how case 3 merges each partition's copies: fedavg or a server optimizer
+    server_lr: float = 1e-2  # server optimizer step size (eta in Reddi et al.); unused by fedavg
+    server_beta1: float = 0.9  # server optimizer first-moment decay, in [0, 1)
+    server_beta2: float = 0.99  # second-moment decay of fedadam and fedyogi, in [0, 1)
+    server_tau: float = 1e-3  # adaptivity, > 0: the step divides by sqrt(v) + tau, and v starts at tau^2
     seed: int = 0  # data split and batch order on every owner
     val_fraction: float = 0.1  # share of each owner's sequences held out for validation
     eval_batch_size: int = 8  # sequences per validation batch
@@ -62,8 +85,7 @@ class RunSpec:
             raise ValueError(f"case must be 1, 2 or 3, got {self.case!r}")
         if self.finetune not in ("full", "lora"):
             raise ValueError(f"finetune must be 'full' or 'lora', got {self.finetune!r}")
-        if self.aggregator != "fedavg":
-            raise ValueError(f"aggregator must be 'fedavg' on the real system for now, not {self.aggregator!r}")
+        self._check_aggregation()
         if self.optimizer != "adamw":
             raise ValueError(f"stage hosts train with AdamW, so optimizer must be 'adamw', not {self.optimizer!r}")
         for name in ("rounds", "steps_per_round", "batch_size", "micro_batches", "eval_batch_size", "lora_r"):
@@ -79,9 +101,48 @@ class RunSpec:
         if self.batch_size % self.micro_batches:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batches {self.micro_batches}")
 
+    def _check_aggregation(self) -> None:
+        if self.aggregator not in AGGREGATOR_NAMES:
+            raise ValueError(f"aggregator must be one of {', '.join(AGGREGATOR_NAMES)}, got {self.aggregator!r}")
+        if self.server_optimizer and self.case != 3:
+            raise ValueError(
+                f"aggregator {self.aggregator!r} needs case = 3: cases 1 and 2 train one model in sequence, "
+                "where the merge of one copy is that copy; use aggregator = 'fedavg' or case = 3"
+            )
+        for name in ("server_lr", "server_tau"):
+            value = getattr(self, name)
+            if not _is_number(value) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("server_beta1", "server_beta2"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1) (0.9 and 0.99 are the usual), got {value!r}")
+
+    @property
+    def server_optimizer(self) -> bool:
+        """Whether merging is a server optimizer step (it needs the state each round started from)."""
+        return self.aggregator != "fedavg"
+
     def to_json(self) -> dict[str, Any]:
         """The spec as plain JSON values."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def aggregation_settings(spec: RunSpec) -> AggregationSettings:
+    """How the server merges each partition's copies in ``spec``'s run (build() gives the aggregator)."""
+    from .aggregation import AggregationSettings
+
+    return AggregationSettings(
+        kind=spec.aggregator,
+        server_lr=float(spec.server_lr),
+        beta1=float(spec.server_beta1),
+        beta2=float(spec.server_beta2),
+        tau=float(spec.server_tau),
+    )
 
 
 def spec_from_mapping(values: Mapping[str, Any]) -> RunSpec:

@@ -136,9 +136,13 @@ def run_table(run: Mapping[str, Any]) -> str:
     rows = []
     for h in run.get("history", []):
         losses = h.get("losses") or [float("nan")]
+        step = h.get("step_seconds")
+        stages = h.get("stage_seconds") or []
         rows.append([h.get("round", 0), h.get("owner", ""), f"{losses[0]:.4f}", f"{losses[-1]:.4f}",
-                     f"{h.get('val_loss', float('nan')):.4f}", f"{h.get('ppl', float('nan')):.3f}", h.get("samples", 0)])
-    table = format_table(["round", "owner", "first loss", "last loss", "val loss", "val ppl", "samples"], rows)
+                     f"{h.get('val_loss', float('nan')):.4f}", f"{h.get('ppl', float('nan')):.3f}", h.get("samples", 0),
+                     f"{step:.3f}" if isinstance(step, int | float) else "-", " ".join(f"{x:.3f}" for x in stages) or "-"])
+    headers = ["round", "owner", "first loss", "last loss", "val loss", "val ppl", "samples", "step s", "s/step per stage"]
+    table = format_table(headers, rows)
     return head + "\n" + table + "\n\n" + ppl_table(run.get("per_round", []))
 
 

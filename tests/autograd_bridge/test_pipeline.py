@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -159,3 +161,27 @@ def test_pipeline_rejects_more_micro_batches_than_rows(load_tiny):
         pipeline.close()
     finally:
         split.close()
+
+
+def test_stage_times_show_the_slow_host_and_fit_in_the_step(load_tiny):
+    """A host slowed by 0.1 s per forward has the largest stage time, and one micro-batch's stage times fit in the step."""
+    model = load_tiny("llama")
+    batch = padded_batch(vocab_size=model.config.vocab_size, padding="right")
+    split = memory_split(model, 3)
+    try:
+        split.stages[1].register_forward_hook(lambda *_: time.sleep(0.1))  # runs on the host's thread
+        pipeline = Pipeline(split.chain(), split.runtime)
+        pipeline.train_step(batch.input_ids, batch.attention_mask, batch.labels)  # warm-up, not counted
+        pipeline.optimizer_step(None)
+        pipeline.reset_stage_times()
+        for _ in range(2):
+            pipeline.train_step(batch.input_ids, batch.attention_mask, batch.labels)
+            pipeline.optimizer_step(None)
+        stages, step, steps = pipeline.stage_seconds(), pipeline.step_seconds(), pipeline.timed_steps
+        pipeline.close()
+    finally:
+        split.close()
+    assert steps == 2
+    assert len(stages) == 3 and all(t > 0 for t in stages), stages
+    assert stages[1] >= 0.1 and stages[1] > max(stages[0], stages[2]), stages
+    assert sum(stages) <= step, (stages, step)

@@ -11,6 +11,7 @@ from server.rounds import (
     SendPrepare,
     SendTrain,
     SendUpload,
+    Snapshot,
 )
 
 P0 = PipelineInfo(owner="a", holders={"a": (0, 2), "h": (1,)})
@@ -132,3 +133,64 @@ def test_a_stopped_run_ignores_its_pipelines() -> None:
     machine = RoundMachine(rounds=3)
     machine.stop()
     assert machine.pipelines_ready({"p0": P0}) == [] and machine.phase == Phase.STOPPED
+
+
+def test_a_server_optimizer_run_uploads_the_first_pipeline_as_round_zero() -> None:
+    """With snapshot_first, preparing ends in round-0 uploads from the first pipeline's holders only."""
+    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    uploads = prepared(machine, {"p0": P0, "p1": P1})
+    assert uploads == [
+        SendUpload(client_id="a", bridge_run="p0", partitions=(0, 2), round=0),
+        SendUpload(client_id="h", bridge_run="p0", partitions=(1,), round=0),
+    ]
+    assert machine.phase == Phase.UPLOADING and machine.round == 0
+
+
+def test_the_snapshot_is_taken_once_every_holder_uploaded() -> None:
+    """The Snapshot action names the first pipeline and comes only after its last holder answered."""
+    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    prepared(machine, {"p0": P0, "p1": P1})
+    assert machine.command_done("p0", "a") == []
+    assert machine.command_done("p0", "h") == [Snapshot(round=0, bridge_run="p0")]
+    assert machine.phase == Phase.MERGING and machine.round == 0
+
+
+def test_round_one_trains_right_after_the_snapshot_without_loading() -> None:
+    """Every pipeline still holds the starting state, so after the snapshot every owner trains round 1."""
+    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    for upload in prepared(machine, {"p0": P0, "p1": P1}):
+        assert isinstance(upload, SendUpload)
+        machine.command_done(upload.bridge_run, upload.client_id)
+    assert machine.merged() == [
+        SendTrain(client_id="a", bridge_run="p0", round=1), SendTrain(client_id="b", bridge_run="p1", round=1)
+    ]
+
+
+def test_after_the_snapshot_rounds_merge_and_load_as_usual() -> None:
+    """Round 1 of a snapshot run ends in an ordinary checkpointing Merge, then every holder loads."""
+    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    for upload in prepared(machine, {"p0": P0, "p1": P1}):
+        assert isinstance(upload, SendUpload)
+        machine.command_done(upload.bridge_run, upload.client_id)
+    machine.merged()
+    assert finish_turn(machine, ["p0", "p1"]) == [
+        Merge(round=1, bridge_runs=("p0", "p1"), weights={"p0": 30, "p1": 30}, checkpoint=True)
+    ]
+    loads = machine.merged()
+    assert len(loads) == 4 and all(isinstance(a, SendLoad) for a in loads)
+
+
+def test_training_reports_during_the_snapshot_are_ignored() -> None:
+    """A stray training report while round 0 uploads changes nothing."""
+    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    prepared(machine, {"p0": P0, "p1": P1})
+    assert machine.train_done("p0", METRICS) == [] and machine.history == []
+    assert machine.merged() == [] and machine.phase == Phase.UPLOADING
+
+
+def test_a_resumed_server_optimizer_run_takes_no_snapshot() -> None:
+    """A run resumed from a checkpoint has its global state: it loads it and trains, with no round-0 upload."""
+    machine = RoundMachine(rounds=3, case=3, snapshot_first=True)
+    machine.resume_after(1)
+    loads = prepared(machine, {"p0": P0, "p1": P1})
+    assert loads and all(isinstance(a, SendLoad) for a in loads)

@@ -165,6 +165,33 @@ def validation_ppl(model: Any, data: Any) -> float:
     return ppl
 
 
+def centralized_losses(model_dir: Path, batches: list[Any], lr: float = 3e-3) -> list[float]:
+    """The loss of each batch, before its update, when one process trains the whole model on them in order."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autograd_bridge.partition import causal_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for batch in batches:
+        loss = causal_lm_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def owner_batches(model_dir: Path, data: Path, round_: int) -> list[Any]:
+    """The batches an owner trains in round ``round_`` (1-based)."""
+    import itertools
+
+    stream = dataset(model_dir, data).stream(BATCH, start=(round_ - 1) * STEPS)
+    return list(itertools.islice(stream, STEPS))
+
+
 def load_model(folder: Path, model_dir: Path, adapter: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -188,6 +215,10 @@ def test_case1_trains_to_completion_and_checkpoints_load(tmp_path: Path, model_d
     assert [h["round"] for h in history] == [1, 2]
     assert all(len(h["losses"]) == STEPS and h["samples"] == STEPS * BATCH for h in history)
     assert history[1]["losses"][-1] < history[0]["losses"][0]
+    # Split training over the network is centralized training on the same batches (fp32 rounding).
+    want = centralized_losses(model_dir, owner_batches(model_dir, owner_data[0], 1) + owner_batches(model_dir, owner_data[0], 2))
+    got = history[0]["losses"] + history[1]["losses"]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
     assert len(run["checkpoints"]) == 2
     for h, folder in zip(history, run["checkpoints"], strict=True):
         data = dataset(Path(folder), owner_data[0])
@@ -233,17 +264,22 @@ def test_case3_lora_merges_the_owners_adapters_by_samples(tmp_path: Path, model_
 
 @pytest.mark.slow
 def test_case2_hands_the_model_from_owner_to_owner(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
-    """In case 2 the owners train in turn, and a round's checkpoint is the last owner's model as it evaluated it."""
-    run_file = write_run(tmp_path / "run.toml", model_dir, case=2, rounds=1)
+    """In case 2 the owners train in turn (model and AdamW state handed over) exactly like one process on their batches in order."""
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=2, rounds=2)
     owners = {"alice": owner_data[0], "bob": owner_data[1]}
     with cluster(tmp_path, model_dir, owners, helpers=2) as c:
         run = c.run_to_end(run_file)
-    first, second = run["history"]
-    assert (first["owner"], second["owner"]) == ("alice", "bob") and first["bridge_run"] != second["bridge_run"]
-    (folder,) = run["checkpoints"]
+    history = run["history"]
+    assert [(h["round"], h["owner"]) for h in history] == [(1, "alice"), (1, "bob"), (2, "alice"), (2, "bob")]
+    assert history[0]["bridge_run"] != history[1]["bridge_run"]
+    batches = [b for h in history for b in owner_batches(model_dir, owners[h["owner"]], h["round"])]
+    want = centralized_losses(model_dir, batches)
+    got = [x for h in history for x in h["losses"]]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
+    folder = run["checkpoints"][-1]
     model = load_model(Path(folder), model_dir, adapter=False)
     ppl = validation_ppl(model, dataset(Path(folder), owner_data[1]))
-    assert math.isclose(ppl, second["ppl"], rel_tol=1e-4)
+    assert math.isclose(ppl, history[-1]["ppl"], rel_tol=1e-4)
 
 
 @pytest.mark.slow
@@ -270,3 +306,48 @@ def test_a_restarted_server_resumes_from_the_last_checkpoint(tmp_path: Path, mod
     with torch.no_grad():
         expected = float(causal_lm_loss(model(batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels))
     assert math.isclose(resumed["history"][1]["losses"][0], expected, rel_tol=1e-4)
+    # The AdamW state came back with the checkpoint: the two rounds, interrupted by the
+    # restart, are the loss curve of one uninterrupted process.
+    want = centralized_losses(model_dir, owner_batches(model_dir, owner_data[0], 1) + owner_batches(model_dir, owner_data[0], 2))
+    got = resumed["history"][0]["losses"] + resumed["history"][1]["losses"]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
+
+
+@pytest.mark.slow
+def test_case3_fedadam_steps_from_the_round_zero_snapshot(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
+    """With aggregator = "fedadam" each checkpoint is FedAdam's step from the previous global state, the first from round 0's upload."""
+    import torch
+    from safetensors.torch import load_file
+
+    from server.aggregation import ClientUpdate, FedAdam
+    from server.run_manager import from_peft_names
+
+    def uploaded(bridge_run: str, round_: int) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for path in (c.state_dir / "weights" / "uploads" / bridge_run).glob(f"p*-r{round_}-*.safetensors"):
+            state.update({n: t for n, t in load_file(path).items() if not n.startswith("optimizer/")})
+        return state
+
+    server = {"server_lr": 0.02, "server_beta1": 0.8, "server_beta2": 0.95, "server_tau": 1e-3}
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=3, finetune="lora", lora_r=4, lr=1e-2, aggregator="fedadam", **server)
+    owners = {"alice": owner_data[0], "bob": owner_data[1]}
+    with cluster(tmp_path, model_dir, owners, helpers=2) as c:
+        run = c.run_to_end(run_file)
+    assert [h["round"] for h in run["history"]].count(2) == 2 and len(run["checkpoints"]) == 2
+    runs = sorted({h["bridge_run"] for h in run["history"]})
+    snapshots = [s for s in (uploaded(r, 0) for r in runs) if s]
+    assert len(snapshots) == 1, "exactly one pipeline (the first) uploads the starting state"
+    reference = snapshots[0]
+    fedadam = FedAdam(lr=0.02, beta1=0.8, beta2=0.95, tau=1e-3)
+    for round_, folder in enumerate(run["checkpoints"], start=1):
+        merged = from_peft_names(load_file(Path(folder) / "adapter_model.safetensors"))
+        assert set(merged) == set(reference) and all("lora_" in name for name in merged)
+        updates = [
+            ClientUpdate(state=uploaded(h["bridge_run"], round_), num_samples=h["data_samples"], client_id=h["owner"])
+            for h in run["history"] if h["round"] == round_
+        ]
+        expected = fedadam.aggregate(reference, updates)  # the moments carry over into round 2, as on the server
+        for name, value in merged.items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7)
+        assert any(not torch.equal(merged[n], reference[n]) for n in merged)  # the step moved the adapters
+        reference = merged
