@@ -3,6 +3,8 @@
 ::
 
     titanic-testbed up --clients 4 --bandwidth 10mbit,20mbit,50mbit,200mbit [--run FILE]   (root)
+    titanic-testbed up ... --run FILE --compare-unshaped   the run shaped, then again with links unshaped
+    titanic-testbed up --clients 4 --bandwidth none         the same topology, links at veth speed
     titanic-testbed down [--tag TAG]                                        remove what a crash left
     titanic-testbed shape --upload 10mbit --download 20mbit [-- CMD ...]    shape this namespace's link
     titanic-testbed start-run --admin URL --clients N [--run FILE]          the compose one-shot
@@ -22,6 +24,9 @@ from pathlib import Path
 
 from . import netns
 from .orchestrate import (
+    SUCCESSFUL_RUN_STATES,
+    ClientReport,
+    RunTiming,
     Testbed,
     TestbedError,
     TestbedSettings,
@@ -30,6 +35,7 @@ from .orchestrate import (
     reports_json,
     require_root,
     run_commands,
+    with_stage_times,
 )
 
 
@@ -40,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="namespaces, shaped links, a server and clients (needs root)")
     up.add_argument("--clients", type=int, required=True, help="number of clients")
-    up.add_argument("--bandwidth", required=True, help="tc rate for every client, or one per client: 10mbit,50mbit")
+    up.add_argument("--bandwidth", required=True,
+                    help="tc rate for every client, or one per client: 10mbit,50mbit; 'none': unshaped")  # fmt: skip
     up.add_argument("--owners", type=int, default=1, help="how many clients own data (the first ones)")
     up.add_argument("--model", type=Path, help="model directory for the server (default: a tiny Llama)")
     up.add_argument("--stages", type=int, default=4, help="pipeline stages (0: the planner chooses)")
@@ -49,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--declare-flops", help="per client declared FLOP/s, comma-separated ('-' measures): 5e10,-,..")
     up.add_argument("--capacity", type=int, default=1, help="most partitions one client hosts")
     up.add_argument("--run", type=Path, help="a run file to start with `titanic-server runs start` and follow")
+    up.add_argument("--compare-unshaped", action="store_true",
+                    help="with --run: run it again with every link unshaped (same plan) and compare step times")  # fmt: skip
     up.add_argument("--work-dir", type=Path, help="logs, model, data (default: a new temporary directory)")
     up.add_argument("--tag", default="", help="unique part of the namespace names (default: random)")
     up.add_argument("--timeout", type=float, default=120.0, help="longest wait for registration and the plan, s")
@@ -112,6 +121,8 @@ def _up(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.run is not None and not args.run.is_file():
         raise ValueError(f"run file {args.run} does not exist")
+    if args.compare_unshaped and args.run is None:
+        raise ValueError("--compare-unshaped times a run: give it one with --run FILE")
     print(f"work dir: {settings.work_dir} (logs of every daemon)", flush=True)
     with Testbed(settings, log=lambda s: print(s, flush=True)) as bed:
         started = time.monotonic()
@@ -121,7 +132,11 @@ def _up(args: argparse.Namespace) -> int:
         print(reports_json(reports) if args.json else report_table(reports), flush=True)
         if args.run is not None:
             if bed.runs_start_available():
-                bed.start_and_follow_run(args.run)
+                shaped = _timed_run(bed, args.run, reports, as_json=args.json)
+                if args.compare_unshaped:
+                    bed.unshape_links()
+                    unshaped = _timed_run(bed, args.run, bed.reports(clients, plan), as_json=args.json)
+                    print(comparison_line(shaped, unshaped), flush=True)
             else:
                 print("--run ignored: this titanic-server has no `runs start` yet (training runs not built)")
         if args.hold:
@@ -130,6 +145,31 @@ def _up(args: argparse.Namespace) -> int:
                 time.sleep(1.0)
                 bed.check_alive()
     return 0
+
+
+def _timed_run(bed: Testbed, run_file: Path, reports: list[ClientReport], *, as_json: bool) -> RunTiming:
+    """Start ``run_file``, follow it, and print the per-client table with stage times and the step time."""
+    runs = bed.start_and_follow_run(run_file)
+    failed = [f"{r.get('run_id')}: {r.get('error') or r.get('state')}" for r in runs
+              if str(r.get("state", "")).lower() not in SUCCESSFUL_RUN_STATES]  # fmt: skip
+    if failed:
+        raise TestbedError(f"the run did not complete ({'; '.join(failed)}); the daemons' logs are in the work dir")
+    timing = bed.run_timing(runs)
+    timed = with_stage_times(reports, timing)
+    links = "shaped" if bed.links_shaped else "unshaped"
+    print(f"after the run ({links} links):", flush=True)
+    print(reports_json(timed) if as_json else report_table(timed))
+    step = "?" if timing.step_seconds is None else f"{timing.step_seconds:.4f}"
+    print(f"links={links} step_s={step} steps={timing.steps}", flush=True)
+    return timing
+
+
+def comparison_line(shaped: RunTiming, unshaped: RunTiming) -> str:
+    """``step_s_shaped=.. step_s_unshaped=.. ratio=..``: how much the shaped links slow a whole step."""
+    if shaped.step_seconds is None or unshaped.step_seconds is None or unshaped.step_seconds <= 0:
+        return "step_s_shaped=? step_s_unshaped=? ratio=? (the owners reported no step times)"
+    ratio = shaped.step_seconds / unshaped.step_seconds
+    return f"step_s_shaped={shaped.step_seconds:.4f} step_s_unshaped={unshaped.step_seconds:.4f} ratio={ratio:.2f}"
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PREFIX = "titanic-tb"  # every namespace this tool creates starts with this
@@ -44,6 +45,7 @@ _UNITS = {
     "gbps": 8 * 10**9,
 }
 _RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)\s*$")
+UNSHAPED = "none"  # in --bandwidth: leave this client's link at veth speed
 
 
 def parse_rate(text: str) -> int:
@@ -57,14 +59,21 @@ def parse_rate(text: str) -> int:
     return bits
 
 
-def parse_rates(text: str, count: int) -> list[int]:
-    """``--bandwidth``: one rate for every client, or exactly one per client, comma-separated."""
+def parse_rates(text: str, count: int) -> list[int | None]:
+    """``--bandwidth``: one rate for every client, or exactly one per client, comma-separated.
+
+    ``none`` leaves a link unshaped (None), to compare against the same topology shaped.
+    """
     parts = [p for p in text.split(",") if p.strip()]
     if len(parts) == 1:
-        return [parse_rate(parts[0])] * count
+        return [_rate_or_none(parts[0])] * count
     if len(parts) != count:
         raise ValueError(f"--bandwidth lists {len(parts)} rates for {count} clients: give one rate, or one per client")
-    return [parse_rate(p) for p in parts]
+    return [_rate_or_none(p) for p in parts]
+
+
+def _rate_or_none(text: str) -> int | None:
+    return None if text.strip().lower() == UNSHAPED else parse_rate(text)
 
 
 def format_rate(bits_per_s: float) -> str:
@@ -82,7 +91,7 @@ class Host:
     name: str  # "server", or "c0", "c1", ... for clients
     namespace: str  # the network namespace it runs in
     address: str  # its IPv4 address on the bridge
-    rate_bits: int | None  # shaped rate both ways (bits/s); None: unshaped (the server)
+    rate_bits: int | None  # shaped rate both ways (bits/s); None: unshaped (the server, or `--bandwidth none`)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,8 +120,8 @@ def namespace_name(tag: str, host: str) -> str:
     return f"{PREFIX}-{tag}-{host}"
 
 
-def plan_topology(tag: str, rates_bits: list[int], *, subnet: str = DEFAULT_SUBNET) -> Topology:
-    """Names and addresses for a server and one client per rate: server .1, clients .10, .11, ..."""
+def plan_topology(tag: str, rates_bits: Sequence[int | None], *, subnet: str = DEFAULT_SUBNET) -> Topology:
+    """Names and addresses for a server and one client per rate (None: unshaped): server .1, clients .10, .11, ..."""
     if not _TAG.match(tag):
         raise ValueError(f"testbed tag {tag!r} must be 1-12 lowercase letters or digits")
     network = ipaddress.IPv4Network(subnet)
@@ -196,12 +205,16 @@ def shaping_commands(
     ]  # fmt: skip
 
 
-def unshaping_commands(*, dev: str = HOST_DEV, ifb: str = IFB_DEV) -> list[list[str]]:
-    """Remove what :func:`shaping_commands` added in the current namespace (each may fail: not there)."""
+def unshaping_commands(
+    *, namespace: str | None = None, dev: str = HOST_DEV, ifb: str = IFB_DEV
+) -> list[list[str]]:
+    """Remove what :func:`shaping_commands` added, in ``namespace`` or the current one (each may fail: not there)."""
+    ip = ["ip", "-n", namespace] if namespace else ["ip"]
+    tc = ["tc", "-n", namespace] if namespace else ["tc"]
     return [
-        ["tc", "qdisc", "del", "dev", dev, "root"],
-        ["tc", "qdisc", "del", "dev", dev, "ingress"],
-        ["ip", "link", "del", ifb],
+        [*tc, "qdisc", "del", "dev", dev, "root"],
+        [*tc, "qdisc", "del", "dev", dev, "ingress"],
+        [*ip, "link", "del", ifb],
     ]
 
 

@@ -8,6 +8,11 @@ server's namespace (the admin API listens on that namespace's loopback only).
 :class:`Testbed` is a context manager: leaving it, by return, exception, Ctrl-C or SIGTERM,
 stops every daemon and deletes every namespace it made. :func:`cleanup` does the same for
 what a killed process left behind, found by the namespace prefix.
+
+After a run, :func:`run_timing` turns the owners' reported step and per-stage times into
+seconds per step for each client's stages (through the plan's rows), and
+:meth:`Testbed.unshape_links` lifts the shaping, so the same run can be timed again on the
+same plan with the links at veth speed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +35,7 @@ from typing import Any, TextIO
 from . import netns
 
 TERMINAL_RUN_STATES = frozenset({"completed", "complete", "done", "finished", "failed", "stopped", "cancelled", "error"})
+SUCCESSFUL_RUN_STATES = frozenset({"completed", "complete", "done", "finished"})
 
 
 class TestbedError(RuntimeError):
@@ -101,7 +107,7 @@ class TestbedSettings:
 
     __test__ = False  # not a pytest test class
 
-    rates_bits: tuple[int, ...]  # shaped rate of each client's link, both ways; one client per rate
+    rates_bits: tuple[int | None, ...]  # shaped rate of each client's link, both ways (None: unshaped); one per client
     work_dir: Path  # logs, model, data, client caches
     model: Path | None = None  # model directory for the server; None: a tiny Llama is built in work_dir
     stages: int | None = 4  # pipeline stages; None lets the planner choose
@@ -134,13 +140,25 @@ class ClientReport:
     name: str
     address: str
     owner: bool  # holds data (drives a pipeline)
-    shaped_bits: int  # the tc rate of its link
+    shaped_bits: int | None  # the tc rate of its link; None: unshaped
     upload_bits: float  # what it measured (bits/s), from the admin API
     download_bits: float
     link_declared: bool  # the link figures were declared, not measured
     flops_per_s: float
     compute: str  # how its compute is limited: "taskset cpus N (real)", "declared", or "unlimited"
     partitions: tuple[int, ...]  # partitions it hosts in the plan (owners: their pinned ones too)
+    # After a run: per partition above, the owner's mean wait per step for that stage (s); None: not reported
+    stage_seconds: tuple[float | None, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunTiming:
+    """Where the steps of finished runs went, from what their data owners reported per round."""
+
+    step_seconds: float | None  # mean whole step (forward, backward, optimizer) over every reported step
+    steps: int  # training steps behind these means (every owner, every round)
+    # client -> per plan row it holds, sorted by partition: mean seconds per step of that stage (None: unknown)
+    stage_seconds: dict[str, tuple[float | None, ...]]
 
 
 class Daemon:
@@ -189,6 +207,8 @@ class Testbed:
         self.server: Daemon | None = None
         self._log = log
         self._created = False
+        # Whether any client's link is shaped now: not with `--bandwidth none`, nor after unshape_links().
+        self.links_shaped = any(rate is not None for rate in settings.rates_bits)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -357,7 +377,7 @@ class Testbed:
                     name=host.name,
                     address=host.address,
                     owner=i < self.settings.owners,
-                    shaped_bits=host.rate_bits or 0,  # clients are always shaped
+                    shaped_bits=host.rate_bits if self.links_shaped else None,
                     upload_bits=8 * float(profile["upload_bytes_per_s"]),
                     download_bits=8 * float(profile["download_bytes_per_s"]),
                     link_declared=bool(declared & {"upload_bytes_per_s", "download_bytes_per_s"}),
@@ -375,9 +395,13 @@ class Testbed:
         return self.server_cli("runs", "start", "--help", check=False).returncode == 0
 
     def start_and_follow_run(self, run_file: Path, *, timeout_s: float = 600.0) -> list[dict[str, Any]]:
-        """``titanic-server runs start FILE``, then print the runs' states until all are finished."""
+        """``titanic-server runs start FILE``, then print the runs' states until all are finished.
+
+        Returns the runs this call started (the admin API's JSON of each), not earlier ones.
+        """
         if not self.runs_start_available():
             raise TestbedError("this titanic-server has no `runs start` (training runs are not built yet)")
+        earlier = {r.get("run_id") for r in self.admin("runs")}
         self._log(self.server_cli("runs", "start", str(run_file.resolve())).stdout.strip())
         seen = ""
         deadline = time.monotonic() + timeout_s
@@ -389,10 +413,74 @@ class Testbed:
                 self._log(f"runs: {line}")
                 seen = line
             if runs and all(str(r.get("state", "")).lower() in TERMINAL_RUN_STATES for r in runs):
-                return list(runs)
+                return [r for r in runs if r.get("run_id") not in earlier]
             if time.monotonic() > deadline:
                 raise TestbedError(f"runs still going after {timeout_s:.0f} s: {line}")
             time.sleep(2.0)
+
+
+    def run_timing(self, runs: Sequence[Mapping[str, Any]]) -> RunTiming:
+        """:func:`run_timing` of ``runs`` on the plan now being served."""
+        return run_timing(runs, self.admin("plan"))
+
+    def unshape_links(self) -> None:
+        """Remove every client's shaping (htb, ingress redirect, ifb): links run at veth speed from now on.
+
+        The daemons keep running and the plan stays as it was made from the shaped links, so a
+        run started next trains on the same assignment and only the links differ.
+        """
+        for host in self.topology.clients:
+            if host.rate_bits is None:
+                continue
+            for argv in netns.unshaping_commands(namespace=host.namespace):
+                subprocess.run(argv, capture_output=True, timeout=30)  # each removes one piece; check below
+            shown = subprocess.run(["tc", "-n", host.namespace, "qdisc", "show"], capture_output=True, text=True,
+                                   timeout=30, check=True).stdout  # fmt: skip
+            if "htb" in shown or "tbf" in shown or "ingress" in shown:
+                raise TestbedError(f"{host.name}'s link is still shaped after removing it:\n{shown.strip()}")
+        self.links_shaped = False
+        self._log("links: every client's shaping removed (veth speed)")
+
+
+def run_timing(runs: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]) -> RunTiming:
+    """Per client, the mean time per step of each stage it holds; and the mean whole step.
+
+    Each owner reports per round ``stage_seconds`` (one per stage of its pipeline: its wait for
+    that stage per step, transfers both ways plus the holder's compute) and ``step_seconds``.
+    Rounds are weighted by their steps (``len(losses)``). A stage is matched to its holder by
+    the plan row with the owner's bridge run and that partition; rows no owner reported on get None.
+    """
+    totals: dict[tuple[str, int], float] = {}  # (bridge run, partition) -> seconds, summed over steps
+    counts: dict[tuple[str, int], int] = {}
+    step_total, step_count = 0.0, 0
+    for run in runs:
+        for entry in run.get("history", []):
+            steps = len(entry.get("losses", []))
+            stages = entry.get("stage_seconds")
+            if not steps or not isinstance(stages, list):
+                continue  # an owner that sends no timing (an older client)
+            for partition, seconds in enumerate(stages):
+                key = (str(entry.get("bridge_run", "")), partition)
+                totals[key] = totals.get(key, 0.0) + float(seconds) * steps
+                counts[key] = counts.get(key, 0) + steps
+            if isinstance(entry.get("step_seconds"), int | float):
+                step_total += float(entry["step_seconds"]) * steps
+                step_count += steps
+    per_client: dict[str, list[tuple[int, str, float | None]]] = {}
+    for row in plan.get("rows", []):
+        key = (str(row["run_id"]), int(row["partition"]))
+        mean = totals[key] / counts[key] if key in counts else None
+        per_client.setdefault(str(row["client_id"]), []).append((key[1], key[0], mean))
+    return RunTiming(
+        step_seconds=step_total / step_count if step_count else None,
+        steps=step_count,
+        stage_seconds={c: tuple(mean for _, _, mean in sorted(rows, key=lambda r: r[:2])) for c, rows in per_client.items()},
+    )
+
+
+def with_stage_times(reports: Sequence[ClientReport], timing: RunTiming) -> list[ClientReport]:
+    """``reports`` with each client's stage times filled in from ``timing``."""
+    return [dataclasses.replace(r, stage_seconds=timing.stage_seconds.get(r.name, ())) for r in reports]
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:
@@ -413,29 +501,42 @@ def _wait(predicate: Callable[[], Any], timeout_s: float, what: str, check: Call
 
 
 def report_table(reports: Sequence[ClientReport]) -> str:
-    """The per-client figures as an aligned table, with what is real and what is declared."""
+    """The per-client figures as an aligned table, with what is real and what is declared.
+
+    After a run (reports from :func:`with_stage_times`) a last column gives, per partition the
+    client holds, the mean seconds per step the owner waited for that stage.
+    """
+    timed = any(r.stage_seconds for r in reports)
     headers = ["client", "address", "role", "shaped", "measured up", "measured down", "compute", "FLOP/s", "partitions"]
+    headers += ["stage s/step"] if timed else []
     rows = [
         [
             r.name,
             r.address,
             "owner" if r.owner else "helper",
-            netns.format_rate(r.shaped_bits),
+            netns.format_rate(r.shaped_bits) if r.shaped_bits is not None else "unshaped",
             netns.format_rate(r.upload_bits) + (" (declared)" if r.link_declared else ""),
             netns.format_rate(r.download_bits) + (" (declared)" if r.link_declared else ""),
             r.compute,
             f"{r.flops_per_s:.3g}",
             ",".join(map(str, r.partitions)) or "-",
+            *([_stage_cell(r.stage_seconds)] if timed else []),
         ]
         for r in reports
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
+    links = "shaped with tc (real)" if any(r.shaped_bits for r in reports) else "unshaped (veth speed)"
     notes = (
-        "links: shaped with tc (real); latency: not emulated (this kernel has no netem); "
+        f"links: {links}; latency: not emulated (this kernel has no netem); "
         "compute: taskset is a real limit, declared FLOP/s are what the client reports instead of measuring"
     )
     return "\n".join([*lines, notes])
+
+
+def _stage_cell(seconds: Sequence[float | None]) -> str:
+    # One figure per partition the client holds, in the partitions column's order.
+    return ",".join("?" if s is None else f"{s:.3f}" for s in seconds) or "-"
 
 
 def reports_json(reports: Sequence[ClientReport]) -> str:

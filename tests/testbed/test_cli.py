@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from testbed import cli
-from testbed.orchestrate import ClientReport, report_table
+from testbed.orchestrate import ClientReport, RunTiming, report_table
 
 
 def settings(*flags: str):  # type: ignore[no-untyped-def]
@@ -51,3 +51,25 @@ def test_report_table_says_what_is_real_and_what_is_declared() -> None:
     assert "9.5 Mbit/s (declared)" in table
     assert "0,3" in table
     assert "not emulated" in table
+
+
+def test_bandwidth_none_leaves_links_unshaped(tmp_path: Path) -> None:
+    """'none' in --bandwidth gives an unshaped link, alone for every client or per client."""
+    assert settings("--clients", "2", "--bandwidth", "none", "--work-dir", str(tmp_path)).rates_bits == (None, None)
+    mixed = settings("--clients", "2", "--bandwidth", "10mbit,none", "--work-dir", str(tmp_path))
+    assert mixed.rates_bits == (10_000_000, None)
+
+
+def test_compare_unshaped_needs_a_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--compare-unshaped without --run ends with status 2 before anything is created."""
+    argv = ["up", "--clients", "1", "--bandwidth", "10mbit", "--compare-unshaped", "--work-dir", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "--run" in capsys.readouterr().err
+
+
+def test_comparison_line_gives_both_step_times_and_their_ratio() -> None:
+    """The closing line states the shaped and unshaped step times and shaped/unshaped."""
+    shaped = RunTiming(step_seconds=3.0, steps=15, stage_seconds={})
+    unshaped = RunTiming(step_seconds=0.75, steps=15, stage_seconds={})
+    assert cli.comparison_line(shaped, unshaped) == "step_s_shaped=3.0000 step_s_unshaped=0.7500 ratio=4.00"
+    assert "ratio=?" in cli.comparison_line(shaped, RunTiming(step_seconds=None, steps=0, stage_seconds={}))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from testbed.orchestrate import Testbed, TestbedError, TestbedSettings, list_namespaces
+from testbed.orchestrate import Testbed, TestbedError, TestbedSettings, list_namespaces, with_stage_times
 
 RATES = (10_000_000, 20_000_000, 50_000_000, 200_000_000)  # c0 (the data owner), c1, c2, c3
 FLOPS = 2e10  # declared by every client, so links alone tell the clients apart
@@ -115,10 +115,76 @@ def test_down_removes_what_a_killed_testbed_left(tag: str, tmp_path: Path) -> No
     assert list_namespaces(tag) == []
 
 
+_RECEIVER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], 5599))
+conn, _ = server.accept()
+total = 0
+while chunk := conn.recv(1 << 20):
+    total += len(chunk)
+conn.sendall(str(total).encode())
+"""
+
+_SENDER = """
+import socket, sys, time
+for _ in range(100):  # the receiver may not listen yet
+    try:
+        conn = socket.create_connection((sys.argv[1], 5599), timeout=30)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
+began = time.perf_counter()
+conn.sendall(bytes(int(sys.argv[2])))
+conn.shutdown(socket.SHUT_WR)
+assert int(conn.recv(64)) == int(sys.argv[2])
+print(time.perf_counter() - began)
+"""
+
+
+def _upload_seconds(topology: Any, client: int, nbytes: int) -> float:
+    """Seconds for ``client`` to send ``nbytes`` to the server's namespace over TCP, acknowledged."""
+    from testbed import netns
+
+    server = topology.server
+    receiver = subprocess.Popen(netns.netns_exec(server.namespace, [sys.executable, "-c", _RECEIVER, server.address]))
+    try:
+        argv = [sys.executable, "-c", _SENDER, server.address, str(nbytes)]
+        sent = subprocess.run(netns.netns_exec(topology.clients[client].namespace, argv),
+                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    finally:
+        receiver.wait(30)
+    return float(sent.stdout)
+
+
+def test_unshaping_lifts_the_rate_limit_of_every_client(tag: str, tmp_path: Path) -> None:
+    """2 MB that take over a second on an 8 Mbit/s link go several times faster once the shaping is removed."""
+    from testbed.orchestrate import run_commands
+
+    settings = TestbedSettings(rates_bits=(8_000_000,), work_dir=tmp_path, tag=tag)
+    bed = Testbed(settings, log=lambda s: None)  # only its network: no daemons needed to move bytes
+    try:
+        from testbed import netns
+
+        run_commands(netns.setup_commands(bed.topology))
+        shaped = _upload_seconds(bed.topology, 0, 2_000_000)
+        bed.unshape_links()
+        unshaped = _upload_seconds(bed.topology, 0, 2_000_000)
+    finally:
+        subprocess.run([sys.executable, "-m", "testbed.cli", "down", "--tag", tag], capture_output=True, timeout=120)
+    assert shaped > 1.5, shaped  # 16 Mbit at 8 Mbit/s: 2 s
+    assert not bed.links_shaped and unshaped < shaped / 4, (shaped, unshaped)
+
+
 def test_a_tiny_model_run_completes_across_the_namespaces(ready_testbed: Any, tmp_path: Path) -> None:
-    """A short run started through the server's CLI finishes with every run in a successful state."""
-    bed, _clients, _plan = ready_testbed
+    """A short run started through the server's CLI finishes, and every client holding a partition has stage times."""
+    bed, clients, plan = ready_testbed
     run_file = tmp_path / "run.toml"
     run_file.write_text("rounds = 1\nsteps_per_round = 2\nbatch_size = 2\nseq_len = 32\n")
     runs = bed.start_and_follow_run(run_file, timeout_s=240)
-    assert all(str(r["state"]).lower() in ("completed", "complete", "done", "finished") for r in runs), runs
+    assert runs and all(str(r["state"]).lower() in ("completed", "complete", "done", "finished") for r in runs), runs
+    timing = bed.run_timing(runs)
+    assert timing.steps == 2 and timing.step_seconds is not None and timing.step_seconds > 0
+    holders = [r for r in with_stage_times(bed.reports(clients, plan), timing) if r.partitions]
+    assert holders and all(len(r.stage_seconds) == len(r.partitions) for r in holders), holders
+    for report in holders:
+        assert all(s is not None and s > 0 for s in report.stage_seconds), report

@@ -101,3 +101,17 @@ def test_unshaping_removes_both_directions_and_the_ifb() -> None:
     assert ["tc", "qdisc", "del", "dev", "eth1", "root"] in commands
     assert ["tc", "qdisc", "del", "dev", "eth1", "ingress"] in commands
     assert ["ip", "link", "del", netns.IFB_DEV] in commands
+
+
+def test_unshaping_a_namespace_names_it_in_every_command() -> None:
+    """Unshaping from outside acts inside the client's namespace (ip -n / tc -n), never on the root one."""
+    commands = netns.unshaping_commands(namespace="titanic-tb-ab-c0")
+    assert commands and all(argv[1:3] == ["-n", "titanic-tb-ab-c0"] for argv in commands)
+
+
+def test_topology_leaves_a_none_rate_unshaped() -> None:
+    """A client given no rate gets no tc command at all; the shaped one keeps its own."""
+    topo = netns.plan_topology("t3", [None, 10_000_000])
+    commands = netns.setup_commands(topo)
+    assert not any(argv[0] == "tc" and topo.clients[0].namespace in argv for argv in commands)
+    assert any(argv[0] == "tc" and topo.clients[1].namespace in argv for argv in commands)
