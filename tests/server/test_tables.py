@@ -31,3 +31,17 @@ def test_plan_table_has_one_row_per_partition() -> None:
     assert "partition" in lines[1] and "why" in lines[1]
     assert "2-3" in lines[3] and "fast" in lines[3] and "fastest eligible" in lines[3]
     assert lines[-1] == "integral=True"
+
+
+def test_run_table_shows_step_and_stage_times_when_reported() -> None:
+    """A round with timing shows its step time and each stage's; one without shows dashes."""
+    from server.tables import run_table
+
+    timed = {"round": 1, "owner": "o", "losses": [2.0, 1.5], "val_loss": 1.4, "ppl": 4.055, "samples": 8,
+             "step_seconds": 0.25, "stage_seconds": [0.01, 0.2, 0.04]}
+    untimed = {**timed, "round": 2, "step_seconds": None, "stage_seconds": []}
+    text = run_table({"run_id": "run-1", "state": "done", "round": 2, "rounds": 2, "history": [timed, untimed]})
+    lines = text.splitlines()
+    assert "step s" in lines[1] and "s/step per stage" in lines[1]
+    assert lines[3].split()[-4:] == ["0.250", "0.010", "0.200", "0.040"]
+    assert lines[4].split()[-2:] == ["-", "-"]
