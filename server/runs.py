@@ -56,7 +56,7 @@ class RunSpec:
 
     name: str = ""  # a label for the operator; the server gives the run its own id
     model: str = ""  # must be the server's model (or empty: the server's model)
-    stages: int | None = None  # must match the server's stage count (None: whatever the server plans)
+    stages: int | None = None  # must match the server's stage count (None, or "auto" in a file: whatever the server plans)
     owners: tuple[str, ...] = ()  # client ids of the data owners (empty: every client with data)
     case: int = 1  # 1: one owner; 2: owners in turn on one pipeline; 3: owners in parallel
     rounds: int = 3  # rounds; a checkpoint is written after each
@@ -152,6 +152,11 @@ def spec_from_mapping(values: Mapping[str, Any]) -> RunSpec:
     if unknown:
         raise ValueError(f"unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if fixed.get("stages") == "auto":
+        fixed["stages"] = None
+    stages = fixed.get("stages")
+    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 2):
+        raise ValueError(f'stages must be an integer >= 2 or "auto", got {stages!r}')
     return RunSpec(**fixed)
 
 

@@ -147,3 +147,16 @@ def test_a_server_optimizer_spec_survives_json() -> None:
     """to_json and spec_from_mapping round-trip the aggregation keys (the admin API carries them so)."""
     spec = RunSpec(case=3, aggregator="fedadam", server_lr=0.1, server_beta1=0.8, server_beta2=0.95, server_tau=1e-4)
     assert spec_from_mapping(spec.to_json()) == spec
+
+
+def test_stages_auto_means_whatever_the_server_plans() -> None:
+    """``stages = "auto"`` is no fixed count; a count below 2 or a string is refused with the choices."""
+    import pytest
+
+    from server.runs import spec_from_mapping
+
+    assert spec_from_mapping({"stages": "auto"}).stages is None
+    assert spec_from_mapping({"stages": 4}).stages == 4
+    for bad in (1, "four", True):
+        with pytest.raises(ValueError, match='"auto"'):
+            spec_from_mapping({"stages": bad})
