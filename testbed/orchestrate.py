@@ -241,8 +241,21 @@ class Testbed:
         self._log(f"network: {len(self.topology.namespaces)} namespaces {netns.namespace_name(self.tag, '*')}")
         run_commands(netns.setup_commands(self.topology))
         self._start_server(model)
-        for i, host in enumerate(self.topology.clients):
+        # One client at a time, each once the one before has measured its link: a probe that
+        # shares the cores with other daemons importing torch measures the CPU, not the link
+        # (a 200 Mbit/s client read 159 that way). Helpers first, so that no plan forms before
+        # the data owners have come.
+        for i, host in reversed(list(enumerate(self.topology.clients))):
             self._start_client(i, host)
+            self._wait_measured(self.daemons[-1])
+
+    def _wait_measured(self, daemon: Daemon) -> None:
+        """Wait until ``daemon`` (a client) has reported its profile, link included (read from its log)."""
+
+        def measured() -> bool:
+            return "profile reported" in daemon.log.read_text(errors="replace")
+
+        _wait(measured, self.settings.timeout_s, f"{daemon.name} to measure its link", self.check_alive)
 
     def teardown(self) -> None:
         """Stop every daemon and delete every namespace of this testbed; safe to call twice."""
