@@ -33,7 +33,7 @@ import logging
 import ssl as ssl_lib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
 import torch
@@ -140,8 +140,15 @@ class StageHost:
             return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
         return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
 
-    def reset_optimizer(self) -> None:
-        """Rebuild the optimizer over the parameters that require grad now (after add_lora, say)."""
+    def reset_optimizer(self, optimizer: Literal["adamw", "sgd"] | None = None) -> None:
+        """Rebuild the optimizer over the parameters that require grad now (after add_lora, say).
+
+        ``optimizer`` switches the kind for this host's later steps (its state starts afresh).
+        """
+        if optimizer is not None:
+            if optimizer not in ("adamw", "sgd"):
+                raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {optimizer!r}")
+            self.settings = replace(self.settings, optimizer=optimizer)
         params = [p for m in self.stages.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(params)
 

@@ -356,10 +356,11 @@ class ClientDaemon:
             return run.status()
         if settings.lora:
             await asyncio.to_thread(adapt_stages, run.stages, settings)
-            if run.served is not None and run.served.host is not None:
-                run.served.host.reset_optimizer()
+        if run.served is not None and run.served.host is not None:
+            # Over the adapters (LoRA), and with the run's optimizer.
+            run.served.host.reset_optimizer(settings.optimizer)  # type: ignore[arg-type]
         local = [run.stages[p.index] for p in run.partitions if p.local]
-        run.optimizer = build_owner_optimizer(local)  # before any Load, which may bring its state
+        run.optimizer = build_owner_optimizer(local, settings.optimizer)  # before any Load, which may bring its state
         self._lora[cmd.run_id] = settings.lora
         return run.status()
 

@@ -173,6 +173,7 @@ class PrepareSettings:
     """How a run's stages train, from the PrepareRun command (validated: network input)."""
 
     lora: bool  # True: add LoRA adapters and train only them
+    optimizer: str  # every stage's optimizer here: "adamw" or "sgd"
     lora_r: int  # adapter rank
     lora_alpha: int  # adapter scale numerator
     lora_targets: tuple[str, ...]  # module names to adapt; empty: the family's default
@@ -198,7 +199,10 @@ class PrepareSettings:
             raise HostingError("run setting 'lora_targets' must be a list of module names")
         if raw["finetune"] == "lora" and ints["lora_r"] < 1:
             raise HostingError("run setting 'lora_r' must be at least 1 for LoRA")
-        return cls(lora=raw["finetune"] == "lora", lora_targets=tuple(targets), **ints)
+        optimizer = raw.get("optimizer", "adamw")  # servers before the setting existed ran AdamW
+        if optimizer not in ("adamw", "sgd"):
+            raise HostingError(f"run setting 'optimizer' must be 'adamw' or 'sgd', got {optimizer!r}")
+        return cls(lora=raw["finetune"] == "lora", optimizer=optimizer, lora_targets=tuple(targets), **ints)
 
 
 def adapt_stages(stages: Mapping[int, Any], settings: PrepareSettings) -> None:
@@ -255,8 +259,8 @@ def tie_owner_stages(stages: Mapping[int, Any]) -> None:
         tie_stage_weights(first, last)
 
 
-def build_owner_optimizer(stages: Sequence[Any]) -> Any:
-    """AdamW over what the owner's own stages train, or None when they train nothing.
+def build_owner_optimizer(stages: Sequence[Any], optimizer: str = "adamw") -> Any:
+    """The optimizer over what the owner's own stages train, or None when they train nothing.
 
     Its learning rate is set at every step from the round's settings.
     """
@@ -264,7 +268,7 @@ def build_owner_optimizer(stages: Sequence[Any]) -> Any:
 
     if not trainable_parameters(stages):
         return None
-    return build_local_optimizer(stages, lr=0.0)
+    return build_local_optimizer(stages, optimizer=optimizer, lr=0.0)  # type: ignore[arg-type]
 
 
 def trained_state(stage: Any, lora: bool, optimizer: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ A run file names the work; the model and its stages come from the server's ``[mo
     steps_per_round = 10
     batch_size = 4
     seq_len = 128
-    optimizer = "adamw"
+    optimizer = "adamw"          # or "sgd": every stage, on the owners and the hosts
     lr = 1e-4
     seed = 0
     tokenizer = "/models/tiny"   # where each data owner loads the tokenizer ("" = the model)
@@ -64,7 +64,7 @@ class RunSpec:
     batch_size: int = 4  # sequences per optimizer step
     seq_len: int = 128  # tokens per sequence
     micro_batches: int = 1  # the owner's pipeline splits each batch into this many micro-batches
-    optimizer: str = "adamw"  # the owner's and the hosts' optimizer (hosts run AdamW)
+    optimizer: str = "adamw"  # every stage's optimizer, on the owners and the hosts: "adamw" or "sgd" (weight decay 0)
     lr: float = 1e-4  # learning rate of every stage
     finetune: Finetune = "full"  # full fine-tuning, or LoRA adapters only
     lora_r: int = 8  # adapter rank (finetune = "lora")
@@ -86,8 +86,8 @@ class RunSpec:
         if self.finetune not in ("full", "lora"):
             raise ValueError(f"finetune must be 'full' or 'lora', got {self.finetune!r}")
         self._check_aggregation()
-        if self.optimizer != "adamw":
-            raise ValueError(f"stage hosts train with AdamW, so optimizer must be 'adamw', not {self.optimizer!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd' (what every stage host can run), not {self.optimizer!r}")
         for name in ("rounds", "steps_per_round", "batch_size", "micro_batches", "eval_batch_size", "lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -176,6 +176,7 @@ def prepare_settings(spec: RunSpec) -> dict[str, Any]:
     """How every holder sets its stages up before the first round: the JSON of PrepareRun."""
     return {
         "finetune": spec.finetune,
+        "optimizer": spec.optimizer,
         "lora_r": spec.lora_r,
         "lora_alpha": spec.lora_alpha,
         "lora_targets": list(spec.lora_targets),

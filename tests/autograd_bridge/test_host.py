@@ -223,3 +223,15 @@ def test_error_frames_survive_the_wire():
     assert (back.kind, back.request_id, back.error_code, back.error_message) == (
         MessageKind.ERROR, 3, "STATE_LIMIT", "full",
     )  # fmt: skip
+
+
+def test_reset_optimizer_can_switch_the_kind(middle_stage):
+    """A host rebuilt with "sgd" steps with SGD from then on; an unknown kind is refused and nothing changes."""
+    host = StageHost({1: middle_stage}, run_id="r")
+    assert isinstance(host.optimizer, torch.optim.AdamW)
+    host.reset_optimizer("sgd")
+    assert isinstance(host.optimizer, torch.optim.SGD) and host.settings.optimizer == "sgd"
+    with pytest.raises(ValueError, match="'adamw' or 'sgd'"):
+        host.reset_optimizer("adam")  # type: ignore[arg-type]
+    assert isinstance(host.optimizer, torch.optim.SGD)
+    host.close()

@@ -35,3 +35,27 @@ def test_settings_that_are_not_json_are_refused() -> None:
     """Garbage in the command is reported as such."""
     with pytest.raises(HostingError, match="not JSON"):
         RoundSettings.from_json("{")
+
+
+def test_prepare_settings_carry_the_run_optimizer() -> None:
+    """PrepareRun names the optimizer every stage uses; AdamW when a server sends none; others are refused."""
+    from client.trainer import PrepareSettings
+
+    base = {"finetune": "full", "lora_r": 8, "lora_alpha": 16, "seed": 0}
+    assert PrepareSettings.from_json(json.dumps({**base, "optimizer": "sgd"})).optimizer == "sgd"
+    assert PrepareSettings.from_json(json.dumps(base)).optimizer == "adamw"
+    with pytest.raises(HostingError, match="optimizer"):
+        PrepareSettings.from_json(json.dumps({**base, "optimizer": "lion"}))
+
+
+def test_the_owner_optimizer_is_the_one_the_run_names() -> None:
+    """The owner's ends get SGD or AdamW as asked, and no optimizer when they train nothing."""
+    import torch
+
+    from client.trainer import build_owner_optimizer
+
+    layer = torch.nn.Linear(3, 3)
+    assert isinstance(build_owner_optimizer([layer], "sgd"), torch.optim.SGD)
+    assert isinstance(build_owner_optimizer([layer]), torch.optim.AdamW)
+    layer.requires_grad_(False)
+    assert build_owner_optimizer([layer], "sgd") is None

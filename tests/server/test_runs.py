@@ -47,7 +47,7 @@ def test_invalid_toml_is_a_clear_error(tmp_path: Path) -> None:
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"batch_size": 6, "micro_batches": 4}, "multiple of micro_batches"),
         ({"val_fraction": 0.0}, "val_fraction"),
-        ({"optimizer": "sgd"}, "AdamW"),
+        ({"optimizer": "adam"}, "optimizer must be .adamw. or .sgd."),
         ({"case": 4}, "case must be 1, 2 or 3"),
         ({"aggregator": "fedadam"}, r"needs case = 3.*merge of one copy is that copy"),
         ({"aggregator": "fedyogi", "case": 2}, r"needs case = 3"),

@@ -167,7 +167,7 @@ def validation_ppl(model: Any, data: Any) -> float:
     return ppl
 
 
-def centralized_losses(model_dir: Path, batches: list[Any], lr: float = 3e-3) -> list[float]:
+def centralized_losses(model_dir: Path, batches: list[Any], lr: float = 3e-3, optimizer: str = "adamw") -> list[float]:
     """The loss of each batch, before its update, when one process trains the whole model on them in order."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -175,13 +175,14 @@ def centralized_losses(model_dir: Path, batches: list[Any], lr: float = 3e-3) ->
     from autograd_bridge.partition import causal_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    kind = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
+    step = kind(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for batch in batches:
         loss = causal_lm_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step.step()
+        step.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
 
@@ -378,3 +379,15 @@ def test_a_client_serving_several_pipelines_keeps_their_state_apart(
     for h in run["history"]:
         want = centralized_losses(model_dir, owner_batches(model_dir, owners[h["owner"]], 1))
         assert max(abs(a - b) for a, b in zip(h["losses"], want, strict=True)) < 1e-5, h["owner"]
+
+
+@pytest.mark.slow
+def test_a_run_can_train_with_sgd_on_every_stage(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
+    """``optimizer = "sgd"`` reaches the owner's ends and the hosts alike: the curve is one process's SGD, not AdamW's."""
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=1, rounds=1, optimizer="sgd", lr=0.5)
+    with cluster(tmp_path, model_dir, {"owner": owner_data[0]}, helpers=1) as c:
+        run = c.run_to_end(run_file)
+    got = run["history"][0]["losses"]
+    batches = owner_batches(model_dir, owner_data[0], 1)
+    assert max(abs(a - b) for a, b in zip(got, centralized_losses(model_dir, batches, 0.5, "sgd"), strict=True)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(got, centralized_losses(model_dir, batches, 0.5, "adamw"), strict=True)) > 1e-3
