@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -136,25 +136,24 @@ def _wait_for(predicate: Any, timeout_s: float, what: str, processes: _Processes
 
 
 @contextlib.contextmanager
-def _federation(settings: DemoSettings, model: str, owners_data: list[Path]) -> Iterator[tuple[str, str, _Processes]]:
-    """A server and four clients; yields the admin URL, its token and the processes."""
+def _federation(
+    settings: DemoSettings, prepare: Callable[[], str], owners_data: list[Path]
+) -> Iterator[tuple[str, str, _Processes, str]]:
+    """A server for the model ``prepare`` returns and four clients; yields the admin URL, its token, the processes and the model."""
     out = settings.out.resolve()
     processes = _Processes(out / "logs")
     join, admin_token, port = secrets.token_urlsafe(16), secrets.token_urlsafe(16), _free_port()
     try:
-        server = processes.spawn(
-            "server", "server.cli", "run", "--port", str(port), "--admin-port", "0", "--state-dir", str(out / "state"),
-            "--model", model, "--join-token", join, "--admin-token", admin_token, "--settle", "1",
-        )
-        # The clients start while the server does (they retry until it listens): importing
-        # the training stack takes each process seconds, and the cores are better used at once.
+        # The clients start first, and the model is prepared and the server started while
+        # they import the training stack (seconds per process: the cores are better used at
+        # once). They retry every second until the server listens.
         # One torch thread each: on a small machine the two pipelines' stages already keep
         # every core busy, and more threads than cores only slow each other down.
         # Compute speeds are declared, not measured: every process shares this machine's cores,
         # and a quick measurement swings enough between runs to change the plan. The owners
         # play small devices (1e10 FLOP/s) and the helpers bigger ones, so the planner offloads
         # the middle blocks to the helpers, the way Titanic is meant to be used.
-        common = ["--server", f"127.0.0.1:{port}", "--token", join, "--quick-profile"]
+        common = ["--server", f"127.0.0.1:{port}", "--token", join, "--quick-profile", "--reconnect-max", "1"]
         for k, data in enumerate(owners_data):
             processes.spawn(f"owner{k}", "client.cli", "run", "--name", f"owner{k}", *common,
                             "--cache-dir", str(out / "clients" / f"owner{k}"), "--data", str(data),
@@ -164,12 +163,16 @@ def _federation(settings: DemoSettings, model: str, owners_data: list[Path]) -> 
                         "--declare-download-bytes-per-s", "1e9", "--declare-rtt-s", "0.0005"]
             processes.spawn(f"helper{k}", "client.cli", "run", "--name", f"helper{k}", *common,
                             "--cache-dir", str(out / "clients" / f"helper{k}"), *declared, threads=1)
+        model = prepare()
+        processes.spawn(
+            "server", "server.cli", "run", "--port", str(port), "--admin-port", "0", "--state-dir", str(out / "state"),
+            "--model", model, "--join-token", join, "--admin-token", admin_token, "--settle", "1",
+        )
         log = out / "logs" / "server.log"
         admin_url = _wait_for(lambda: _ready_line(log), 120, "the server", processes)
-        yield admin_url, admin_token, processes
+        yield admin_url, admin_token, processes, model
     finally:
         processes.stop()
-        del server
 
 
 def _ready_line(log: Path) -> str | None:
@@ -183,27 +186,24 @@ def _ready_line(log: Path) -> str | None:
 
 def run_demo(settings: DemoSettings, stdout: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo; returns the finished run as the admin API shows it."""
-    from .checkpoints import CheckpointStore
-    from .demo_data import write_owner_splits
-
     began = time.monotonic()
+    from .demo_data import write_owner_splits
 
     def say(text: str) -> None:
         print(text, file=stdout, flush=True)
 
     settings.out.mkdir(parents=True, exist_ok=True)
     say(f"titanic demo: {'tiny Llama' if settings.tiny else 'SmolLM2-135M'} + LoRA, case 3, 2 owners, 2 helpers")
-    model = prepare_model(settings)
     splits = write_owner_splits(settings.out / "data", 2, max_chars_per_owner=settings.max_chars_per_owner,
                                 overwrite=True)
     for k, split in enumerate(splits):
         say(f"owner{k}: {', '.join(split.books[:4])}{' ...' if len(split.books) > 4 else ''}")
-    spec = {
-        "case": 3, "finetune": "lora", "rounds": settings.rounds, "steps_per_round": settings.steps,
-        "batch_size": settings.batch_size, "seq_len": settings.seq_len, "lr": settings.lr, "val_fraction": 0.1,
-        "tokenizer": model, "lora_r": 8, "lora_alpha": 16,
-    }
-    with _federation(settings, model, [s.path for s in splits]) as (url, token, processes):
+    with _federation(settings, lambda: prepare_model(settings), [s.path for s in splits]) as (url, token, processes, model):
+        spec = {
+            "case": 3, "finetune": "lora", "rounds": settings.rounds, "steps_per_round": settings.steps,
+            "batch_size": settings.batch_size, "seq_len": settings.seq_len, "lr": settings.lr, "val_fraction": 0.1,
+            "tokenizer": model, "lora_r": 8, "lora_alpha": 16,
+        }
         everyone = {"owner0", "owner1", "helper0", "helper1"}
 
         def planned_for_all() -> bool:
@@ -233,6 +233,8 @@ def run_demo(settings: DemoSettings, stdout: TextIO = sys.stdout) -> dict[str, A
         run: dict[str, Any] = _wait_for(progress, settings.timeout_s, "the run", processes)
     say("\nvalidation perplexity per round (before round 1 the owners have not evaluated yet)")
     say(ppl_table(run["per_round"]))
+    from .checkpoints import CheckpointStore  # torch and transformers: imported once the clients are started
+
     store = CheckpointStore(settings.out.resolve() / "state" / "checkpoints")
     merged = settings.out.resolve() / "trained-model"
     if merged.exists():
