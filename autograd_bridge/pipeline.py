@@ -133,9 +133,7 @@ class Pipeline:
         self.step = 0
         self._compute_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="titanic-owner")
         # Timing since reset_stage_times(): seconds per stage and per whole step, summed over steps.
-        self._stage_total = [0.0] * len(self.stages)
-        self._step_total = 0.0
-        self._timed_steps = 0
+        self.reset_stage_times()
 
     @property
     def remote(self) -> list[StageClient]:

@@ -369,9 +369,6 @@ class ClientDaemon:
         host = run.served.host if run.served is not None else None
         if host is not None and index in host.stages:
             return host.optimizer
-        trainer = self._trainers.get(run.run_id)
-        if trainer is not None and trainer.optimizer is not None:
-            return trainer.optimizer
         return run.optimizer
 
     async def _load(self, channel: ControlChannel, cmd: LoadPartitions) -> RunStatus:
@@ -400,6 +397,8 @@ class ClientDaemon:
         run = self.runs.get(cmd.run_id)
         if run is None or run.state not in (RunState.CONNECTED, RunState.TRAINING):
             raise HostingError(f"run {cmd.run_id} is not connected here; the server sent Train too early")
+        if cmd.run_id not in self._lora:  # PrepareRun builds the optimizer of the owner's stages
+            raise HostingError(f"run {cmd.run_id} is not prepared for training here; the server sent Train before PrepareRun")
         settings = RoundSettings.from_json(cmd.settings_json)
         run.state = RunState.TRAINING
         try:

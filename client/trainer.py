@@ -43,12 +43,7 @@ class RoundSettings:
     @classmethod
     def from_json(cls, text: str) -> RoundSettings:
         """Parse and check the Train command's settings."""
-        try:
-            raw = json.loads(text)
-        except ValueError as exc:
-            raise HostingError(f"the server sent training settings that are not JSON: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise HostingError("the server's training settings must be a JSON object")
+        raw = _json_object(text, "training settings")
         values: dict[str, Any] = {}
         for name in ("round", "steps", "start", "batch_size", "seq_len", "micro_batches", "seed", "eval_batch_size"):
             value = raw.get(name)
@@ -68,6 +63,17 @@ class RoundSettings:
         return cls(**values)
 
 
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    """A command's settings: a JSON object, or a HostingError saying what was wrong."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise HostingError(f"the server sent {what} that are not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise HostingError(f"the server's {what} must be a JSON object")
+    return raw
+
+
 class OwnerTrainer:
     """The owner's pipeline for one run: local end stages plus the hosts' middle stages."""
 
@@ -78,10 +84,9 @@ class OwnerTrainer:
         peers: Sequence[PeerEndpoint],
         data: Path,
         settings: RoundSettings,
-        optimizer: Any = None,
+        optimizer: Any,
     ) -> None:
         from autograd_bridge.models import load_tokenizer
-        from autograd_bridge.partition import tie_stage_weights
         from autograd_bridge.pipeline import Pipeline, PipelineSettings
         from autograd_bridge.remote import StageClient
         from autograd_bridge.runtime import EventLoopThread
@@ -101,9 +106,6 @@ class OwnerTrainer:
             raise HostingError(str(exc)) from exc
         data_settings = DataSettings(seq_len=settings.seq_len, val_fraction=settings.val_fraction, seed=settings.seed)
         self.dataset = OwnerDataset.from_path(data, tokenizer, settings=data_settings)
-        first, last = stages[0], stages[num_stages - 1]
-        if first is not last and getattr(first, "tied_embeddings", False) and getattr(last, "tied_embeddings", False):
-            tie_stage_weights(first, last)  # one head/embedding tensor, as in the whole model
         self.runtime = EventLoopThread(name=f"titanic-train-{run_id}")
         chain: list[Any] = []
         self.clients: list[Any] = []
@@ -118,17 +120,15 @@ class OwnerTrainer:
         self.local_stages = [stages[k] for k in sorted(stages)]
         pipeline_settings = PipelineSettings(micro_batches=settings.micro_batches)
         self.pipeline = Pipeline(chain, self.runtime, pipeline_settings)
-        # The optimizer of the owner's own stages; the daemon builds it when the run is
-        # prepared, so that a handed-over optimizer state can be loaded before round 1.
+        # The optimizer of the owner's own stages (None: they train nothing), built by
+        # build_owner_optimizer when the run is prepared, over stages tie_owner_stages tied,
+        # so that a handed-over optimizer state can be loaded before round 1.
         self.optimizer: Any = optimizer
 
     def train_round(self, settings: RoundSettings) -> dict[str, Any]:
         """Train ``settings.steps`` steps, then evaluate; the metrics the server records (blocking)."""
-        from .training import build_local_optimizer, evaluate, train_steps, trainable_parameters
+        from .training import evaluate, train_steps
 
-        # The owner's stages may train nothing (LoRA on stages without decoder blocks).
-        if self.optimizer is None and trainable_parameters(self.local_stages):
-            self.optimizer = build_local_optimizer(self.local_stages, lr=settings.lr)
         began = time.perf_counter()
         self.pipeline.reset_stage_times()  # this round's steps only
         losses = train_steps(
@@ -182,11 +182,8 @@ class PrepareSettings:
     @classmethod
     def from_json(cls, text: str) -> PrepareSettings:
         """Parse and check the PrepareRun command's settings."""
-        try:
-            raw = json.loads(text)
-        except ValueError as exc:
-            raise HostingError(f"the server sent run settings that are not JSON: {exc}") from exc
-        if not isinstance(raw, dict) or raw.get("finetune") not in ("full", "lora"):
+        raw = _json_object(text, "run settings")
+        if raw.get("finetune") not in ("full", "lora"):
             raise HostingError("the run settings must be a JSON object with finetune 'full' or 'lora'")
         ints = {}
         for name in ("lora_r", "lora_alpha", "seed"):

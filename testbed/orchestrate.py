@@ -34,8 +34,8 @@ from typing import Any, TextIO
 
 from . import netns
 
-TERMINAL_RUN_STATES = frozenset({"completed", "complete", "done", "finished", "failed", "stopped", "cancelled", "error"})
 SUCCESSFUL_RUN_STATES = frozenset({"completed", "complete", "done", "finished"})
+TERMINAL_RUN_STATES = SUCCESSFUL_RUN_STATES | {"failed", "stopped", "cancelled", "error"}
 
 
 class TestbedError(RuntimeError):
