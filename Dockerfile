@@ -23,7 +23,7 @@ RUN pip install --no-cache-dir . \
 
 # The demo's text: the King James Bible split by book into two non-IID owners. Each owner's
 # folder seeds that owner's own named volume on first start (see docker-compose.yml).
-RUN python -c "from server.demo_data import write_owner_splits; write_owner_splits('/srv/demo-data', 2, max_chars_per_owner=200000)"
+RUN python -c "from testbed.demo_data import write_owner_splits; write_owner_splits('/srv/demo-data', 2, max_chars_per_owner=200000)"
 
 RUN useradd --create-home titanic && mkdir -p /var/lib/titanic && chown titanic /var/lib/titanic
 EXPOSE 50051 8750

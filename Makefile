@@ -30,7 +30,7 @@ test: lint
 	$(BIN)/pytest -q -ra
 
 demo: setup
-	$(BIN)/titanic-server demo
+	$(BIN)/titanic-testbed demo
 
 verify: setup
 	$(BIN)/titanic-verify --stages 4

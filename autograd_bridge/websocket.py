@@ -24,6 +24,15 @@ overwritten. What remains per 16 MiB message is websockets' own work (serializin
 the client's masking and the server's unmasking required by RFC 6455), one copy into the message
 buffer and the kernel's copies; ``python bench/wire.py`` measures it against a raw TCP socket.
 
+Fast path and public path: the speed-ups above (:class:`_ChunkReader`, frames written as header
+and payload, unfilled buffers) reach into private parts of websockets, which may change in any
+release. They make up the *fast path*, used only when the installed websockets' major version is
+in :data:`TESTED_WEBSOCKETS_MAJORS` and the private attributes they touch exist. Otherwise (one
+warning is logged), or when ``WebSocketSettings(fast_path=False)`` or the environment variable
+``TITANIC_WS_PUBLIC_PATH=1`` asks for it, connections take the *public path*: only websockets'
+documented API, with its own reader and frame writer and zero-filled buffers. Callers see the same
+behaviour on both (limits, errors, close codes, tokens, TLS); the public path copies more.
+
 Event loop: everything works on asyncio's default loop; :func:`new_event_loop` returns uvloop's
 loop when the optional ``fast`` extra is installed (with the default ``write_limit`` the two
 measured alike on 16 MiB frames).
@@ -34,8 +43,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import http
 import logging
+import os
 import secrets
 import ssl as ssl_lib
 import struct
@@ -45,6 +56,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from dataclasses import dataclass
 from typing import Any
 
+import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection as _WsConnection
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -68,6 +80,8 @@ from .errors import BridgeTimeoutError, FrameError, FrameTooLargeError, PeerLost
 from .transport import DEFAULT_MAX_MESSAGE_BYTES, byte_view
 
 __all__ = [
+    "PUBLIC_PATH_ENV",
+    "TESTED_WEBSOCKETS_MAJORS",
     "WebSocketConnection",
     "WebSocketServer",
     "WebSocketSettings",
@@ -81,6 +95,12 @@ _log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("<Q")  # total message length, at the start of the first fragment
 _COALESCE_BYTES = 16 << 10  # parts smaller than this are copied into one fragment, not sent alone
 _MAX_CLOSE_REASON = 120  # a close frame's reason is at most 123 UTF-8 bytes
+
+# Major versions of websockets whose private parts the fast path was tested with (the whole
+# transport test suite passes on it); keep in step with the bound in pyproject.toml.
+TESTED_WEBSOCKETS_MAJORS: tuple[int, ...] = (15, 16, 17)
+# Set to 1 to make every connection of this process take the public path (0 or unset: don't).
+PUBLIC_PATH_ENV = "TITANIC_WS_PUBLIC_PATH"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +129,10 @@ class WebSocketSettings:
     ping_interval: float | None = 20.0
     # Seconds a ping may go unanswered before the peer counts as lost; None waits forever.
     ping_timeout: float | None = 20.0
+    # Take the fast path (websockets' private parts patched for fewer copies) where the installed
+    # websockets allows it; False takes the public path (documented API only, slower), like
+    # TITANIC_WS_PUBLIC_PATH=1 does for the whole process. The two ends may differ.
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 0:
@@ -142,10 +166,19 @@ class WebSocketSettings:
 class WebSocketConnection:
     """A :class:`~autograd_bridge.transport.Connection` over one WebSocket."""
 
-    def __init__(self, ws: _WsConnection, *, peer: str, settings: WebSocketSettings) -> None:
+    def __init__(
+        self,
+        ws: _WsConnection,
+        *,
+        peer: str,
+        settings: WebSocketSettings,
+        allocate: Callable[[int], bytearray] = bytearray,
+    ) -> None:
+        """Wrap ``ws``; ``allocate(n)`` makes each received message's buffer (all n bytes get written)."""
         self.peer = peer
         self._ws = ws
         self._settings = settings
+        self._allocate = allocate
         self._closed_locally = False
         self._closing: asyncio.Future[None] | None = None  # the close once started, by whichever path
 
@@ -235,7 +268,7 @@ class WebSocketConnection:
                 CloseCode.MESSAGE_TOO_BIG,
                 f"message of {total} bytes exceeds max_message_bytes={limit}",
             )
-        message = _unfilled_bytearray(total)
+        message = self._allocate(total)
         with memoryview(message) as view:
             position = len(first) - _LENGTH.size
             if position > total:
@@ -557,6 +590,79 @@ class _ServerConnection(ServerConnection):
         super().__init__(protocol, *args, **kwargs)
 
 
+# -- the switch between the fast and the public path ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Path:
+    """What differs between the fast path and the public path (see the module docstring)."""
+
+    client_connection: type[ClientConnection]  # given to websockets' connect as create_connection
+    server_connection: type[ServerConnection]  # given to websockets' serve as create_connection
+    allocate: Callable[[int], bytearray]  # a received message's buffer, before it is written
+
+
+_FAST_PATH = _Path(
+    client_connection=_ClientConnection, server_connection=_ServerConnection, allocate=_unfilled_bytearray
+)
+_PUBLIC_PATH = _Path(
+    client_connection=ClientConnection, server_connection=ServerConnection, allocate=bytearray
+)
+
+# The private attributes of a websockets Sans-I/O protocol that _use_chunk_reader and
+# _write_frames_unjoined read or replace.
+_PROTOCOL_INTERNALS = ("reader", "parser", "parse", "writes", "send_frame", "extensions", "side")
+
+
+def _path_for(settings: WebSocketSettings) -> _Path:
+    """The path that connections made with ``settings`` take, in this process and now."""
+    if not settings.fast_path or _public_path_forced():
+        return _PUBLIC_PATH
+    return _PUBLIC_PATH if _fast_path_problem() else _FAST_PATH
+
+
+def _public_path_forced() -> bool:
+    """Whether the environment variable TITANIC_WS_PUBLIC_PATH asks for the public path."""
+    value = os.environ.get(PUBLIC_PATH_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{PUBLIC_PATH_ENV} must be 1 (public path) or 0, got {value!r}; fix or unset it")
+    return value == "1"
+
+
+@functools.cache
+def _fast_path_problem() -> str | None:
+    """Why the installed websockets cannot take the fast path, or None; warns the first time."""
+    problem = _find_fast_path_problem()
+    if problem is not None:
+        _log.warning("WebSocket connections use websockets' public API only, which is slower: %s", problem)
+    return problem
+
+
+def _find_fast_path_problem() -> str | None:
+    """What keeps the fast path from working on the installed websockets, or None."""
+    version = websockets.__version__
+    major = version.partition(".")[0]
+    if not major.isdigit() or int(major) not in TESTED_WEBSOCKETS_MAJORS:
+        tested = ", ".join(f"{tested}.x" for tested in TESTED_WEBSOCKETS_MAJORS)
+        return (
+            f"the fast path was tested with websockets {tested}, not {version}; "
+            f"install a tested version for full speed"
+        )
+    probe = ServerProtocol()
+    missing = [name for name in _PROTOCOL_INTERNALS if not hasattr(probe, name)]
+    if missing:
+        return f"websockets {version} has no protocol attributes {', '.join(missing)}"
+    if type(probe.reader) is not StreamReader or not hasattr(probe.reader, "buffer"):
+        return f"websockets {version} reads frames with {type(probe.reader).__name__}, not StreamReader"
+    # A reader method _ChunkReader does not replace would look for a buffer it lacks.
+    unreplaced = [
+        name for name in vars(StreamReader) if not name.startswith("_") and name not in vars(_ChunkReader)
+    ]
+    if unreplaced:
+        return f"websockets {version}'s StreamReader has methods _ChunkReader lacks: {', '.join(unreplaced)}"
+    return None
+
+
 # -- server ----------------------------------------------------------------------------------
 
 
@@ -603,8 +709,10 @@ async def serve_websocket(
     (None when it sent none) and returns whether to accept it.
     """
 
+    path = _path_for(settings)
+
     async def run(ws: ServerConnection) -> None:
-        conn = WebSocketConnection(ws, peer=_remote_name(ws), settings=settings)
+        conn = WebSocketConnection(ws, peer=_remote_name(ws), settings=settings, allocate=path.allocate)
         try:
             await handler(conn)
         except PeerLostError as error:
@@ -621,7 +729,7 @@ async def serve_websocket(
         ssl=ssl,
         process_request=process_request,
         server_header=None,
-        create_connection=_ServerConnection,
+        create_connection=path.server_connection,
         **settings._library_options(),
     )
     return WebSocketServer(server, host=host, tls=ssl is not None)
@@ -690,6 +798,7 @@ async def connect_websocket(
         if not token or any(ch.isspace() or not ch.isprintable() for ch in token):
             raise ValueError("token must be a non-empty string without spaces or control characters")
         headers["Authorization"] = f"Bearer {token}"
+    path = _path_for(settings)
     # For wss:// without a context, websockets verifies against the system's CAs.
     tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl}
     try:
@@ -698,7 +807,7 @@ async def connect_websocket(
             additional_headers=headers,
             user_agent_header=None,
             proxy=None,  # loopback and LAN peers; never route through a proxy from the environment
-            create_connection=_ClientConnection,
+            create_connection=path.client_connection,
             **tls,
             **settings._library_options(),
         )
@@ -717,7 +826,7 @@ async def connect_websocket(
         ) from error
     except (OSError, InvalidHandshake) as error:
         raise PeerLostError(f"could not open a WebSocket to {url}: {error}") from error
-    return WebSocketConnection(ws, peer=url, settings=settings)
+    return WebSocketConnection(ws, peer=url, settings=settings, allocate=path.allocate)
 
 
 def _refusal_message(url: str, response: Response) -> str:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autograd_bridge.partition import stage_specs_from_counts
 from autograd_bridge.profile import ModelProfile, profile_model, profile_partitions
-from server.planner import (
+from server.planning.planner import (
     AssignmentProblem,
     ClientProfile,
     PlannerSettings,

@@ -4,7 +4,7 @@ The same model, data and number of optimizer steps, trained five ways:
 
 * centralized: one process, the whole model, every owner's batches in turn;
 * fedavg: every owner trains a whole copy locally each round, the server averages the
-  copies (``server.aggregation.FedAvg``, weighted by training samples);
+  copies (``server.training.aggregation.FedAvg``, weighted by training samples);
 * case 1: one owner holding all the data (the same batches in the same order as
   centralized) drives a U-shaped pipeline whose middle stages live on stage hosts;
 * case 2: the owners take turns on one shared pipeline; at a handover the next owner
@@ -47,8 +47,8 @@ from autograd_bridge.runtime import EventLoopThread
 from autograd_bridge.transport import memory_pipe
 from client.data import DataSettings, OwnerDataset
 from client.training import build_local_optimizer, evaluate, train_steps
-from server.aggregation import ClientUpdate, FedAvg
-from server.demo_data import write_owner_splits
+from server.training.aggregation import ClientUpdate, FedAvg
+from testbed.demo_data import write_owner_splits
 
 METHODS = ("centralized", "fedavg", "case1", "case2", "case3")
 

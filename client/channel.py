@@ -12,17 +12,28 @@ import itertools
 import os
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from proto import control_pb2 as pb
 from proto import control_pb2_grpc as pb_grpc
+from proto import serde
+from proto.messages import (
+    ClientInfo,
+    Command,
+    DeviceProfile,
+    Heartbeat,
+    Registration,
+    RunStatus,
+    Session,
+    StatusReport,
+    WeightHeader,
+)
 
-from . import convert
 from .errors import (
     ClientError,
     ControlCallError,
@@ -32,9 +43,10 @@ from .errors import (
     TlsVerificationError,
     WeightsError,
 )
-from .messages import ClientInfo, Command, DeviceProfile, RunStatus, Session, StatusReport, WeightHeader
 
 SESSION_METADATA_KEY = "x-titanic-session"
+M = TypeVar("M")
+T = TypeVar("T")
 MIB = 1 << 20
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 4 * MIB),
@@ -43,6 +55,14 @@ GRPC_OPTIONS = [
 _CALL_TIMEOUT_S = 15.0
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 _TLS_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "Tls handshake failed", "Ssl handshake failed")
+
+
+def _protocol(read: Callable[[M], T], message: M) -> T:
+    """``read(message)``, with a message the protocol does not allow as a ControlCallError."""
+    try:
+        return read(message)
+    except serde.ProtocolError as exc:
+        raise ControlCallError(str(exc), code=exc.code) from exc
 
 
 def translate(error: grpc.aio.AioRpcError, what: str) -> ClientError:
@@ -98,7 +118,7 @@ class ControlChannel:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if self.session is None:
             raise SessionEndedError("no session; register first")
-        return ((SESSION_METADATA_KEY, self.session.token),)
+        return ((SESSION_METADATA_KEY, self.session.session_token),)
 
     # -- session -------------------------------------------------------------------------
 
@@ -112,8 +132,8 @@ class ControlChannel:
         profile: DeviceProfile,
     ) -> Session:
         """Join the server; raises RegistrationRefusedError when it will not have us."""
-        request = convert.register_request_to_proto(
-            name=name, join_token=join_token, client_key=client_key, info=info, profile=profile
+        request = serde.registration_to_proto(
+            Registration(name=name, join_token=join_token, client_key=client_key, info=info, profile=profile)
         )
         try:
             reply = await self._stub.Register(request, timeout=_CALL_TIMEOUT_S)
@@ -127,14 +147,14 @@ class ControlChannel:
                     f"the server at {self.target} refused to register {name!r}: {error.details()}"
                 ) from error
             raise translate(error, "register") from error
-        self.session = convert.session_from_proto(reply)
+        self.session = serde.session_from_proto(reply)
         return self.session
 
     async def report_profile(self, profile: DeviceProfile) -> None:
         """Send the complete profile; the server may plan with this client from now on."""
         try:
             await self._stub.ReportProfile(
-                pb.ProfileReport(profile=convert.device_profile_to_proto(profile)),
+                pb.ProfileReport(profile=serde.device_profile_to_proto(profile)),
                 metadata=self._metadata(),
                 timeout=_CALL_TIMEOUT_S,
             )
@@ -143,9 +163,7 @@ class ControlChannel:
 
     async def heartbeat(self, runs: list[RunStatus], free_memory_bytes: int, timeout_s: float) -> float:
         """Say we are alive; returns the interval the server wants."""
-        request = pb.HeartbeatRequest(
-            runs=[convert.run_status_to_proto(r) for r in runs], free_memory_bytes=free_memory_bytes
-        )
+        request = serde.heartbeat_to_proto(Heartbeat(runs=tuple(runs), free_memory_bytes=free_memory_bytes))
         try:
             reply = await self._stub.Heartbeat(request, metadata=self._metadata(), timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
@@ -157,7 +175,7 @@ class ControlChannel:
         call = self._stub.Commands(pb.CommandsRequest(), metadata=self._metadata())
         try:
             async for message in call:
-                yield convert.command_from_proto(message)
+                yield _protocol(serde.command_from_proto, message)
         except grpc.aio.AioRpcError as error:
             raise translate(error, "command stream") from error
         finally:
@@ -168,7 +186,7 @@ class ControlChannel:
         """Tell the server how a command is going."""
         try:
             await self._stub.ReportStatus(
-                convert.status_report_to_proto(report), metadata=self._metadata(), timeout=_CALL_TIMEOUT_S
+                serde.status_report_to_proto(report), metadata=self._metadata(), timeout=_CALL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
             raise translate(error, "status report") from error
@@ -247,7 +265,7 @@ class ControlChannel:
             first = await anext(messages, None)
             if first is None:
                 raise WeightsError(f"the server sent nothing for partition {partition} of run {run_id}")
-            header = convert.weight_header_from_proto(first)
+            header = _protocol(serde.weight_header_from_proto, first)
             with dest.open("wb") as out:
                 async for message in messages:
                     if message.WhichOneof("part") != "data":
@@ -270,7 +288,7 @@ class ControlChannel:
         """Send a weight file in chunks; the server checks size and sha256."""
 
         async def messages() -> AsyncIterator[pb.WeightChunk]:
-            yield convert.weight_header_to_proto(header)
+            yield serde.weight_header_to_proto(header)
             with source.open("rb") as f:
                 while data := await asyncio.to_thread(f.read, chunk_bytes):
                     yield pb.WeightChunk(data=data)

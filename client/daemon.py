@@ -25,12 +25,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .channel import ControlChannel
-from .config import ClientConfig
-from .errors import ClientError, HostingError, ServerUnavailableError, SessionEndedError
-from .hosting import HostedRun, build_stages, reach_peers, start_stage_host
-from .messages import (
+from proto.messages import (
     ClientInfo,
     Command,
     CommandState,
@@ -48,6 +43,12 @@ from .messages import (
     Upload,
     WeightHeader,
 )
+
+from . import __version__
+from .channel import ControlChannel
+from .config import ClientConfig
+from .errors import ClientError, HostingError, ServerUnavailableError, SessionEndedError
+from .hosting import HostedRun, build_stages, reach_peers, start_stage_host
 from .profiling import (
     ComputeMeasurement,
     LinkMeasurement,

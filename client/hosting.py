@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proto.messages import AllowedPeer, PartitionAssignment, PeerEndpoint, RunState, RunStatus
+
 from .errors import HostingError
-from .messages import AllowedPeer, PartitionAssignment, PeerEndpoint, RunState, RunStatus
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from proto.messages import DeviceProfile
+
 from .config import DeclaredProfile, ProfileSettings
-from .messages import DeviceProfile
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

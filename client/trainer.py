@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proto.messages import PeerEndpoint
+
 from .errors import HostingError
-from .messages import PeerEndpoint
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from proto.messages import PartitionAssignment, WeightHeader
+
 from .errors import WeightsError
-from .messages import PartitionAssignment, WeightHeader
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -180,16 +180,16 @@ class AllowedPeer(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., token_sha256: _Optional[str] = ...) -> None: ...
 
 class HostRun(_message.Message):
-    __slots__ = ("run_id", "model_config_json", "partitions", "allowed_peers")
+    __slots__ = ("run_id", "model_config", "partitions", "allowed_peers")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
-    MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_PEERS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    model_config_json: str
+    model_config: bytes
     partitions: _containers.RepeatedCompositeFieldContainer[PartitionAssignment]
     allowed_peers: _containers.RepeatedCompositeFieldContainer[AllowedPeer]
-    def __init__(self, run_id: _Optional[str] = ..., model_config_json: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAssignment, _Mapping]]] = ..., allowed_peers: _Optional[_Iterable[_Union[AllowedPeer, _Mapping]]] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., model_config: _Optional[bytes] = ..., partitions: _Optional[_Iterable[_Union[PartitionAssignment, _Mapping]]] = ..., allowed_peers: _Optional[_Iterable[_Union[AllowedPeer, _Mapping]]] = ...) -> None: ...
 
 class PeerEndpoint(_message.Message):
     __slots__ = ("partition", "client_id", "url", "token")
@@ -212,12 +212,34 @@ class ConnectPeers(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerEndpoint, _Mapping]]] = ...) -> None: ...
 
 class Train(_message.Message):
-    __slots__ = ("run_id", "settings_json")
+    __slots__ = ("run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed", "val_fraction", "eval_batch_size", "tokenizer", "method")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
-    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    VAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    EVAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    settings_json: str
-    def __init__(self, run_id: _Optional[str] = ..., settings_json: _Optional[str] = ...) -> None: ...
+    round: int
+    steps: int
+    start: int
+    batch_size: int
+    seq_len: int
+    micro_batches: int
+    lr: float
+    seed: int
+    val_fraction: float
+    eval_batch_size: int
+    tokenizer: str
+    method: str
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., start: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_batch_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class Upload(_message.Message):
     __slots__ = ("run_id", "partitions", "round")
@@ -237,13 +259,33 @@ class StopRun(_message.Message):
     reason: str
     def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class LoraSettings(_message.Message):
+    __slots__ = ("r", "alpha", "targets")
+    R_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    r: int
+    alpha: int
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, r: _Optional[int] = ..., alpha: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class PrepareRun(_message.Message):
-    __slots__ = ("run_id", "settings_json")
+    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
-    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    settings_json: str
-    def __init__(self, run_id: _Optional[str] = ..., settings_json: _Optional[str] = ...) -> None: ...
+    finetune: str
+    optimizer: str
+    lora: LoraSettings
+    seed: int
+    codec: str
+    method: str
+    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class LoadPartitions(_message.Message):
     __slots__ = ("run_id", "partitions", "round")
@@ -275,17 +317,71 @@ class Command(_message.Message):
     load: LoadPartitions
     def __init__(self, command_id: _Optional[int] = ..., host: _Optional[_Union[HostRun, _Mapping]] = ..., connect: _Optional[_Union[ConnectPeers, _Mapping]] = ..., train: _Optional[_Union[Train, _Mapping]] = ..., upload: _Optional[_Union[Upload, _Mapping]] = ..., stop: _Optional[_Union[StopRun, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRun, _Mapping]] = ..., load: _Optional[_Union[LoadPartitions, _Mapping]] = ...) -> None: ...
 
+class PeerBytes(_message.Message):
+    __slots__ = ("stage", "sent", "received")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    sent: int
+    received: int
+    def __init__(self, stage: _Optional[int] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
+
+class StepRecord(_message.Message):
+    __slots__ = ("loss", "tokens", "seconds", "peers")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    tokens: int
+    seconds: float
+    peers: _containers.RepeatedCompositeFieldContainer[PeerBytes]
+    def __init__(self, loss: _Optional[float] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., peers: _Optional[_Iterable[_Union[PeerBytes, _Mapping]]] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("loss", "perplexity", "tokens")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    perplexity: float
+    tokens: int
+    def __init__(self, loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class RoundReport(_message.Message):
+    __slots__ = ("round", "steps", "evaluation", "samples", "data_samples", "seconds", "stage_seconds", "step_seconds")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATA_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    steps: _containers.RepeatedCompositeFieldContainer[StepRecord]
+    evaluation: Evaluation
+    samples: int
+    data_samples: int
+    seconds: float
+    stage_seconds: _containers.RepeatedScalarFieldContainer[float]
+    step_seconds: float
+    def __init__(self, round: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., samples: _Optional[int] = ..., data_samples: _Optional[int] = ..., seconds: _Optional[float] = ..., stage_seconds: _Optional[_Iterable[float]] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+
 class StatusReport(_message.Message):
-    __slots__ = ("command_id", "state", "message", "run")
+    __slots__ = ("command_id", "state", "message", "run", "round_report")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_REPORT_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     state: CommandState
     message: str
     run: RunStatus
-    def __init__(self, command_id: _Optional[int] = ..., state: _Optional[_Union[CommandState, str]] = ..., message: _Optional[str] = ..., run: _Optional[_Union[RunStatus, _Mapping]] = ...) -> None: ...
+    round_report: RoundReport
+    def __init__(self, command_id: _Optional[int] = ..., state: _Optional[_Union[CommandState, str]] = ..., message: _Optional[str] = ..., run: _Optional[_Union[RunStatus, _Mapping]] = ..., round_report: _Optional[_Union[RoundReport, _Mapping]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)

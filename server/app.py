@@ -25,17 +25,16 @@ import grpc
 from aiohttp import web
 
 from proto import control_pb2_grpc as pb_grpc
-
-from .admin import AdminContext, admin_app
-from .checkpoints import CheckpointStore
-from .config import MIB, AuthSettings, ServerConfig
-from .coordinator import Coordinator, ModelSource, PlanFunction
-from .handler import ControlHandler, ControlListener
-from .messages import StatusReport
-from .run_manager import RunManager
-from .servicer import ControlServicer
-from .state import ControlState, InMemoryState
-from .weights import WeightStore
+from proto.messages import StatusReport
+from server.config import MIB, AuthSettings, ServerConfig
+from server.control.handler import ControlHandler, ControlListener
+from server.control.servicer import ControlServicer
+from server.control.state import ControlState, InMemoryState
+from server.control.weights import WeightStore
+from server.observe.admin import AdminContext, admin_app
+from server.planning.model_source.coordinator import Coordinator, ModelSource, PlanFunction
+from server.training.checkpoints import CheckpointStore
+from server.training.run_manager import RunManager
 
 log = logging.getLogger(__name__)
 

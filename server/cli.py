@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from server.config import (
     AuthSettings,
     ControlSettings,
     ListenSettings,
@@ -43,7 +43,7 @@ from .config import (
     TlsSettings,
     load_config,
 )
-from .tables import clients_table, plan_table, run_table, runs_table, status_table
+from server.observe.tables import clients_table, plan_table, run_table, runs_table, status_table
 
 DEFAULT_ADMIN = f"http://127.0.0.1:{ListenSettings().admin_port}"
 
@@ -89,9 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--resume", metavar="RUN_ID", help="start: continue this run from its last checkpoint")
             for flag, kind in RUN_FLAGS.items():
                 sub.add_argument(f"--{flag.replace('_', '-')}", dest=f"run_{flag}", type=kind, help=f"override {flag}")
-    from .demo import add_demo_parser
-
-    add_demo_parser(commands)
+    demo = commands.add_parser("demo", help="the training demo (titanic-testbed demo): server + 4 clients here")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="passed on to titanic-testbed demo")
     return parser
 
 
@@ -153,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .app import ServerApp, serve
+    from server.app import ServerApp, serve
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
@@ -161,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model = plan = None
     if config.model is not None:
-        from .planning import hf_model_source, planner_for
+        from server.planning.model_source.model_source import hf_model_source, planner_for
 
         model = hf_model_source(config.model, work_dir=Path(config.server.state_dir) / "model")
         plan = planner_for(model, config.model, config.planning)
@@ -228,7 +227,7 @@ def admin_post(base: str, route: str, token: str, body: Any, *, ca: Path | None 
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from .runs import load_run_spec
+    from server.training.spec import load_run_spec
 
     token = admin_token(args)
     if args.action in ("show", "stop", "start") and not args.target:
@@ -268,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import demo_main
-
-            return demo_main(args)
+            # The demo lives in the testbed, which builds on the server: hand over to it as a
+            # program (the server never imports the testbed).
+            os.execv(sys.executable, [sys.executable, "-m", "testbed.cli", "demo", *args.demo_args])
         return _run(args) if args.command == "run" else _admin(args)
     except ValueError as exc:
         print(f"titanic-server: error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import netns
+from .demo import add_demo_parser, demo_main
 from .orchestrate import (
     SUCCESSFUL_RUN_STATES,
     ClientReport,
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--download", required=True, help="ingress rate (through an ifb), e.g. 50mbit")
     shape.add_argument("argv", nargs=argparse.REMAINDER, help="-- and the command to exec afterwards")
 
+    add_demo_parser(commands)
     start = commands.add_parser("start-run", help="wait for N ready clients, then start a run if the server can")
     start.add_argument("--admin", required=True, help="the server's admin API URL")
     start.add_argument("--clients", type=int, required=True, help="ready clients to wait for")
@@ -230,7 +232,7 @@ def _start_run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``titanic-testbed``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handlers = {"up": _up, "down": _down, "shape": _shape, "start-run": _start_run}
+    handlers = {"up": _up, "down": _down, "shape": _shape, "start-run": _start_run, "demo": demo_main}
     try:
         return handlers[args.command](args)
     except ValueError as exc:

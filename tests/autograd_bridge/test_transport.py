@@ -1,6 +1,7 @@
 """The Connection contract, run against every implementation: the memory pipe and real WebSockets.
 
-The WebSocket pairs are a real server and client on 127.0.0.1 (ephemeral port) in this process;
+The WebSocket pairs are a real server and client on 127.0.0.1 (ephemeral port) in this process,
+once on the default (fast) path and once with ``fast_path=False`` on websockets' public API only;
 tests/autograd_bridge/test_websocket.py adds what only WebSockets have (TLS, tokens, processes).
 """
 
@@ -56,7 +57,7 @@ async def websocket_pair(
 async def connection_pair(
     kind: str, *, max_message_bytes: int | None = None, max_queue: int | None = None
 ) -> AsyncIterator[tuple[Connection, Connection]]:
-    """Two connected ends of the implementation ``kind`` ("memory" or "websocket")."""
+    """Two connected ends of the implementation ``kind`` ("memory", "websocket" or "websocket-public")."""
     if kind == "memory":
         options: dict[str, int] = {}
         if max_message_bytes is not None:
@@ -73,12 +74,13 @@ async def connection_pair(
     settings = WebSocketSettings(
         max_message_bytes=max_message_bytes or WebSocketSettings().max_message_bytes,
         max_queue=max_queue or WebSocketSettings().max_queue,
+        fast_path=kind != "websocket-public",
     )
     async with websocket_pair(settings) as pair:
         yield pair
 
 
-@pytest.fixture(params=["memory", "websocket"])
+@pytest.fixture(params=["memory", "websocket", "websocket-public"])
 def kind(request: pytest.FixtureRequest) -> str:
     """Which Connection implementation a test runs against."""
     return str(request.param)

@@ -1,6 +1,8 @@
 """What only the WebSocket transport has: TLS, tokens, lying or vanishing peers, other processes.
 
-The Connection contract itself is tested for every implementation in test_transport.py.
+Every test runs on both the fast path and the public path (see the ``path`` fixture). The
+Connection contract itself is tested for every implementation in test_transport.py; the switch
+between the paths and the fast path's own parts in test_websocket_paths.py.
 """
 
 from __future__ import annotations
@@ -13,17 +15,13 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trustme
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.streams import StreamReader
 
 from autograd_bridge.errors import (
     BridgeError,
@@ -34,9 +32,10 @@ from autograd_bridge.errors import (
 )
 from autograd_bridge.transport import Connection
 from autograd_bridge.websocket import (
+    PUBLIC_PATH_ENV,
     WebSocketServer,
     WebSocketSettings,
-    _ChunkReader,
+    _fast_path_problem,
     connect_websocket,
     new_event_loop,
     serve_websocket,
@@ -48,6 +47,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, params=["fast", "public"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The path every connection of the test takes, peer processes included (they inherit the
+    environment): "fast", or "public" forced by TITANIC_WS_PUBLIC_PATH=1."""
+    if request.param == "public":
+        monkeypatch.setenv(PUBLIC_PATH_ENV, "1")
+    else:
+        monkeypatch.delenv(PUBLIC_PATH_ENV, raising=False)
+        problem = _fast_path_problem()
+        if problem is not None:
+            pytest.skip(f"the installed websockets has no fast path: {problem}")
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +408,7 @@ async def test_killed_peer_fails_blocked_send_promptly() -> None:
         await client.close()
 
 
-# -- event loops and the reader --------------------------------------------------------------
+# -- event loops ---------------------------------------------------------------------------------
 
 
 def test_round_trip_on_uvloop() -> None:
@@ -418,73 +431,3 @@ def test_round_trip_on_uvloop() -> None:
         assert module.startswith("asyncio")
     else:
         assert module.startswith("uvloop")
-
-
-async def test_connections_use_the_one_copy_reader() -> None:
-    """Both ends receive through _ChunkReader (a websockets upgrade that breaks this fails here)."""
-    async with websocket_pair() as (client, server_end):
-        for end in (client, server_end):
-            assert isinstance(end._ws.protocol.reader, _ChunkReader)  # type: ignore[attr-defined]
-
-
-def _drive(reader: StreamReader, chunks: list[bytes], reads: list[tuple[str, int]]) -> list[object]:
-    """Results of ``reads`` on ``reader``, feeding it ``chunks`` one by one whenever it waits."""
-    pending = deque(chunks)
-    results: list[object] = []
-    for operation, n in reads:
-        generator: Generator[None, None, bytes | bytearray] = (
-            reader.read_exact(n) if operation == "exact" else reader.read_line(n)
-        )
-        while True:
-            try:
-                next(generator)
-            except StopIteration as done:
-                results.append(bytes(done.value))
-                break
-            except (EOFError, RuntimeError) as error:
-                results.append(f"{type(error).__name__}: {error}")
-                break
-            if pending:
-                reader.feed_data(pending.popleft())
-            elif not reader.eof:
-                reader.feed_eof()
-    return results
-
-
-def _split(data: bytes, cuts: list[int]) -> Iterator[bytes]:
-    points = sorted({cut % (len(data) + 1) for cut in cuts})
-    start = 0
-    for point in [*points, len(data)]:
-        if point > start:
-            yield data[start:point]
-            start = point
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    data=st.binary(max_size=300).map(lambda b: b.replace(b"\x00", b"\n")),
-    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
-    reads=st.lists(st.tuples(st.sampled_from(["exact", "line"]), st.integers(0, 120)), max_size=12),
-)
-def test_chunk_reader_reads_like_the_stock_reader(data: bytes, cuts: list[int], reads: list[tuple[str, int]]) -> None:
-    """_ChunkReader returns the same bytes and errors as websockets' StreamReader for any chunking."""
-    chunks = list(_split(data, cuts))
-    assert _drive(_ChunkReader(), chunks, reads) == _drive(StreamReader(), chunks, reads)
-
-
-@pytest.mark.parametrize("size", [0, 5, 125, 126, 65535, 65536, 300_000])
-def test_frames_written_unjoined_are_the_bytes_websockets_would_write(size):
-    """Header + payload written separately equal websockets' own serialization (masked: after unmasking)."""
-    from websockets.frames import Frame as WsFrame
-    from websockets.frames import Opcode, apply_mask
-
-    from autograd_bridge.websocket import _frame_parts
-
-    data = memoryview(bytes(range(256)) * (size // 256 + 1))[:size]
-    frame = WsFrame(Opcode.CONT, data, fin=False)
-    header, payload = _frame_parts(frame, mask=False)
-    assert header + payload == frame.serialize(mask=False)
-    header, payload = _frame_parts(frame, mask=True)
-    reference = frame.serialize(mask=True)
-    assert header[:-4] == reference[: len(header) - 4]  # same opcode, flags and length
-    assert apply_mask(payload, header[-4:]) == bytes(data)

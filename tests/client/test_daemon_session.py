@@ -11,10 +11,9 @@ import pytest
 
 from client.config import BridgeSettings, ClientConfig, ConnectionSettings, DeclaredProfile, ProfileSettings
 from client.daemon import ClientDaemon
-from client.messages import RunState
+from proto.messages import RunState, StopRun, Upload
 from server.config import ModelSettings
-from server.messages import StopRun, Upload
-from server.planning import hf_model_source, planner_for
+from server.planning.model_source import hf_model_source, planner_for
 from tests.server.support import JOIN_TOKEN, running_app, server_config
 
 

@@ -10,7 +10,7 @@ import pytest
 from autograd_bridge.errors import PeerLostError
 from client.errors import HostingError
 from client.hosting import build_stages, peer_authenticator, reach_peers, start_stage_host
-from client.messages import AllowedPeer, PartitionAssignment, PeerEndpoint
+from proto.messages import AllowedPeer, PartitionAssignment, PeerEndpoint
 
 OWNER_TOKEN = "token-the-server-gave-the-owner"
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from client.channel import ControlChannel
 from client.config import DeclaredProfile, ProfileSettings
-from client.messages import ClientInfo, DeviceProfile
 from client.profiling import (
     LinkMeasurement,
     apply_declared,
@@ -16,6 +15,7 @@ from client.profiling import (
     measure_link,
     with_link,
 )
+from proto.messages import ClientInfo, DeviceProfile
 from tests.server.support import JOIN_TOKEN, running_app, server_config
 
 

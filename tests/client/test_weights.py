@@ -9,8 +9,8 @@ import pytest
 
 from client.channel import ControlChannel
 from client.errors import WeightsError
-from client.messages import ClientInfo, DeviceProfile, PartitionAssignment
 from client.weights import fetch_partition
+from proto.messages import ClientInfo, DeviceProfile, PartitionAssignment
 from tests.server.support import JOIN_TOKEN, running_app, server_config
 
 INFO = ClientInfo(version="t", hostname="h", platform="p", has_data=False, data_bytes=0, bridge_host="127.0.0.1")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from proto.messages import ClientInfo, DeviceProfile, Registration, StatusReport
 from server.config import AuthSettings, ControlSettings
-from server.handler import ControlHandler
-from server.messages import ClientInfo, DeviceProfile, Registration, StatusReport
-from server.state import InMemoryState
-from server.weights import WeightStore
+from server.control.handler import ControlHandler
+from server.control.state import InMemoryState
+from server.control.weights import WeightStore
 
 JOIN_TOKEN = "join-token-for-tests"
 ALICE_KEY = "alice-key-for-tests"

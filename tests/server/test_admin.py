@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from client.channel import ControlChannel
-from client.messages import ClientInfo, DeviceProfile
+from proto.messages import ClientInfo, DeviceProfile
 
 from .support import ADMIN_TOKEN, JOIN_TOKEN, running_app, server_config
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from autograd_bridge.models import tiny_config
 from autograd_bridge.partition import even_stage_specs, split_model
-from server.aggregation import (
+from server.training.aggregation import (
     AggregationSettings,
     Aggregator,
     ClientUpdate,
@@ -211,7 +211,7 @@ def test_refused_call_leaves_optimizer_state_unchanged() -> None:
     with pytest.raises(ValueError):
         server.aggregate(global_state, [_update({"w": torch.ones(2), "count": torch.tensor([2])}, 1)])
     assert server.state_dict()["m"] == {}
-    assert server.rounds == 0
+    assert server.training.rounds == 0
 
 
 def test_settings_build_each_aggregator() -> None:

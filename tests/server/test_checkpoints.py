@@ -14,9 +14,9 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, PreTrainedModel
 
 from autograd_bridge.models import load_causal_lm, tiny_config
-from server import checkpoints as checkpoints_module
-from server.aggregation import ClientUpdate, FedAdam
-from server.checkpoints import STATE_JSON, CheckpointStore
+from server.training import checkpoints as checkpoints_module
+from server.training.aggregation import ClientUpdate, FedAdam
+from server.training.checkpoints import STATE_JSON, CheckpointStore
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

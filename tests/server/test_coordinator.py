@@ -7,11 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ModelSettings, PlanningSettings
-from server.coordinator import Coordinator, PlanOutcome
-from server.handler import ControlHandler
-from server.messages import (
-    ClientStatus,
+from proto.messages import (
     CommandState,
     ConnectPeers,
     DeviceProfile,
@@ -21,7 +17,11 @@ from server.messages import (
     StatusReport,
     StopRun,
 )
-from server.planning import hf_model_source, planner_for
+from server.config import ModelSettings, PlanningSettings
+from server.control.handler import ControlHandler
+from server.control.state import ClientStatus
+from server.planning.coordinator import Coordinator, PlanOutcome
+from server.planning.model_source import hf_model_source, planner_for
 
 from .conftest import FakeClock, registration
 

@@ -10,16 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import (
-    AuthenticationError,
-    ForbiddenError,
-    IntegrityError,
-    InvalidRequestError,
-    LimitExceededError,
-)
-from server.handler import ControlHandler
-from server.messages import (
-    ClientStatus,
+from proto.messages import (
     CommandState,
     Heartbeat,
     RunState,
@@ -28,7 +19,15 @@ from server.messages import (
     StopRun,
     WeightHeader,
 )
-from server.state import ClientRecord
+from server.control.handler import ControlHandler
+from server.control.state import ClientRecord, ClientStatus
+from server.errors import (
+    AuthenticationError,
+    ForbiddenError,
+    IntegrityError,
+    InvalidRequestError,
+    LimitExceededError,
+)
 
 from .conftest import ALICE_KEY, FakeClock, RecordingListener, full_profile, registration
 

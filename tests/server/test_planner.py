@@ -14,7 +14,7 @@ from transformers import LlamaConfig
 
 from autograd_bridge.partition import stage_specs_from_counts
 from autograd_bridge.profile import ModelProfile, profile_model, profile_partitions
-from server.planner import (
+from server.planning.planner import (
     AssignmentInfeasibleError,
     ClientProfile,
     ClientsTooSlowError,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.rounds import (
+from server.training.rounds import (
     Merge,
     Phase,
     PipelineInfo,

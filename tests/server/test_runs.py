@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from server.aggregation import AGGREGATORS, AggregationSettings, FedAdagrad, FedAvg, FedYogi
-from server.run_manager import from_peft_names, parse_metrics, per_round, to_peft_names
-from server.runs import (
+from server.training.aggregation import AGGREGATORS, AggregationSettings, FedAdagrad, FedAvg, FedYogi
+from server.training.run_manager import from_peft_names, parse_metrics, per_round, to_peft_names
+from server.training.spec import (
     AGGREGATOR_NAMES,
     RunSpec,
     aggregation_settings,
@@ -139,7 +139,7 @@ def test_the_default_run_merges_with_fedavg_and_the_aggregation_defaults() -> No
 
 
 def test_run_files_know_every_aggregator_the_server_implements() -> None:
-    """The names RunSpec accepts (checked without torch) are exactly server.aggregation's."""
+    """The names RunSpec accepts (checked without torch) are exactly server.training.aggregation's."""
     assert AGGREGATOR_NAMES == AGGREGATORS
 
 
@@ -153,7 +153,7 @@ def test_stages_auto_means_whatever_the_server_plans() -> None:
     """``stages = "auto"`` is no fixed count; a count below 2 or a string is refused with the choices."""
     import pytest
 
-    from server.runs import spec_from_mapping
+    from server.training.spec import spec_from_mapping
 
     assert spec_from_mapping({"stages": "auto"}).stages is None
     assert spec_from_mapping({"stages": 4}).stages == 4

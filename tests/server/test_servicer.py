@@ -11,11 +11,11 @@ import trustme
 
 from client.channel import ControlChannel
 from client.errors import RegistrationRefusedError, SessionEndedError, TlsVerificationError, WeightsError
-from client.messages import ClientInfo, DeviceProfile, RunStatus
 from proto import control_pb2 as pb
 from proto import control_pb2_grpc as pb_grpc
+from proto.messages import ClientInfo, DeviceProfile, RunStatus
 from server.config import TlsSettings
-from server.servicer import SESSION_METADATA_KEY
+from server.control.servicer import SESSION_METADATA_KEY
 
 from .support import JOIN_TOKEN, running_app, server_config
 

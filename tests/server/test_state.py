@@ -6,9 +6,16 @@ from collections.abc import Callable
 
 import pytest
 
+from proto.messages import CommandState, StatusReport, StopRun, WeightHeader
+from server.control.state import (
+    ClientRecord,
+    ClientStatus,
+    ControlState,
+    Deployment,
+    InMemoryState,
+    StoredUpload,
+)
 from server.errors import NotFoundError
-from server.messages import ClientStatus, CommandState, StatusReport, StopRun, StoredUpload, WeightHeader
-from server.state import ClientRecord, ControlState, Deployment, InMemoryState
 
 IMPLEMENTATIONS: list[Callable[[], ControlState]] = [InMemoryState]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.tables import format_table, plan_table
+from server.observe.tables import format_table, plan_table
 
 
 def test_columns_are_aligned() -> None:
@@ -35,7 +35,7 @@ def test_plan_table_has_one_row_per_partition() -> None:
 
 def test_run_table_shows_step_and_stage_times_when_reported() -> None:
     """A round with timing shows its step time and each stage's; one without shows dashes."""
-    from server.tables import run_table
+    from server.observe.tables import run_table
 
     timed = {"round": 1, "owner": "o", "losses": [2.0, 1.5], "val_loss": 1.4, "ppl": 4.055, "samples": 8,
              "step_seconds": 0.25, "stage_seconds": [0.01, 0.2, 0.04]}

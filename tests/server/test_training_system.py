@@ -60,7 +60,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def owner_data(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two owners' KJV books (split by book, non-IID)."""
-    from server.demo_data import write_owner_splits
+    from testbed.demo_data import write_owner_splits
 
     splits = write_owner_splits(tmp_path_factory.mktemp("data"), 2, max_chars_per_owner=10_000)
     return [s.path for s in splits]
@@ -235,7 +235,7 @@ def test_case3_lora_merges_the_owners_adapters_by_samples(tmp_path: Path, model_
     import torch
     from safetensors.torch import load_file
 
-    from server.run_manager import from_peft_names
+    from server.training.run_manager import from_peft_names
 
     run_file = write_run(tmp_path / "run.toml", model_dir, case=3, finetune="lora", lora_r=4, lr=1e-2)
     owners = {"alice": owner_data[0], "bob": owner_data[1]}
@@ -324,8 +324,8 @@ def test_case3_fedadam_steps_from_the_round_zero_snapshot(tmp_path: Path, model_
     import torch
     from safetensors.torch import load_file
 
-    from server.aggregation import ClientUpdate, FedAdam
-    from server.run_manager import from_peft_names
+    from server.training.aggregation import ClientUpdate, FedAdam
+    from server.training.run_manager import from_peft_names
 
     def uploaded(bridge_run: str, round_: int) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}

@@ -18,8 +18,14 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ForbiddenError, IntegrityError, InvalidRequestError, LimitExceededError, NotFoundError
-from .messages import WeightHeader
+from proto.messages import WeightHeader
+from server.errors import (
+    ForbiddenError,
+    IntegrityError,
+    InvalidRequestError,
+    LimitExceededError,
+    NotFoundError,
+)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")

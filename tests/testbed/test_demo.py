@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.demo import DemoSettings, run_demo
+from testbed.demo import DemoSettings, run_demo
 
 
 @pytest.mark.slow

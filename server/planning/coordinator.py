@@ -1,6 +1,6 @@
 """Turns the registry into work: plan when the clients change, then deliver the plan.
 
-A plan (a :class:`~server.state.Deployment`, id ``plan-<generation>``) has one pipeline per
+A plan (a :class:`~server.control.state.Deployment`, id ``plan-<generation>``) has one pipeline per
 data owner, and each pipeline is delivered as its own bridge run ``plan-<generation>-p<i>``, so
 a client hosting stages of two pipelines keeps their state apart:
 
@@ -32,12 +32,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import PlanningSettings
-from .errors import PlanningError
-from .handler import ControlHandler
-from .messages import (
+from proto.messages import (
     AllowedPeer,
-    ClientStatus,
     CommandState,
     ConnectPeers,
     HostRun,
@@ -47,7 +43,10 @@ from .messages import (
     StatusReport,
     StopRun,
 )
-from .state import ClientRecord, Deployment, PlanRow, plan_key
+from server.config import PlanningSettings
+from server.control.handler import ControlHandler
+from server.control.state import ClientRecord, ClientStatus, Deployment, PlanRow, plan_key
+from server.errors import PlanningError
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +244,7 @@ class Coordinator:
                     client_id,
                     HostRun(
                         run_id=run_id,
-                        model_config_json=config_json,
+                        model_config=config_json,
                         partitions=tuple(_assignment(r, len(run_rows)) for r in mine),
                         allowed_peers=(AllowedPeer(client_id=owner, token_sha256=digest),) if serves else (),
                     ),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from client.data import load_texts
-from server.demo_data import kjv_books, kjv_db_path, split_books, write_owner_splits
+from testbed.demo_data import kjv_books, kjv_db_path, split_books, write_owner_splits
 
 
 def test_package_database_has_the_schema_we_read() -> None:

@@ -11,21 +11,43 @@ Records are frozen: a state hands out values, never references to its insides.
 from __future__ import annotations
 
 import abc
+import enum
 import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import NotFoundError
-from .messages import (
+from proto.messages import (
     ClientInfo,
-    ClientStatus,
     Command,
     CommandBody,
     DeviceProfile,
     RunStatus,
     StatusReport,
-    StoredUpload,
+    WeightHeader,
 )
+from server.errors import NotFoundError
+
+
+class ClientStatus(enum.StrEnum):
+    """Where a registered client stands."""
+
+    MEASURING = "measuring"  # registered; its link to the server is being measured
+    READY = "ready"  # profile complete; the planner may give it work
+    LOST = "lost"  # silent for longer than the heartbeat timeout
+    LEFT = "left"  # said goodbye
+
+
+LIVE_STATUSES = frozenset({ClientStatus.MEASURING, ClientStatus.READY})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredUpload:
+    """An upload the server verified and kept."""
+
+    client_id: str
+    header: WeightHeader
+    path: str
+    received_at: float = field(default=0.0)  # wall-clock seconds since the epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

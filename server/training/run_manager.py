@@ -1,11 +1,11 @@
-"""Drives training runs over the control plane: the I/O around :class:`server.rounds.RoundMachine`.
+"""Drives training runs over the control plane: the I/O around :class:`server.training.rounds.RoundMachine`.
 
 A run waits for the coordinator's plan to be connected (one pipeline per data owner), tells
 every client holding partitions how the run trains (``PrepareRun``: LoRA adapters or all
 weights), then follows the machine: ``Train`` to the owners, ``Upload`` of what every
 partition trains, a merge of each partition's copies (FedAvg weighted by the owners' samples),
 ``LoadPartitions`` of the merged partitions where a pipeline needs them, and after each round a
-checkpoint with :class:`~server.checkpoints.CheckpointStore` (a folder ``from_pretrained``
+checkpoint with :class:`~server.training.checkpoints.CheckpointStore` (a folder ``from_pretrained``
 loads, or a PEFT adapter folder). The owner's ``Train`` answer carries its metrics as JSON in
 the status message (losses, validation loss and perplexity, samples).
 
@@ -37,11 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aggregation import ClientUpdate
-from .checkpoints import CheckpointStore
-from .coordinator import ModelSource
-from .handler import ControlHandler
-from .messages import (
+from proto.messages import (
     CommandState,
     LoadPartitions,
     PartitionAssignment,
@@ -50,7 +46,12 @@ from .messages import (
     Train,
     Upload,
 )
-from .rounds import (
+from server.control.handler import ControlHandler
+from server.control.state import Deployment, PlanRow
+from server.planning.model_source.coordinator import ModelSource
+from server.training.aggregation import ClientUpdate
+from server.training.checkpoints import CheckpointStore
+from server.training.rounds import (
     Action,
     Merge,
     Phase,
@@ -62,8 +63,13 @@ from .rounds import (
     SendUpload,
     Snapshot,
 )
-from .runs import RunSpec, aggregation_settings, prepare_settings, spec_from_mapping, train_settings
-from .state import Deployment, PlanRow
+from server.training.spec import (
+    RunSpec,
+    aggregation_settings,
+    prepare_settings,
+    spec_from_mapping,
+    train_settings,
+)
 
 log = logging.getLogger(__name__)
 

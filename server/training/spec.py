@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
-    from .aggregation import AggregationSettings
+    from server.training.aggregation import AggregationSettings
 
 Finetune = Literal["full", "lora"]
-# The merges server.aggregation implements. Named again here (a test keeps the two equal) so
+# The merges server.training.aggregation implements. Named again here (a test keeps the two equal) so
 # that checking a run file in `titanic-server runs start` does not import torch.
 AggregatorName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad"]
 AGGREGATOR_NAMES: tuple[str, ...] = get_args(AggregatorName)
@@ -134,7 +134,7 @@ def _is_number(value: object) -> bool:
 
 def aggregation_settings(spec: RunSpec) -> AggregationSettings:
     """How the server merges each partition's copies in ``spec``'s run (build() gives the aggregator)."""
-    from .aggregation import AggregationSettings
+    from server.training.aggregation import AggregationSettings
 
     return AggregationSettings(
         kind=spec.aggregator,

@@ -2,7 +2,7 @@
 
 The machine takes events (the plan's pipelines are connected, a client finished a command,
 the server merged the uploads, the operator stopped the run) and returns the actions the
-caller must carry out. The caller (:mod:`server.run_manager`) turns actions into commands and
+caller must carry out. The caller (:mod:`server.training.run_manager`) turns actions into commands and
 files; tests drive the machine directly.
 
 A plan has one pipeline per data owner (its bridge run id). A round is a sequence of *turns*;

@@ -1,27 +1,34 @@
-"""The control plane's messages as the server sees them: plain dataclasses, no protobuf.
+"""The control plane's messages as plain dataclasses: the one set the server and the client share.
 
-``server/convert.py`` turns the wire types of ``proto/control.proto`` into these on entry
-and back on exit; everything else in the server works with these.
+``proto/control.proto`` declares the wire; :mod:`proto.serde` converts between its generated
+types and these, in both directions, so neither side touches protobuf. Nothing here imports
+the rest of the project (``proto/`` is the bottom layer).
+
+A *run* is a training run (``run-1``), the server's business. A *pipeline* is one data
+owner's chain of stages; the stage hosts know it by its bridge run id, which is what the
+``run_id`` field of every command means (``HostRun``, ``Train``, ``Upload``, ...).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PROTOCOL_VERSION = 1
 
 
-class ClientStatus(enum.StrEnum):
-    """Where a registered client stands."""
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in blocks: the digest weight transfers are checked against."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    MEASURING = "measuring"  # registered; its link to the server is being measured
-    READY = "ready"  # profile complete; the planner may give it work
-    LOST = "lost"  # silent for longer than the heartbeat timeout
-    LEFT = "left"  # said goodbye
 
-
-LIVE_STATUSES = frozenset({ClientStatus.MEASURING, ClientStatus.READY})
+# ------------------------------------------------------------------------------ joining
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,15 +76,15 @@ class Registration:
 
     name: str  # the client's unique name, becomes its id
     join_token: str | None = None  # a token any client may present
-    client_key: str | None = None  # a key the server knows for exactly this name
+    client_key: str | None = None  # a key the server knows for exactly this name (wins over join_token)
     info: ClientInfo = field(default_factory=ClientInfo)
     profile: DeviceProfile = field(default_factory=DeviceProfile)  # compute and memory; the link comes later
     protocol_version: int = PROTOCOL_VERSION
-    address: str = ""  # where the request came from, as the transport saw it
+    address: str = ""  # where the request came from, as the server's transport saw it (not on the wire)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RegistrationResult:
+class Session:
     """What a client learns when it is let in."""
 
     client_id: str
@@ -88,8 +95,11 @@ class RegistrationResult:
     probe_max_seconds: float
 
 
+# ------------------------------------------------------------------------------ liveness
+
+
 class RunState(enum.StrEnum):
-    """What a client is doing for a run."""
+    """What a client is doing for a pipeline."""
 
     PREPARING = "preparing"
     READY = "ready"
@@ -102,9 +112,9 @@ class RunState(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunStatus:
-    """A client's view of one run it takes part in."""
+    """A client's view of one pipeline it takes part in."""
 
-    run_id: str
+    run_id: str  # the pipeline's bridge run id
     partitions: tuple[int, ...] = ()
     state: RunState = RunState.PREPARING
     bridge_url: str = ""  # where peers connect; empty when not serving
@@ -113,7 +123,7 @@ class RunStatus:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
-    """A client saying it is alive, and how its runs are going."""
+    """A client saying it is alive, and how its pipelines are going."""
 
     runs: tuple[RunStatus, ...] = ()
     free_memory_bytes: int = 0
@@ -127,6 +137,56 @@ class CommandState(enum.StrEnum):
     FAILED = "failed"
 
 
+# ------------------------------------------------------------------------------ round reports
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerBytes:
+    """Bridge bytes between the owner and one remote stage during a step."""
+
+    stage: int
+    sent: int = 0
+    received: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRecord:
+    """One optimizer step of an owner's round."""
+
+    loss: float
+    tokens: int = 0  # target tokens the loss averaged over
+    seconds: float = 0.0  # wall time of the whole step
+    peers: tuple[PeerBytes, ...] = ()  # bridge traffic per remote stage
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evaluation:
+    """Validation after a round."""
+
+    loss: float  # mean validation loss per token
+    perplexity: float
+    tokens: int = 0  # validation target tokens: this owner's weight in the all-owner figure
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundReport:
+    """What an owner did in a round: every step, then the evaluation."""
+
+    round: int
+    steps: tuple[StepRecord, ...]
+    evaluation: Evaluation
+    samples: int = 0  # sequences trained this round
+    data_samples: int = 0  # training sequences the owner holds: the FedAvg weight
+    seconds: float = 0.0  # wall time of the round, evaluation included
+    stage_seconds: tuple[float, ...] = ()  # per stage, the owner's mean wait per step
+    step_seconds: float = 0.0  # mean seconds of a whole step
+
+    @property
+    def losses(self) -> list[float]:
+        """The training loss of every step, in order."""
+        return [s.loss for s in self.steps]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatusReport:
     """A client's progress on one command."""
@@ -135,6 +195,7 @@ class StatusReport:
     state: CommandState
     message: str = ""
     run: RunStatus | None = None
+    round_report: RoundReport | None = None  # a finished Train command
 
 
 # ------------------------------------------------------------------------------ commands
@@ -163,10 +224,10 @@ class AllowedPeer:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostRun:
-    """Host these partitions of a run and let these peers in."""
+    """Host these partitions of a pipeline and let these peers in."""
 
     run_id: str
-    model_config_json: str
+    model_config: str  # the model's config.json, as transformers writes it
     partitions: tuple[PartitionAssignment, ...]
     allowed_peers: tuple[AllowedPeer, ...] = ()
 
@@ -183,7 +244,7 @@ class PeerEndpoint:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectPeers:
-    """Connect to the hosts of the other partitions of a run."""
+    """Connect to the hosts of the other partitions of a pipeline."""
 
     run_id: str
     peers: tuple[PeerEndpoint, ...]
@@ -191,15 +252,26 @@ class ConnectPeers:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Train:
-    """Start training a run (the settings are the run's, as JSON)."""
+    """What a data owner trains in one round."""
 
-    run_id: str
-    settings_json: str = "{}"
+    run_id: str  # the owner's pipeline
+    round: int = 1  # 1-based round of the training run
+    steps: int = 1  # optimizer steps this round
+    start: int = 0  # first batch of the owner's stream this round
+    batch_size: int = 1  # sequences per step
+    seq_len: int = 2  # tokens per sequence
+    micro_batches: int = 1  # micro-batches per step in the pipeline
+    lr: float = 1e-4  # learning rate of every stage
+    seed: int = 0  # data split and batch order
+    val_fraction: float = 0.1  # held-out share of the owner's sequences
+    eval_batch_size: int = 8  # sequences per validation batch
+    tokenizer: str = ""  # name or path of the tokenizer to load on the owner
+    method: str = "backprop"  # the training method, by name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Upload:
-    """Send the weights of these hosted partitions to the server."""
+    """Send what these hosted partitions train to the server."""
 
     run_id: str
     partitions: tuple[int, ...]
@@ -208,18 +280,32 @@ class Upload:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StopRun:
-    """Stop everything the client does for a run and drop its state."""
+    """Stop everything the client does for a pipeline and drop its state."""
 
     run_id: str
     reason: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LoraSettings:
+    """LoRA adapters: rank, scale numerator, the modules they adapt."""
+
+    r: int = 8  # adapter rank
+    alpha: int = 16  # scale numerator (scale = alpha / r)
+    targets: tuple[str, ...] = ()  # module names; empty: the family's default
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PrepareRun:
-    """Before a training run's first round: how its stages train (LoRA or full), as JSON."""
+    """Before a training run's first round: how a pipeline's stages train."""
 
     run_id: str
-    settings_json: str = "{}"
+    finetune: str = "full"  # a member of autograd_bridge.finetune: what a stage trains and what travels
+    optimizer: str = "adamw"  # every stage's optimizer (autograd_bridge.optim)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    seed: int = 0  # adapters of partition k start from seed * 1000 + k on every copy
+    codec: str = "dense"  # how partition tensors travel to and from the server (autograd_bridge.codecs)
+    method: str = "backprop"  # the training method (autograd_bridge.methods)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -271,13 +357,3 @@ class UploadReceipt:
 
     sha256: str
     total_bytes: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StoredUpload:
-    """An upload the server verified and kept."""
-
-    client_id: str
-    header: WeightHeader
-    path: str
-    received_at: float = field(default=0.0)  # wall-clock seconds since the epoch

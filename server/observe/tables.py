@@ -1,6 +1,6 @@
 """Aligned plain-text tables for the admin CLI, and the views of clients and plans it prints.
 
-The admin API answers JSON (see :mod:`server.admin`); these functions turn the same JSON into
+The admin API answers JSON (see :mod:`server.observe.admin`); these functions turn the same JSON into
 tables, so ``titanic-server plan`` and ``titanic-server plan --json`` show the same facts.
 """
 

@@ -1,0 +1,1 @@
+"""Operations: the admin API and the tables the CLI prints."""

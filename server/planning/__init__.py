@@ -1,0 +1,1 @@
+"""Planning: the coordinator, the model source, and the assignment planner."""
