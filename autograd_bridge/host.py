@@ -34,13 +34,14 @@ import ssl as ssl_lib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from .errors import BridgeError, FrameError, PeerLostError
 from .frames import Compression, Frame, FrameLimits, MessageKind, decode_frame, encode_frame, error_frame
+from .optim import build_optimizer, check_optimizer_name
 from .transport import Connection
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class HostSettings:
 
     max_micro_batches: int = 64  # FORWARD states held at once (each keeps a graph alive)
     state_timeout_s: float = 300.0  # a state whose BACKWARD has not come by then is dropped
-    optimizer: Literal["adamw", "sgd"] = "adamw"  # the host steps its own parameters
+    optimizer: str = "adamw"  # the host steps its own parameters (a name in autograd_bridge.optim)
     lr: float = 1e-4  # default learning rate; OPTIMIZER_STEP may override it per step
     weight_decay: float = 0.0  # decoupled weight decay for adamw, L2 for sgd
     compression: Compression = "none"  # compression of the activations/gradients this host sends
@@ -136,19 +137,15 @@ class StageHost:
         if not params:
             return None
         s = self.settings
-        if s.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay)
-        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        return build_optimizer(s.optimizer, params, lr=s.lr, weight_decay=s.weight_decay)
 
-    def reset_optimizer(self, optimizer: Literal["adamw", "sgd"] | None = None) -> None:
+    def reset_optimizer(self, optimizer: str | None = None) -> None:
         """Rebuild the optimizer over the parameters that require grad now (after add_lora, say).
 
         ``optimizer`` switches the kind for this host's later steps (its state starts afresh).
         """
         if optimizer is not None:
-            if optimizer not in ("adamw", "sgd"):
-                raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {optimizer!r}")
-            self.settings = replace(self.settings, optimizer=optimizer)
+            self.settings = replace(self.settings, optimizer=check_optimizer_name(optimizer))
         params = [p for m in self.stages.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(params)
 

@@ -72,6 +72,9 @@ class StageClient:
         self._pending: dict[int, tuple[MessageKind, asyncio.Future[Frame]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._lost: BaseException | None = None
+        # Frame bytes over this connection so far, both ways (what the owner reports per step).
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     @classmethod
     async def connect(
@@ -107,6 +110,7 @@ class StageClient:
         try:
             while True:
                 data = await self.conn.recv()
+                self.bytes_received += memoryview(data).nbytes
                 frame = decode_frame(data, limits=self.settings.limits)
                 entry = self._pending.pop(frame.request_id, None)
                 if entry is None:
@@ -181,8 +185,10 @@ class StageClient:
         )
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (kind, future)
+        parts = encode_frame(frame, compression=compression)
+        self.bytes_sent += sum(memoryview(part).nbytes for part in parts)
         try:
-            await self.conn.send(encode_frame(frame, compression=compression))
+            await self.conn.send(parts)
         except BaseException:
             self._pending.pop(request_id, None)
             raise

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import tomllib
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from autograd_bridge.config import read_toml, sections_from_mapping
 
 MIB = 1 << 20
 
@@ -179,43 +179,11 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def section_from_mapping(cls: type[Any], table: Mapping[str, Any], name: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, refusing keys it does not have."""
-    if not isinstance(table, Mapping):
-        raise ValueError(f"[{name}] must be a table")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)} in [{name}]; known keys: {', '.join(sorted(known))}")
-    kwargs = {}
-    for key, value in table.items():
-        if isinstance(value, str) and (hints[key] is Path or Path in typing.get_args(hints[key])):
-            value = Path(value).expanduser()
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"[{name}]: {exc}") from exc
-
-
 def config_from_mapping(data: Mapping[str, Any]) -> ClientConfig:
     """A config from parsed TOML."""
-    unknown = sorted(set(data) - set(_SECTIONS))
-    if unknown:
-        raise ValueError(
-            f"unknown table(s) {', '.join(unknown)} in the client config; known: {', '.join(_SECTIONS)}"
-        )
-    return ClientConfig(**{name: section_from_mapping(_SECTIONS[name], t, name) for name, t in data.items()})
+    return ClientConfig(**sections_from_mapping(_SECTIONS, data, "client config"))
 
 
 def load_config(path: Path) -> ClientConfig:
     """Read a TOML config file."""
-    try:
-        with Path(path).open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise ValueError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
-    return config_from_mapping(data)
+    return config_from_mapping(read_toml(path, "config file"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import platform
 import random
@@ -34,6 +33,7 @@ from proto.messages import (
     HostRun,
     LoadPartitions,
     PrepareRun,
+    RoundReport,
     RunState,
     RunStatus,
     Session,
@@ -42,6 +42,7 @@ from proto.messages import (
     Train,
     Upload,
     WeightHeader,
+    file_sha256,
 )
 
 from . import __version__
@@ -62,15 +63,15 @@ from .profiling import (
 )
 from .trainer import (
     OwnerTrainer,
-    PrepareSettings,
-    RoundSettings,
-    adapt_stages,
+    Preparation,
     build_owner_optimizer,
+    check_train,
     load_trained_state,
+    prepare_from_command,
     tie_owner_stages,
     trained_state,
 )
-from .weights import fetch_partition, file_sha256
+from .weights import fetch_partition
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class ClientDaemon:
         self._host_tasks: dict[str, asyncio.Task[None]] = {}
         self._command_tasks: set[asyncio.Task[None]] = set()
         self._trainers: dict[str, OwnerTrainer] = {}  # run id -> its training pipeline (data owners only)
-        self._lora: dict[str, bool] = {}  # run id -> whether a PrepareRun gave its stages LoRA adapters
+        self._prepared: dict[str, Preparation] = {}  # run id -> how its stages train (from PrepareRun)
         self._ca_pem = config.tls.ca.read_bytes() if config.tls.ca else None
 
     # -- the outer loop ------------------------------------------------------------------
@@ -228,11 +229,11 @@ class ClientDaemon:
 
     async def _execute(self, channel: ControlChannel, command: Command) -> None:
         body = command.body
-        message = ""
+        report_of_round: RoundReport | None = None
         status: RunStatus | None
         try:
             if isinstance(body, Train):
-                status, message = await self._train(body)
+                status, report_of_round = await self._train(body)
             else:
                 status = await self._dispatch(channel, body)
         except (ServerUnavailableError, SessionEndedError):
@@ -248,7 +249,9 @@ class ClientDaemon:
             failed_run = run.status() if run is not None else None
             report = StatusReport(command_id=command.command_id, state=CommandState.FAILED, message=str(exc), run=failed_run)
         else:
-            report = StatusReport(command_id=command.command_id, state=CommandState.DONE, message=message, run=status)
+            report = StatusReport(
+                command_id=command.command_id, state=CommandState.DONE, run=status, round_report=report_of_round
+            )
         with contextlib.suppress(ServerUnavailableError, SessionEndedError):
             await channel.report_status(report)
 
@@ -280,7 +283,7 @@ class ClientDaemon:
             cache = self.config.cache_dir
             files = {p.index: await fetch_partition(channel, cmd.run_id, p, cache) for p in cmd.partitions}
             workdir = cache / "runs" / cmd.run_id
-            run.stages = await asyncio.to_thread(build_stages, cmd.model_config_json, cmd.partitions, files, workdir)
+            run.stages = await asyncio.to_thread(build_stages, cmd.model_config, cmd.partitions, files, workdir)
             tie_owner_stages({p.index: run.stages[p.index] for p in cmd.partitions if p.local})
             served = {p.index: run.stages[p.index] for p in cmd.partitions if not p.local}
             if served:
@@ -323,18 +326,18 @@ class ClientDaemon:
         if run is None:
             raise HostingError(f"run {cmd.run_id} is not hosted here")
         chunk = self.session.max_chunk_bytes if self.session else 1 << 20
-        lora = self._lora.get(cmd.run_id)
+        prepared = self._prepared.get(cmd.run_id)
         for index in cmd.partitions:
             stage = run.stages.get(index)
             if stage is None:
                 raise HostingError(f"partition {index} of run {cmd.run_id} is not hosted here")
             with tempfile.TemporaryDirectory(prefix="titanic-upload-") as tmp:
                 path = Path(tmp) / "stage.safetensors"
-                if lora is None:
+                if prepared is None:
                     await asyncio.to_thread(save_stage_weights, stage, path)
-                else:  # a training run: what it trains (all tensors, or the adapters) and its optimizer state
-                    state = await asyncio.to_thread(trained_state, stage, lora, self._optimizer_for(run, index))
-                    await asyncio.to_thread(_save_tensors, state, path)
+                else:  # a training run: what its finetune mode trains and the optimizer state, in its codec
+                    optimizer = self._optimizer_for(run, index)
+                    await asyncio.to_thread(_write_update, prepared, stage, optimizer, path)
                 sha = await asyncio.to_thread(file_sha256, path)
                 header = WeightHeader(
                     run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha, round=cmd.round
@@ -350,19 +353,22 @@ class ClientDaemon:
         run = self.runs.get(cmd.run_id)
         if run is None or run.state == RunState.FAILED:
             raise HostingError(f"run {cmd.run_id} is not hosted here; the server sent PrepareRun too early")
-        settings = PrepareSettings.from_json(cmd.settings_json)
-        if cmd.run_id in self._lora:
-            if self._lora[cmd.run_id] != settings.lora:
+        prepared = prepare_from_command(cmd)
+        earlier = self._prepared.get(cmd.run_id)
+        if earlier is not None:
+            if earlier.key != prepared.key:
                 raise HostingError(f"run {cmd.run_id} was prepared differently before; replan to change it")
             return run.status()
-        if settings.lora:
-            await asyncio.to_thread(adapt_stages, run.stages, settings)
+        try:
+            await asyncio.to_thread(prepared.finetune.prepare, run.stages, prepared.settings)
+        except ValueError as exc:
+            raise HostingError(str(exc)) from exc
         if run.served is not None and run.served.host is not None:
-            # Over the adapters (LoRA), and with the run's optimizer.
-            run.served.host.reset_optimizer(settings.optimizer)  # type: ignore[arg-type]
+            # Over what the stages train now (the adapters, say), with the run's optimizer.
+            run.served.host.reset_optimizer(prepared.optimizer)
         local = [run.stages[p.index] for p in run.partitions if p.local]
-        run.optimizer = build_owner_optimizer(local, settings.optimizer)  # before any Load, which may bring its state
-        self._lora[cmd.run_id] = settings.lora
+        run.optimizer = build_owner_optimizer(local, prepared.optimizer)  # before any Load, which may bring its state
+        self._prepared[cmd.run_id] = prepared
         return run.status()
 
     def _optimizer_for(self, run: HostedRun, index: int) -> Any:
@@ -374,47 +380,51 @@ class ClientDaemon:
 
     async def _load(self, channel: ControlChannel, cmd: LoadPartitions) -> RunStatus:
         """Replace the trained tensors of some partitions with the server's merged ones."""
-        from safetensors.torch import load_file
-
         run = self.runs.get(cmd.run_id)
-        if run is None or cmd.run_id not in self._lora:
+        prepared = self._prepared.get(cmd.run_id)
+        if run is None or prepared is None:
             raise HostingError(f"run {cmd.run_id} is not prepared for training here")
-        lora = self._lora[cmd.run_id]
         for p in cmd.partitions:
             stage = run.stages.get(p.index)
             if stage is None:
                 raise HostingError(f"partition {p.index} of run {cmd.run_id} is not hosted here")
             path = await fetch_partition(channel, cmd.run_id, p, self.config.cache_dir / "merged")
-            tensors = await asyncio.to_thread(load_file, path)
+            try:
+                tensors = await asyncio.to_thread(prepared.codec.decode, path.read_bytes())
+            except ValueError as exc:
+                raise HostingError(f"partition {p.index} of run {cmd.run_id}: {exc}") from exc
             optimizer = self._optimizer_for(run, p.index)
-            await asyncio.to_thread(load_trained_state, stage, tensors, lora, optimizer)
+            await asyncio.to_thread(load_trained_state, stage, tensors, prepared.finetune, optimizer)
         return run.status()
 
-    async def _train(self, cmd: Train) -> tuple[RunStatus, str]:
-        """Train one round through the run's pipeline; the metrics go back as JSON in the status."""
+    async def _train(self, cmd: Train) -> tuple[RunStatus, RoundReport]:
+        """Train one round through the run's pipeline; its report goes back with the status."""
         data = self.config.client.data
         if data is None:
             raise HostingError("this client has no data to train on; start it with --data")
         run = self.runs.get(cmd.run_id)
         if run is None or run.state not in (RunState.CONNECTED, RunState.TRAINING):
             raise HostingError(f"run {cmd.run_id} is not connected here; the server sent Train too early")
-        if cmd.run_id not in self._lora:  # PrepareRun builds the optimizer of the owner's stages
+        prepared = self._prepared.get(cmd.run_id)
+        if prepared is None:  # PrepareRun builds the optimizer of the owner's stages
             raise HostingError(f"run {cmd.run_id} is not prepared for training here; the server sent Train before PrepareRun")
-        settings = RoundSettings.from_json(cmd.settings_json)
+        settings = check_train(cmd)
+        if settings.method != prepared.method.name:
+            raise HostingError(f"run {cmd.run_id} was prepared for {prepared.method.name}, not {settings.method}")
         run.state = RunState.TRAINING
         try:
             trainer = self._trainers.get(cmd.run_id)
             if trainer is None:
                 trainer = await asyncio.to_thread(
-                    OwnerTrainer, cmd.run_id, run.stages, run.peers, data, settings, run.optimizer
+                    OwnerTrainer, cmd.run_id, run.stages, run.peers, data, settings, run.optimizer, prepared.method
                 )
                 self._trainers[cmd.run_id] = trainer
-            metrics = await asyncio.to_thread(trainer.train_round, settings)
+            report = await asyncio.to_thread(trainer.train_round, settings)
         finally:
             if run.state == RunState.TRAINING:
                 run.state = RunState.CONNECTED
-        log.info("run %s round %d: val ppl %.3f", cmd.run_id, settings.round, metrics["ppl"])
-        return run.status(), json.dumps(metrics)
+        log.info("run %s round %d: val ppl %.3f", cmd.run_id, settings.round, report.evaluation.perplexity)
+        return run.status(), report
 
     async def _close_trainer(self, run_id: str) -> None:
         trainer = self._trainers.pop(run_id, None)
@@ -423,7 +433,7 @@ class ClientDaemon:
 
     async def _stop_run(self, cmd: StopRun) -> RunStatus:
         await self._close_trainer(cmd.run_id)
-        self._lora.pop(cmd.run_id, None)
+        self._prepared.pop(cmd.run_id, None)
         task = self._host_tasks.pop(cmd.run_id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -439,7 +449,7 @@ class ClientDaemon:
         self._host_tasks.clear()
         for run_id in list(self._trainers):
             await self._close_trainer(run_id)
-        self._lora.clear()
+        self._prepared.clear()
         runs, self.runs = self.runs, {}
         for run in runs.values():
             await run.close()
@@ -447,7 +457,6 @@ class ClientDaemon:
 
 
 
-def _save_tensors(tensors: dict[str, Any], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(path))
+def _write_update(prepared: Preparation, stage: Any, optimizer: Any, path: Path) -> None:
+    """Write what ``stage`` uploads after a round (its trained tensors and optimizer state) in the run's codec."""
+    path.write_bytes(prepared.codec.encode(trained_state(stage, prepared.finetune, optimizer)))

@@ -9,7 +9,6 @@ to round, so round ``r`` continues exactly where round ``r - 1`` stopped (batch
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -18,61 +17,78 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proto.messages import PeerEndpoint
+from autograd_bridge.codecs import UpdateCodec, get_codec
+from autograd_bridge.finetune import Finetune, FinetuneSettings, get_finetune
+from autograd_bridge.methods import TrainingMethod, get_method
+from autograd_bridge.optim import check_optimizer_name
+from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, Train
 
 from .errors import HostingError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RoundSettings:
-    """One round of training as the server asked for it (validated: it came over the network)."""
+def check_train(cmd: Train) -> Train:
+    """``cmd`` when every setting of the round is usable, else a HostingError naming the bad one.
 
-    round: int  # 1-based round number
-    steps: int  # optimizer steps this round
-    start: int  # first batch of the owner's stream this round
-    batch_size: int  # sequences per step
-    seq_len: int  # tokens per sequence
-    micro_batches: int  # micro-batches per step in the pipeline
-    lr: float  # learning rate of every stage
-    seed: int  # data split and batch order
-    val_fraction: float  # held-out share of the owner's sequences
-    eval_batch_size: int  # sequences per validation batch
-    tokenizer: str  # name or path of the tokenizer to load here
-
-    @classmethod
-    def from_json(cls, text: str) -> RoundSettings:
-        """Parse and check the Train command's settings."""
-        raw = _json_object(text, "training settings")
-        values: dict[str, Any] = {}
-        for name in ("round", "steps", "start", "batch_size", "seq_len", "micro_batches", "seed", "eval_batch_size"):
-            value = raw.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise HostingError(f"training setting {name!r} must be an integer >= 0, got {value!r}")
-            values[name] = value
-        for name in ("lr", "val_fraction"):
-            value = raw.get(name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-                raise HostingError(f"training setting {name!r} must be a finite number, got {value!r}")
-            values[name] = float(value)
-        if not isinstance(raw.get("tokenizer"), str) or not raw["tokenizer"]:
-            raise HostingError("training setting 'tokenizer' must name a tokenizer")
-        values["tokenizer"] = raw["tokenizer"]
-        if values["batch_size"] < 1 or values["micro_batches"] < 1 or values["eval_batch_size"] < 1:
-            raise HostingError("batch_size, micro_batches and eval_batch_size must be at least 1")
-        return cls(**values)
-
-
-def _json_object(text: str, what: str) -> dict[str, Any]:
-    """A command's settings: a JSON object, or a HostingError saying what was wrong."""
+    It came over the network: nothing in it is trusted before this check.
+    """
+    for name in ("steps", "batch_size", "seq_len", "micro_batches", "eval_batch_size"):
+        value = getattr(cmd, name)
+        if value < 1:
+            raise HostingError(f"training setting {name!r} must be at least 1, got {value!r}")
+    if cmd.round < 1:
+        raise HostingError(f"training setting 'round' must be at least 1, got {cmd.round}")
+    if not (math.isfinite(cmd.lr) and cmd.lr >= 0):
+        raise HostingError(f"training setting 'lr' must be a finite number >= 0, got {cmd.lr!r}")
+    if not (math.isfinite(cmd.val_fraction) and 0.0 < cmd.val_fraction < 1.0):
+        raise HostingError(f"training setting 'val_fraction' must be in (0, 1), got {cmd.val_fraction!r}")
+    if not cmd.tokenizer:
+        raise HostingError("training setting 'tokenizer' must name a tokenizer")
+    if cmd.batch_size % cmd.micro_batches:
+        raise HostingError(f"batch_size {cmd.batch_size} is not a multiple of micro_batches {cmd.micro_batches}")
     try:
-        raw = json.loads(text)
+        get_method(cmd.method)
     except ValueError as exc:
-        raise HostingError(f"the server sent {what} that are not JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise HostingError(f"the server's {what} must be a JSON object")
-    return raw
+        raise HostingError(f"training setting 'method': {exc}") from exc
+    return cmd
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preparation:
+    """How a pipeline's stages train here, resolved from a PrepareRun: one object per seam."""
+
+    finetune: Finetune  # what the stages train and what travels
+    settings: FinetuneSettings  # what the finetune mode was set up with
+    optimizer: str  # every stage's optimizer (autograd_bridge.optim)
+    codec: UpdateCodec  # how partition tensors travel to and from the server
+    method: TrainingMethod  # how the owner trains a step
+
+    @property
+    def key(self) -> tuple[str, str, str, str, FinetuneSettings]:
+        """What must match when the same pipeline is prepared twice."""
+        return (self.finetune.name, self.optimizer, self.codec.name, self.method.name, self.settings)
+
+
+def prepare_from_command(cmd: PrepareRun) -> Preparation:
+    """Resolve and check a PrepareRun (network input) into the objects the daemon keeps."""
+    settings = FinetuneSettings(
+        lora_r=cmd.lora.r, lora_alpha=cmd.lora.alpha, lora_targets=tuple(cmd.lora.targets), seed=cmd.seed
+    )
+    if not all(cmd.lora.targets):
+        raise HostingError("run setting 'lora targets' must be module names, not empty strings")
+    try:
+        finetune = get_finetune(cmd.finetune)
+        finetune.check(settings)
+        return Preparation(
+            finetune=finetune,
+            settings=settings,
+            optimizer=check_optimizer_name(cmd.optimizer),
+            codec=get_codec(cmd.codec),
+            method=get_method(cmd.method),
+        )
+    except ValueError as exc:
+        raise HostingError(f"run {cmd.run_id}: {exc}") from exc
 
 
 class OwnerTrainer:
@@ -84,8 +100,9 @@ class OwnerTrainer:
         stages: Mapping[int, Any],
         peers: Sequence[PeerEndpoint],
         data: Path,
-        settings: RoundSettings,
+        settings: Train,
         optimizer: Any,
+        method: TrainingMethod,
     ) -> None:
         from autograd_bridge.models import load_tokenizer
         from autograd_bridge.pipeline import Pipeline, PipelineSettings
@@ -95,7 +112,7 @@ class OwnerTrainer:
         from .data import DataSettings, OwnerDataset
 
         self.run_id = run_id
-        self.settings = settings
+        self.method = method
         remote = {p.partition: p for p in peers}
         num_stages = len(stages) + len(remote)
         missing = [k for k in range(num_stages) if k not in stages and k not in remote]
@@ -126,13 +143,13 @@ class OwnerTrainer:
         # so that a handed-over optimizer state can be loaded before round 1.
         self.optimizer: Any = optimizer
 
-    def train_round(self, settings: RoundSettings) -> dict[str, Any]:
-        """Train ``settings.steps`` steps, then evaluate; the metrics the server records (blocking)."""
-        from .training import evaluate, train_steps
+    def train_round(self, settings: Train) -> RoundReport:
+        """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking)."""
+        from .training import evaluate, run_steps
 
         began = time.perf_counter()
         self.pipeline.reset_stage_times()  # this round's steps only
-        losses = train_steps(
+        steps = run_steps(
             self.pipeline,
             self.dataset,
             steps=settings.steps,
@@ -140,23 +157,24 @@ class OwnerTrainer:
             start=settings.start,
             local_optimizer=self.optimizer,
             lr=settings.lr,
+            method=self.method,
+            peers=self.clients,
         )
         # Per stage, the owner's wait per step (transfers + the host's compute), before evaluation adds none.
-        stage_seconds = [round(x, 6) for x in self.pipeline.stage_seconds()]
-        step_seconds = round(self.pipeline.step_seconds(), 6)
+        stage_seconds = tuple(self.pipeline.stage_seconds())
+        step_seconds = self.pipeline.step_seconds()
         val_loss, ppl = evaluate(self.pipeline, self.dataset, settings.eval_batch_size)
         val_tokens = sum(b.num_targets for b in self.dataset.validation_batches(settings.eval_batch_size))
-        return {
-            "losses": [round(x, 7) for x in losses],
-            "val_loss": val_loss,
-            "ppl": ppl,
-            "val_tokens": val_tokens,  # weight of this owner's loss in the all-owner perplexity
-            "samples": settings.steps * settings.batch_size,  # sequences trained this round
-            "data_samples": self.dataset.num_samples,  # training sequences held: the FedAvg weight
-            "seconds": time.perf_counter() - began,
-            "stage_seconds": stage_seconds,  # per stage, mean seconds per step this round
-            "step_seconds": step_seconds,  # mean seconds of a whole step (forward, backward, optimizer)
-        }
+        return RoundReport(
+            round=settings.round,
+            steps=tuple(steps),
+            evaluation=Evaluation(loss=val_loss, perplexity=ppl, tokens=val_tokens),
+            samples=settings.steps * settings.batch_size,  # sequences trained this round
+            data_samples=self.dataset.num_samples,  # training sequences held: the FedAvg weight
+            seconds=time.perf_counter() - began,
+            stage_seconds=stage_seconds,
+            step_seconds=step_seconds,
+        )
 
     def close(self) -> None:
         """Close the connections and the pipeline (blocking)."""
@@ -167,78 +185,6 @@ class OwnerTrainer:
                 log.debug("closing a stage client: %s", exc)
         self.pipeline.close()
         self.runtime.close()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PrepareSettings:
-    """How a run's stages train, from the PrepareRun command (validated: network input)."""
-
-    lora: bool  # True: add LoRA adapters and train only them
-    optimizer: str  # every stage's optimizer here: "adamw" or "sgd"
-    lora_r: int  # adapter rank
-    lora_alpha: int  # adapter scale numerator
-    lora_targets: tuple[str, ...]  # module names to adapt; empty: the family's default
-    seed: int  # adapters of partition k start from seed * 1000 + k on every copy
-
-    @classmethod
-    def from_json(cls, text: str) -> PrepareSettings:
-        """Parse and check the PrepareRun command's settings."""
-        raw = _json_object(text, "run settings")
-        if raw.get("finetune") not in ("full", "lora"):
-            raise HostingError("the run settings must be a JSON object with finetune 'full' or 'lora'")
-        ints = {}
-        for name in ("lora_r", "lora_alpha", "seed"):
-            value = raw.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise HostingError(f"run setting {name!r} must be an integer >= 0, got {value!r}")
-            ints[name] = value
-        targets = raw.get("lora_targets", [])
-        if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
-            raise HostingError("run setting 'lora_targets' must be a list of module names")
-        if raw["finetune"] == "lora" and ints["lora_r"] < 1:
-            raise HostingError("run setting 'lora_r' must be at least 1 for LoRA")
-        optimizer = raw.get("optimizer", "adamw")  # servers before the setting existed ran AdamW
-        if optimizer not in ("adamw", "sgd"):
-            raise HostingError(f"run setting 'optimizer' must be 'adamw' or 'sgd', got {optimizer!r}")
-        return cls(lora=raw["finetune"] == "lora", optimizer=optimizer, lora_targets=tuple(targets), **ints)
-
-
-def adapt_stages(stages: Mapping[int, Any], settings: PrepareSettings) -> None:
-    """Add LoRA adapters to every stage, seeded per partition so every copy of it starts equal.
-
-    A stage without decoder blocks (only the embeddings, say) has nothing LoRA adapts: it is
-    frozen and trains nothing.
-    """
-    import torch
-
-    from autograd_bridge.lora import add_lora
-
-    for index in sorted(stages):
-        spec = stages[index].spec
-        if spec.layer_end <= spec.layer_start:
-            stages[index].requires_grad_(False)
-            continue
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed * 1000 + index)
-            try:
-                add_lora(
-                    stages[index],
-                    r=settings.lora_r,
-                    alpha=settings.lora_alpha,
-                    targets=list(settings.lora_targets) or None,
-                )
-            except ValueError as exc:
-                raise HostingError(f"partition {index}: {exc}") from exc
-
-
-def trained_tensors(stage: Any, lora: bool) -> dict[str, Any]:
-    """What travels after a round: the LoRA adapters, or every tensor of the stage (whole-model names)."""
-    from autograd_bridge.lora import is_adapter_name, lora_state
-
-    if lora:
-        has_adapters = any(is_adapter_name(name) for name, _ in stage.named_parameters())
-        return lora_state(stage) if has_adapters else {}  # a frozen stage without blocks
-    return {name: t.detach().cpu().contiguous() for name, t in stage.model_state().items()}
 
 
 def tie_owner_stages(stages: Mapping[int, Any]) -> None:
@@ -269,8 +215,8 @@ def build_owner_optimizer(stages: Sequence[Any], optimizer: str = "adamw") -> An
     return build_local_optimizer(stages, optimizer=optimizer, lr=0.0)  # type: ignore[arg-type]
 
 
-def trained_state(stage: Any, lora: bool, optimizer: Any) -> dict[str, Any]:
-    """What a holder uploads for one partition: :func:`trained_tensors` plus its optimizer's state for them.
+def trained_state(stage: Any, finetune: Finetune, optimizer: Any) -> dict[str, Any]:
+    """What a holder uploads for one partition: what ``finetune`` trains, plus its optimizer's state for it.
 
     The optimizer state (``optimizer/<entry>/<name>`` tensors, see
     :mod:`autograd_bridge.optim_state`) lets the server hand a partition to the next owner
@@ -278,12 +224,12 @@ def trained_state(stage: Any, lora: bool, optimizer: Any) -> dict[str, Any]:
     """
     from autograd_bridge.optim_state import optimizer_tensors
 
-    tensors = trained_tensors(stage, lora)
+    tensors = finetune.trained_tensors(stage)
     tensors.update(optimizer_tensors(optimizer, stage.named_model_parameters()))
     return tensors
 
 
-def load_trained_state(stage: Any, tensors: Mapping[str, Any], lora: bool, optimizer: Any) -> None:
+def load_trained_state(stage: Any, tensors: Mapping[str, Any], finetune: Finetune, optimizer: Any) -> None:
     """Load what the server sent for one partition: the tensors, and the optimizer state when it sent one.
 
     Without optimizer-state tensors the optimizer keeps its own state (case 3: every
@@ -292,35 +238,9 @@ def load_trained_state(stage: Any, tensors: Mapping[str, Any], lora: bool, optim
     from autograd_bridge.optim_state import load_optimizer_tensors, split_optimizer_tensors
 
     weights, state = split_optimizer_tensors(tensors)
-    if state:
-        try:
+    try:
+        if state:
             load_optimizer_tensors(optimizer, stage.named_model_parameters(), state)
-        except ValueError as exc:
-            raise HostingError(f"partition {stage.spec.index}: {exc}") from exc
-    load_trained_tensors(stage, weights, lora)
-
-
-def load_trained_tensors(stage: Any, tensors: Mapping[str, Any], lora: bool) -> None:
-    """Copy the server's merged tensors into ``stage`` in place (optimizers keep their references)."""
-    import torch
-
-    from autograd_bridge.lora import is_adapter_name, load_lora_state
-
-    if lora:
-        if not tensors and not any(is_adapter_name(name) for name, _ in stage.named_parameters()):
-            return  # a frozen stage without blocks: nothing trains, nothing to load
-        try:
-            load_lora_state(stage, tensors)
-        except ValueError as exc:
-            raise HostingError(f"partition {stage.spec.index}: {exc}") from exc
-        return
-    own = stage.model_state()
-    missing = sorted(name for name in own if name not in tensors)
-    if missing:
-        raise HostingError(f"the merged weights of partition {stage.spec.index} lack {missing[0]!r}")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            value = tensors[name]
-            if value.shape != tensor.shape:
-                raise HostingError(f"merged tensor {name!r} is {tuple(value.shape)}, here {tuple(tensor.shape)}")
-            tensor.copy_(value)
+        finetune.load_tensors(stage, weights)
+    except ValueError as exc:
+        raise HostingError(f"partition {stage.spec.index}: {exc}") from exc

@@ -3,46 +3,37 @@
 The owner keeps the first and the last stage; :class:`~autograd_bridge.pipeline.Pipeline`
 reaches the middle ones. This module only decides which batches go in and in which
 order (``dataset.stream``, so round ``r`` with ``s`` steps per round resumes at batch
-``r * s``), steps the optimizers, and measures validation perplexity.
+``r * s``), hands each batch to the run's training method, records every step, and
+measures validation perplexity.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
-from typing import Literal
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from autograd_bridge.methods import TrainingMethod, get_method
+from autograd_bridge.optim import build_optimizer, trainable_parameters
 from autograd_bridge.pipeline import Pipeline
+from proto.messages import PeerBytes, StepRecord
 
 from .data import OwnerDataset
-
-OptimizerName = Literal["adamw", "sgd"]
-
-
-def trainable_parameters(stages: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """The parameters of ``stages`` that require grad, each once (a tied head is one tensor)."""
-    seen: set[int] = set()
-    params: list[nn.Parameter] = []
-    for stage in stages:
-        for param in stage.parameters():
-            if param.requires_grad and id(param) not in seen:
-                seen.add(id(param))
-                params.append(param)
-    return params
 
 
 def build_local_optimizer(
     stages: Iterable[nn.Module],
     *,
-    optimizer: OptimizerName = "adamw",
+    optimizer: str = "adamw",
     lr: float,
     weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """The optimizer over the owner's own stages, built like a StageHost builds its own.
+    """The optimizer over the owner's own stages, from the registry the stage hosts use too.
 
     ``weight_decay`` defaults to 0 as on the hosts (torch's AdamW default of 0.01 would
     make the owner's stages train differently from the hosted ones).
@@ -50,11 +41,43 @@ def build_local_optimizer(
     params = trainable_parameters(stages)
     if not params:
         raise ValueError("the owner's stages have no trainable parameters; unfreeze them or add LoRA adapters")
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {optimizer!r}")
+    return build_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
+
+
+def run_steps(
+    pipeline: Pipeline,
+    dataset: OwnerDataset,
+    *,
+    steps: int,
+    batch_size: int,
+    start: int,
+    local_optimizer: torch.optim.Optimizer | None,
+    lr: float | None = None,
+    method: TrainingMethod | None = None,
+    peers: Sequence[Any] = (),
+) -> list[StepRecord]:
+    """Run ``steps`` optimizer steps on batches ``start, start + 1, ...`` of ``dataset.stream``.
+
+    ``method`` (backprop when None) trains each batch through ``pipeline`` and steps
+    ``local_optimizer`` (the owner's stages) and every host's optimizer, at ``lr`` when given.
+    Each record holds the step's mean token loss (before its update), its tokens, its wall
+    time, and the bridge bytes to and from each of ``peers`` (StageClients) during it.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    method = method or get_method("backprop")
+    records: list[StepRecord] = []
+    for batch in itertools.islice(dataset.stream(batch_size, start=start), steps):
+        before = [(p.bytes_sent, p.bytes_received) for p in peers]
+        began = time.perf_counter()
+        outcome = method.step(pipeline, batch, local_optimizer, lr)
+        seconds = time.perf_counter() - began
+        traffic = tuple(
+            PeerBytes(stage=p.stage, sent=p.bytes_sent - sent, received=p.bytes_received - received)
+            for p, (sent, received) in zip(peers, before, strict=True)
+        )
+        records.append(StepRecord(loss=outcome.loss, tokens=outcome.tokens, seconds=seconds, peers=traffic))
+    return records
 
 
 def train_steps(
@@ -67,20 +90,11 @@ def train_steps(
     local_optimizer: torch.optim.Optimizer | None,
     lr: float | None = None,
 ) -> list[float]:
-    """Run ``steps`` optimizer steps on batches ``start, start + 1, ...`` of ``dataset.stream``.
-
-    Each step is one forward and backward of a batch through ``pipeline``, then a step of
-    ``local_optimizer`` (the owner's stages) and of every host's optimizer, at ``lr``
-    when given. Returns the mean token loss of each step's batch, before its update.
-    """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    losses: list[float] = []
-    for batch in itertools.islice(dataset.stream(batch_size, start=start), steps):
-        result = pipeline.train_step(batch.input_ids, batch.attention_mask, batch.labels)
-        pipeline.optimizer_step(local_optimizer, lr)
-        losses.append(result.loss)
-    return losses
+    """The losses of :func:`run_steps` with backprop: one per step, before its update."""
+    records = run_steps(
+        pipeline, dataset, steps=steps, batch_size=batch_size, start=start, local_optimizer=local_optimizer, lr=lr
+    )
+    return [r.loss for r in records]
 
 
 def evaluate(pipeline: Pipeline, dataset: OwnerDataset, batch_size: int) -> tuple[float, float]:

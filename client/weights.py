@@ -7,13 +7,12 @@ not downloaded again.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from proto.messages import PartitionAssignment, WeightHeader
+from proto.messages import PartitionAssignment, WeightHeader, file_sha256
 
 from .errors import WeightsError
 
@@ -25,14 +24,6 @@ class WeightSource(Protocol):
 
     async def download_partition(self, run_id: str, partition: int, dest: Path) -> WeightHeader: ...
 
-
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 async def fetch_partition(

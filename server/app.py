@@ -32,7 +32,7 @@ from server.control.servicer import ControlServicer
 from server.control.state import ControlState, InMemoryState
 from server.control.weights import WeightStore
 from server.observe.admin import AdminContext, admin_app
-from server.planning.model_source.coordinator import Coordinator, ModelSource, PlanFunction
+from server.planning.coordinator import Coordinator, ModelSource, PlanFunction
 from server.training.checkpoints import CheckpointStore
 from server.training.run_manager import RunManager
 

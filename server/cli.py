@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model = plan = None
     if config.model is not None:
-        from server.planning.model_source.model_source import hf_model_source, planner_for
+        from server.planning.model_source import hf_model_source, planner_for
 
         model = hf_model_source(config.model, work_dir=Path(config.server.state_dir) / "model")
         plan = planner_for(model, config.model, config.planning)

@@ -14,13 +14,12 @@ An unknown table or key is an error that names the known ones, so a typo never p
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from autograd_bridge.config import read_toml, sections_from_mapping
 
 MIB = 1 << 20
 
@@ -103,11 +102,14 @@ class ModelSettings:
     """The model the server plans for."""
 
     path: str  # a Hugging Face model directory (or hub name) the server can load
-    stages: int | None = None  # number of partitions; None lets the planner choose
+    stages: int | None = None  # partitions per pipeline (1: each data owner holds the whole model); None: the planner chooses
 
     def __post_init__(self) -> None:
-        if self.stages is not None and self.stages < 2:
-            raise ValueError("[model] stages must be at least 2 (or left out to let the planner choose)")
+        if self.stages is not None and (isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1):
+            raise ValueError(
+                f"[model] stages must be an integer >= 1 (1: each data owner trains the whole model alone), "
+                f"or left out to let the planner choose; got {self.stages!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,47 +157,11 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def section_from_mapping(cls: type[Any], table: Mapping[str, Any], name: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, refusing keys it does not have."""
-    if not isinstance(table, Mapping):
-        raise ValueError(f"[{name}] must be a table")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)} in [{name}]; known keys: {', '.join(sorted(known))}")
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        hint = hints[key]
-        if hint is Path or (isinstance(value, str) and Path in typing.get_args(hint)):
-            value = Path(value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"[{name}]: {exc}") from exc
-
-
 def config_from_mapping(data: Mapping[str, Any]) -> ServerConfig:
     """A config from parsed TOML."""
-    unknown = sorted(set(data) - set(_SECTIONS))
-    if unknown:
-        raise ValueError(
-            f"unknown table(s) {', '.join(unknown)} in the server config; known: {', '.join(_SECTIONS)}"
-        )
-    parts = {name: section_from_mapping(_SECTIONS[name], table, name) for name, table in data.items()}
-    return ServerConfig(**parts)
+    return ServerConfig(**sections_from_mapping(_SECTIONS, data, "server config"))
 
 
 def load_config(path: Path) -> ServerConfig:
     """Read a TOML config file."""
-    try:
-        with Path(path).open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise ValueError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
-    return config_from_mapping(data)
+    return config_from_mapping(read_toml(path, "config file"))

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from proto.messages import WeightHeader
+from proto.messages import WeightHeader, file_sha256
 from server.errors import (
     ForbiddenError,
     IntegrityError,
@@ -39,14 +39,6 @@ class StoredWeights:
     sha256: str  # hex digest of the file
     size: int  # bytes
 
-
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    """The hex sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class WeightStore:

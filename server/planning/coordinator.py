@@ -11,7 +11,10 @@ a client hosting stages of two pipelines keeps their state apart:
    token), and reports back once it reached them all.
 
 Partitions a data owner holds in its own pipeline run there (``local``); the owner connects to
-the hosts of the others (the bridge's star topology: only the owner talks to stage hosts).
+the hosts of the others (the bridge's star topology: only the owner talks to stage hosts). A
+pipeline the owner holds alone (one stage, or two both on the owner) has no host to wait for:
+its owner gets a ``HostRun`` with only local partitions and, at once, a ``ConnectPeers``
+without peers.
 
 When the ready clients change, the coordinator waits ``settle_s`` for the registry to calm
 down, plans again, and only if the assignment differs stops the old run and delivers a new one.

@@ -21,7 +21,7 @@ from typing import Any
 from server.config import ModelSettings, PlanningSettings
 from server.control.state import ClientRecord, PlanRow
 from server.errors import PlanningError
-from server.planning.model_source.coordinator import PlanFunction, PlanOutcome
+from server.planning.coordinator import PlanFunction, PlanOutcome
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def hf_model_source(settings: ModelSettings, *, work_dir: Path) -> HFModelSource
 
 def client_profile(record: ClientRecord) -> Any:
     """A registry record as the planner's ``ClientProfile``."""
-    from server.planning.model_source.planner.types import ClientProfile
+    from server.planning.planner.types import ClientProfile
 
     p = record.profile
     declared = {"memory_bytes" if d == "gpu_memory_bytes" else d for d in p.declared}
@@ -115,7 +115,7 @@ def client_profile(record: ClientRecord) -> Any:
 
 def planner_settings(model: ModelSettings, settings: PlanningSettings) -> Any:
     """The planner's settings from the server's."""
-    from server.planning.model_source.planner.types import PlannerSettings
+    from server.planning.planner.types import PlannerSettings
 
     return PlannerSettings(
         transfer_weight=settings.transfer_weight,
@@ -158,20 +158,21 @@ def summary_of(plan: Any) -> dict[str, Any]:
         "objective": round(plan.objective, 6),
         "bottleneck_s": round(plan.bottleneck_s, 6),
         "solve_ms": round(plan.solve_ms, 3),
+        "num_stages": plan.num_stages,
         "block_counts": list(plan.block_counts),
     }
 
 
 def planner_for(model: HFModelSource, model_settings: ModelSettings, settings: PlanningSettings) -> PlanFunction:
     """The coordinator's plan function for ``model``."""
-    from server.planning.model_source.planner import PlanningError as PlannerError
-    from server.planning.model_source.planner import plan as make_plan
+    from server.planning.planner import PlanningError as PlannerError
+    from server.planning.planner import plan as make_plan
 
     def plan(clients: Sequence[ClientRecord], owners: Sequence[str]) -> PlanOutcome:
         if not owners:
             raise PlanningError(
                 "no data owner among the ready clients: start at least one client with --data PATH "
-                "(the owner keeps the first and last stage, so its data never leaves it)"
+                "(the owner keeps the first and last stage, or the whole model, so its data never leaves it)"
             )
         profile = model.profile(settings.seq_len)
         try:

@@ -48,7 +48,7 @@ from proto.messages import (
 )
 from server.control.handler import ControlHandler
 from server.control.state import Deployment, PlanRow
-from server.planning.model_source.coordinator import ModelSource
+from server.planning.coordinator import ModelSource
 from server.training.aggregation import ClientUpdate
 from server.training.checkpoints import CheckpointStore
 from server.training.rounds import (

@@ -1,51 +1,77 @@
-"""The owner's round settings: what arrives in a Train command is checked before use."""
+"""The owner's round settings: what arrives in a Train or PrepareRun command is checked before use."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import pytest
 
 from client.errors import HostingError
-from client.trainer import RoundSettings
+from client.trainer import check_train, prepare_from_command
+from proto.messages import LoraSettings, PrepareRun, Train
 
-GOOD = {
-    "round": 2, "steps": 3, "start": 3, "batch_size": 4, "seq_len": 32, "micro_batches": 1, "lr": 1e-3,
-    "seed": 0, "val_fraction": 0.1, "eval_batch_size": 8, "tokenizer": "/models/m",
-}
+GOOD = Train(
+    run_id="p", round=2, steps=3, start=3, batch_size=4, seq_len=32, micro_batches=1, lr=1e-3,
+    seed=0, val_fraction=0.1, eval_batch_size=8, tokenizer="/models/m",
+)  # fmt: skip
 
 
-def test_valid_settings_parse() -> None:
-    """Every field of a well-formed Train command arrives typed."""
-    settings = RoundSettings.from_json(json.dumps(GOOD))
+def test_valid_settings_pass() -> None:
+    """Every field of a well-formed Train command arrives as sent."""
+    settings = check_train(GOOD)
     assert settings.round == 2 and settings.lr == 1e-3 and settings.tokenizer == "/models/m"
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"steps": -1}, "steps"), ({"lr": "fast"}, "lr"), ({"tokenizer": ""}, "tokenizer"), ({"batch_size": 0}, "batch_size")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": float("inf")}, "lr"),
+        ({"tokenizer": ""}, "tokenizer"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"round": 0}, "round"),
+        ({"batch_size": 6, "micro_batches": 4}, "micro_batches"),
+        ({"method": "telepathy"}, "method"),
+    ],
 )
 def test_bad_settings_are_refused(change: dict[str, object], message: str) -> None:
     """A bad value is a HostingError naming it, not a crash later in training."""
     with pytest.raises(HostingError, match=message):
-        RoundSettings.from_json(json.dumps({**GOOD, **change}))
-
-
-def test_settings_that_are_not_json_are_refused() -> None:
-    """Garbage in the command is reported as such."""
-    with pytest.raises(HostingError, match="not JSON"):
-        RoundSettings.from_json("{")
+        check_train(dataclasses.replace(GOOD, **change))  # type: ignore[arg-type]
 
 
 def test_prepare_settings_carry_the_run_optimizer() -> None:
-    """PrepareRun names the optimizer every stage uses; AdamW when a server sends none; others are refused."""
-    from client.trainer import PrepareSettings
+    """PrepareRun names the optimizer every stage uses; unknown names are refused with the known ones."""
+    base = PrepareRun(run_id="p", finetune="full")
+    assert prepare_from_command(dataclasses.replace(base, optimizer="sgd")).optimizer == "sgd"
+    assert prepare_from_command(base).optimizer == "adamw"
+    with pytest.raises(HostingError, match=r"optimizer must be one of adamw, sgd"):
+        prepare_from_command(dataclasses.replace(base, optimizer="lion"))
 
-    base = {"finetune": "full", "lora_r": 8, "lora_alpha": 16, "seed": 0}
-    assert PrepareSettings.from_json(json.dumps({**base, "optimizer": "sgd"})).optimizer == "sgd"
-    assert PrepareSettings.from_json(json.dumps(base)).optimizer == "adamw"
-    with pytest.raises(HostingError, match="optimizer"):
-        PrepareSettings.from_json(json.dumps({**base, "optimizer": "lion"}))
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"finetune": "prefix"}, "finetune mode must be one of full, lora"),
+        ({"codec": "zip"}, "codec must be one of dense"),
+        ({"method": "telepathy"}, "training method must be one of backprop"),
+        ({"finetune": "lora", "lora": LoraSettings(r=0)}, "lora_r >= 1"),
+        ({"finetune": "lora", "lora": LoraSettings(targets=("",))}, "module names"),
+    ],
+)
+def test_prepare_refuses_unknown_members_and_bad_lora(change: dict[str, object], message: str) -> None:
+    """Every seam's name is checked against its registry before the stages are touched."""
+    with pytest.raises(HostingError, match=message):
+        prepare_from_command(dataclasses.replace(PrepareRun(run_id="p"), **change))  # type: ignore[arg-type]
+
+
+def test_prepare_resolves_one_object_per_seam() -> None:
+    """A LoRA PrepareRun gives the lora finetune, the dense codec and backprop."""
+    prepared = prepare_from_command(PrepareRun(run_id="p", finetune="lora", lora=LoraSettings(r=4, alpha=8), seed=3))
+    assert (prepared.finetune.name, prepared.codec.name, prepared.method.name) == ("lora", "dense", "backprop")
+    assert prepared.finetune.adapter and prepared.settings.lora_r == 4 and prepared.settings.seed == 3
 
 
 def test_the_owner_optimizer_is_the_one_the_run_names() -> None:

@@ -211,7 +211,7 @@ def test_refused_call_leaves_optimizer_state_unchanged() -> None:
     with pytest.raises(ValueError):
         server.aggregate(global_state, [_update({"w": torch.ones(2), "count": torch.tensor([2])}, 1)])
     assert server.state_dict()["m"] == {}
-    assert server.training.rounds == 0
+    assert server.rounds == 0
 
 
 def test_settings_build_each_aggregator() -> None:

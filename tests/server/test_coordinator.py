@@ -38,9 +38,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def coordinator(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> Coordinator:
-    settings = ModelSettings(path=str(model_dir), stages=3)
+def make_coordinator(handler: ControlHandler, model_dir: Path, tmp_path: Path, *, stages: int | None) -> Coordinator:
+    """A coordinator planning the tiny model with the real planner into ``stages`` (None: it chooses)."""
+    settings = ModelSettings(path=str(model_dir), stages=stages)
     source = hf_model_source(settings, work_dir=tmp_path / "model-work")
     planning = PlanningSettings(settle_s=0.0)
     coordinator = Coordinator(
@@ -48,6 +48,11 @@ def coordinator(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> Coo
     )
     handler.listener = coordinator
     return coordinator
+
+
+@pytest.fixture
+def coordinator(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> Coordinator:
+    return make_coordinator(handler, model_dir, tmp_path, stages=3)
 
 
 def join(handler: ControlHandler, name: str, flops: float, *, owner: bool = False) -> str:
@@ -211,3 +216,87 @@ class _NoModel:
 
     def write_stage(self, **kwargs: object) -> None:
         raise AssertionError("not reached")
+
+
+# --------------------------------------------------------------------- one-stage pipelines
+
+
+async def test_owner_alone_holds_the_whole_model_and_connects(
+    handler: ControlHandler, model_dir: Path, tmp_path: Path
+) -> None:
+    """With no helper the owner gets one local partition of every block, no peers, and the plan connects."""
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=None)
+    owner = join(handler, "owner", 1e10, owner=True)
+    deployment = await coordinator.replan()
+    assert deployment.error == "" and deployment.state == "serving"
+    (row,) = deployment.rows
+    assert (row.partition, row.layer_start, row.layer_end, row.client_id) == (0, 0, 4, "owner")
+    assert row.local and row.pinned and deployment.summary["num_stages"] == 1
+    host_cmd, connect = bodies(handler, "owner")
+    assert isinstance(host_cmd, HostRun) and isinstance(connect, ConnectPeers)
+    (part,) = host_cmd.partitions
+    assert (part.index, part.num_stages, part.layer_start, part.layer_end, part.local) == (0, 1, 0, 4, True)
+    assert host_cmd.allowed_peers == ()
+    assert connect.run_id == host_cmd.run_id == row.run_id and connect.peers == ()
+    stored = handler.weights.get(row.run_id, 0, client_id="owner")
+    assert hashlib.sha256(stored.path.read_bytes()).hexdigest() == part.weights_sha256
+    report(handler, owner, RunStatus(run_id=row.run_id, partitions=(0,), state=RunState.CONNECTED))
+    current = handler.state.get_deployment()
+    assert current is not None and current.state == "connected" and current.connected == ("owner",)
+
+
+async def test_one_stage_plan_reads_as_a_table(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> None:
+    """``titanic-server plan`` shows the one partition on the owner, all blocks, and num_stages=1."""
+    from server.observe.admin import deployment_json
+    from server.observe.tables import plan_table
+
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=None)
+    join(handler, "owner", 1e10, owner=True)
+    deployment = await coordinator.replan()
+    lines = plan_table(deployment_json(deployment)).splitlines()
+    assert lines[0] == f"{deployment.plan_id} (serving; owners: owner)"
+    assert len(lines) == 5  # head, column names, rule, the one partition, facts
+    assert "0-3" in lines[3] and "owner (owner)" in lines[3] and "the whole model" in lines[3]
+    assert "num_stages=1" in lines[-1] and "block_counts=[4]" in lines[-1]
+
+
+async def test_forced_one_stage_leaves_helpers_idle(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> None:
+    """``stages = 1`` keeps the model on the owner even beside a fast helper, which gets no command."""
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=1)
+    join(handler, "owner", 1e10, owner=True)
+    join(handler, "fast", 5e10)
+    deployment = await coordinator.replan()
+    assert [(r.partition, r.client_id, r.local) for r in deployment.rows] == [(0, "owner", True)]
+    assert bodies(handler, "fast") == []
+    assert [type(b) for b in bodies(handler, "owner")] == [HostRun, ConnectPeers]
+
+
+async def test_much_slower_helper_is_not_used(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> None:
+    """With the stage count left to the planner, a fast owner keeps the whole model from a slow helper."""
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=None)
+    join(handler, "owner", 5e10, owner=True)
+    join(handler, "slow", 1e8)
+    deployment = await coordinator.replan()
+    assert [(r.partition, r.client_id) for r in deployment.rows] == [(0, "owner")]
+    assert bodies(handler, "slow") == []
+
+
+async def test_each_owner_alone_runs_its_own_whole_model(
+    handler: ControlHandler, model_dir: Path, tmp_path: Path
+) -> None:
+    """Two owners and no helper: two one-stage pipelines, each owner connects to no one, then both are connected."""
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=None)
+    tokens = {name: join(handler, name, 1e10, owner=True) for name in ("a", "b")}
+    deployment = await coordinator.replan()
+    assert sorted((r.pipeline, r.client_id, r.partition, r.local) for r in deployment.rows) == [
+        (0, "a", 0, True),
+        (1, "b", 0, True),
+    ]
+    runs = {r.client_id: r.run_id for r in deployment.rows}
+    for name, token in tokens.items():
+        host_cmd, connect = bodies(handler, name)
+        assert isinstance(host_cmd, HostRun) and isinstance(connect, ConnectPeers)
+        assert host_cmd.run_id == connect.run_id == runs[name] and connect.peers == ()
+        report(handler, token, RunStatus(run_id=runs[name], partitions=(0,), state=RunState.CONNECTED))
+    current = handler.state.get_deployment()
+    assert current is not None and current.state == "connected" and current.connected == ("a", "b")

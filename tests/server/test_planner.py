@@ -409,7 +409,7 @@ def test_number_of_stages_is_the_fastest_fixed_choice(llama6: ModelProfile, micr
         k: plan_partitions(
             llama6, clients, owners=["owner"], settings=PlannerSettings(**{**settings.to_json(), "num_stages": k})
         )
-        for k in range(2, 7)
+        for k in range(1, 7)
     }
     best = min(p.cut_step_s for p in fixed.values())
     expected = min(k for k, p in fixed.items() if p.cut_step_s <= best * (1 + 1e-9))
@@ -428,11 +428,13 @@ def test_fill_drain_estimate_adds_stages_then_bottlenecks(llama6: ModelProfile) 
 
 
 def test_more_micro_batches_use_more_stages(llama6: ModelProfile) -> None:
-    """With one micro-batch a fast owner keeps the model; with many, helpers take stages."""
+    """With one micro-batch a fast owner keeps the model (one stage); with many, helpers take stages."""
     clients = [client("owner", gflops=100), *[client(f"h{i}", gflops=100, up_mb=1000, down_mb=1000) for i in range(4)]]
     alone = plan_partitions(llama6, clients, owners=["owner"], settings=PlannerSettings(micro_batches=1))
     spread = plan_partitions(llama6, clients, owners=["owner"], settings=PlannerSettings(micro_batches=64))
-    assert alone.num_stages == 2 and spread.num_stages > 2
+    # Was num_stages == 2: two stages both on the owner cost what one stage costs, and the
+    # planner takes the fewest stages on ties, so the owner now keeps the model as one stage.
+    assert alone.num_stages == 1 and spread.num_stages > 2
 
 
 # --------------------------------------------------------------------------- the errors

@@ -4,13 +4,14 @@
 
 1. **Cut** (``cuts.py``). Every pipeline is cut the same way into K stages. The data owners
    keep the first and the last stage (U-shape); the K-2 middle stages go to helper clients.
+   With K = 1 the owner keeps the whole model as one stage (no helper needed).
    For a given K the block counts minimise the slowest stage's estimated time per step
    exactly (binary search over candidate stage times; with P pipelines the j-th largest middle
    stage must fit the weakest of the j-th group of P fastest slots; the owners' speed and
    memory bound what the first and last stage may hold); among the cuts with that bottleneck
    it takes the least sum of stage times. Without ``num_stages`` the planner tries every K
-   and keeps the lowest fill-drain step time ``(sum + (m - 1) * bottleneck) / m`` for ``m``
-   micro-batches. ``cuts.py`` spells out the argument.
+   from 1 and keeps the lowest fill-drain step time ``(sum + (m - 1) * bottleneck) / m`` for
+   ``m`` micro-batches, the fewest stages on ties. ``cuts.py`` spells out the argument.
 2. **Cost** (``costs.py``). For every middle partition k and helper n,
    ``d[k, n] = a * D[n, k] + b * T[n, k]``: ``T`` is training compute per step, ``D`` the
    boundary activations/gradients per step, one round trip per boundary and micro-batch, and

@@ -3,6 +3,7 @@
 Every pipeline is cut the same way, so stage k of every pipeline holds the same layers and the
 server can average them directly. The data owners run the first and the last stage (with the
 embedding and the head); the other ``M = K - 2`` stages run on client slots (see costs.py).
+With ``K = 1`` the one stage is both first and last: the owner holds the whole model.
 
 **Bottleneck of a cut.** A stage's time per step on a slot is ``blocks * w / flops + comm``,
 where ``comm`` is its boundary traffic and latency, the same for every middle stage (every
@@ -35,8 +36,10 @@ stages by its own cost (costs.py), so the plan reports its real bottleneck next 
 **How many stages (when ``num_stages`` is not set).** Fill-drain pipelining with ``m``
 micro-batches takes about ``(S + (m - 1) * tau*) / m`` per step: the first micro-batch crosses
 every stage, the others follow one bottleneck apart. More stages pay off only with enough
-micro-batches to keep them busy. The planner evaluates every ``K`` from 2 (all on the owner)
-to ``min(L + 2, 2 + slots // P)`` and takes the fastest, the fewest stages on ties.
+micro-batches to keep them busy. The planner evaluates every ``K`` from 1 (the whole model on
+the owner, possible only when it fits the owner's memory) to ``min(L + 2, 2 + slots // P)`` and
+takes the fastest, the fewest stages on ties. ``K = 2`` keeps both stages on the owner too, so it
+costs what ``K = 1`` costs and is chosen only when asked for.
 """
 
 from __future__ import annotations
@@ -184,9 +187,10 @@ class CutSearch:
         """Block counts of the cut within ``tau`` with the least sum; its bottleneck and sum."""
         length = self.model.num_layers
         lo, hi, caps = self.owner_range(tau, num_stages)
-        if num_stages == 2:
+        if num_stages <= 2:  # the owner holds every block: one stage, or two on the same device
             owner_s = float(self.owner_time(length, num_stages))
-            return ((length + 1) // 2, length // 2), owner_s, owner_s
+            counts = (length,) if num_stages == 1 else ((length + 1) // 2, length // 2)
+            return counts, owner_s, owner_s
         assert caps is not None and lo <= hi, "counts_at needs a feasible tau"
         group_times = self._group_times(tau, num_stages)
         best: tuple[tuple[float, float], tuple[int, ...], int] | None = None
@@ -217,7 +221,7 @@ class CutSearch:
         slots = self.slot_flops.size
         largest = min(length + 2, 2 + slots // self.pipelines) if slots >= self.pipelines else 2
         fixed = self.settings.num_stages
-        options = [fixed] if fixed is not None else list(range(2, largest + 1))
+        options = [fixed] if fixed is not None else list(range(1, largest + 1))
         if fixed is not None and fixed > largest:
             raise self.diagnose([fixed])
         candidates = self.candidates()
@@ -282,11 +286,12 @@ class CutSearch:
         owner_blocks = self.owner_max_blocks(math.inf, 1)
         if num_stages <= 2:
             if self.slot_flops.size == 0:
+                unfix = " (and set num_stages >= 3 or leave it unset)" if self.settings.num_stages else ""
                 return NotEnoughClientsError(
                     f"the data owner can hold {owner_blocks} of the model's {length} blocks and no "
                     "other client is available for the rest",
                     constraint="the data owner's memory (no helper clients)",
-                    fix=f"add clients with at least {int(self.m)} bytes per slot, or give the owner more memory",
+                    fix=f"add clients with at least {int(self.m)} bytes per slot{unfix}, or give the owner more memory",
                 )
             return InsufficientMemoryError(
                 f"with {num_stages} stage(s) the data owner must hold all {length} blocks and can hold "

@@ -14,6 +14,8 @@ _SPEED_FIELDS = ("flops_per_s", "upload_bytes_per_s", "download_bytes_per_s")
 
 def pinned_reason(owner_id: str, stage: int, num_stages: int) -> str:
     """The reason of a stage that stays with its data owner."""
+    if num_stages == 1:
+        return f"pinned to data owner {owner_id}: the whole model, tokens, labels and logits stay local"
     if stage == 0:
         return f"pinned to data owner {owner_id}: first stage, token ids stay local"
     return f"pinned to data owner {owner_id}: last stage, labels and logits stay local"
@@ -92,7 +94,7 @@ def format_table(plan: PartitionPlan) -> str:
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     text = [
-        f"{plan.model_name}: {plan.num_stages} stages x {len(plan.owners)} pipeline(s), blocks "
+        f"{plan.model_name}: {plan.num_stages} stage(s) x {len(plan.owners)} pipeline(s), blocks "
         f"{list(plan.block_counts)}; solver {plan.solver}, integral={plan.integral} "
         f"(max fractional {plan.max_fractional:.1e}), objective {plan.objective:.4g} s, "
         f"bottleneck {plan.bottleneck_s:.4g} s/step, step {plan.step_s:.4g} s "

@@ -42,7 +42,7 @@ def cut_inputs(model: ModelProfile, settings: PlannerSettings) -> CutInputs:
 class AssignmentProblem:
     """The middle partitions of every pipeline against the helper clients."""
 
-    stages: tuple[int, ...]  # the middle stage numbers, 1..K-2
+    stages: tuple[int, ...]  # the middle stage numbers, 1..K-2 (none when K <= 2)
     row_stage: NDArray[np.int64]  # (R,) index into ``stages`` of each row (pipeline-major)
     row_pipeline: NDArray[np.int64]  # (R,) pipeline of each row
     terms: CostTerms  # (M, N) estimates per middle stage and helper client
@@ -110,8 +110,9 @@ def plan_partitions(
     """Cut ``model`` into stages and place every pipeline's stages on ``clients``.
 
     Each id in ``owners`` is a data owner (one of ``clients``) that drives its own pipeline and
-    runs that pipeline's first and last stage; every other client is a helper offering
-    ``capacity`` slots to the middle stages of all pipelines. Raises a
+    runs that pipeline's first and last stage (with one stage, the whole model: it needs no
+    helper then); every other client is a helper offering ``capacity`` slots to the middle
+    stages of all pipelines. Raises a
     :class:`~server.planning.planner.errors.PlanningError` naming the constraint that failed.
     """
     settings = settings or PlannerSettings()
@@ -256,7 +257,7 @@ def _rows(
 def _estimates(rows: Sequence[Assignment], num_pipelines: int, micro_batches: int) -> tuple[float, float]:
     """(slowest stage, fill-drain step time) over all pipelines, per step.
 
-    An owner runs both of its stages, so they count as one stage of their summed time.
+    An owner runs both of its stages (or its one), so they count as one stage of their summed time.
     """
     bottleneck = step = 0.0
     for p in range(num_pipelines):

@@ -93,7 +93,7 @@ class PlannerSettings:
     batch_tokens: int = 4096  # tokens per training step of one pipeline (batch size x sequence length)
     micro_batches: int = 1  # micro-batches per step; each pays the link latency at every boundary
     steps_per_round: int = 1  # training steps between two weight exchanges with the server
-    num_stages: int | None = None  # stages per pipeline (>= 2); None lets the planner choose
+    num_stages: int | None = None  # stages per pipeline (>= 1; 1: the owner holds the whole model); None: the planner chooses
     max_step_time_s: float | None = None  # a client slower than this per step is not used for a stage
     solver: Solver = "auto"  # "cvxpy" (LP), "matching" (linear_sum_assignment) or "auto"
     matching_above: int = 50_000  # "auto" switches to matching above this many eligible pairs
@@ -109,10 +109,12 @@ class PlannerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PlannerSettings.{name} must be an integer >= 1, got {value!r}")
-        if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 2):
+        if self.num_stages is not None and (
+            isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1
+        ):
             raise ValueError(
-                f"PlannerSettings.num_stages must be None or >= 2 (the owner's first and last stage), "
-                f"got {self.num_stages!r}"
+                f"PlannerSettings.num_stages must be None (the planner chooses) or an integer >= 1 "
+                f"(1: the data owner holds the whole model), got {self.num_stages!r}"
             )
         if self.max_step_time_s is not None:
             _positive("PlannerSettings", "max_step_time_s", self.max_step_time_s)
@@ -142,7 +144,7 @@ class Assignment:
     num_params: int  # parameters of the partition
     memory_bytes: int  # training memory it needs at batch_tokens tokens per step
     client_id: str  # who runs it
-    pinned: bool  # a data owner's first or last stage, never moved
+    pinned: bool  # a data owner's first or last stage (with one stage: both at once), never moved
     compute_s: float  # est. forward + backward seconds per step on that client
     transfer_s: float  # est. seconds per step moving boundary tensors, plus weights / steps_per_round
     step_s: float  # est. seconds the stage occupies its client per step: compute + boundary traffic

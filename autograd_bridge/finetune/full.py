@@ -1,0 +1,43 @@
+"""Full fine-tuning: every weight of a stage trains, and every weight travels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class FullFinetune:
+    """Every parameter (and persistent buffer) of a stage trains and travels."""
+
+    name = "full"
+    adapter = False
+
+    def check(self, settings: Any) -> None:
+        """Full fine-tuning takes no settings of its own."""
+
+    def prepare(self, stages: Mapping[int, Any], settings: Any) -> None:
+        """Nothing to add: the stages train as they are built."""
+
+    def trained_tensors(self, stage: Any) -> dict[str, Tensor]:
+        """Every tensor of the stage under its whole-model name."""
+        return {name: t.detach().cpu().contiguous() for name, t in stage.model_state().items()}
+
+    def load_tensors(self, stage: Any, tensors: Mapping[str, Tensor]) -> None:
+        """Copy every tensor of the stage from ``tensors`` (ValueError when one is missing or misshapen)."""
+        own = stage.model_state()
+        missing = sorted(name for name in own if name not in tensors)
+        if missing:
+            raise ValueError(f"the merged weights of partition {stage.spec.index} lack {missing[0]!r}")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                value = tensors[name]
+                if value.shape != tensor.shape:
+                    raise ValueError(f"merged tensor {name!r} is {tuple(value.shape)}, here {tuple(tensor.shape)}")
+                tensor.copy_(value)
+
+    def travels(self, name: str) -> bool:
+        """Every tensor travels."""
+        return True

@@ -1,0 +1,52 @@
+"""How a data owner trains one step over its pipeline: the TrainingMethod seam.
+
+The owner's loop (``client.training``) hands each batch to the run's method and records
+what it returns; it never asks which method it holds. A method also names the stage-host
+message kinds it needs, so a host can refuse a pipeline whose method it cannot serve.
+
+Members: ``backprop`` (forward, backward through every stage, every stage's optimizer
+steps). A new member (forward gradients) is a module here with a class that satisfies
+:class:`TrainingMethod`, plus one line in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..frames import MessageKind
+from .backprop import Backprop
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepOutcome:
+    """What one optimizer step did."""
+
+    loss: float  # mean token loss of the batch, before the update
+    tokens: int  # target tokens the loss averaged over
+
+
+class TrainingMethod(Protocol):
+    """One way to train a step."""
+
+    name: str
+    host_kinds: frozenset[MessageKind]  # what the stage hosts must serve for it
+
+    def step(self, pipeline: Any, batch: Any, optimizer: Any, lr: float | None) -> StepOutcome:
+        """Train one batch (``input_ids``, ``attention_mask``, ``labels``) and update every stage."""
+
+
+#: name -> the method's class
+METHODS: dict[str, type[TrainingMethod]] = {
+    "backprop": Backprop,
+}
+
+
+def get_method(name: str) -> TrainingMethod:
+    """The method called ``name`` (ValueError naming the known ones)."""
+    if name not in METHODS:
+        raise ValueError(f"training method must be one of {', '.join(sorted(METHODS))}, not {name!r}")
+    return METHODS[name]()
+
+
+__all__ = ["METHODS", "StepOutcome", "TrainingMethod", "get_method"]

@@ -1,0 +1,24 @@
+"""Backpropagation through the pipeline: today's training step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..frames import MessageKind
+
+
+class Backprop:
+    """Forward and backward through every stage, then every stage's optimizer steps."""
+
+    name = "backprop"
+    host_kinds = frozenset(
+        {MessageKind.FORWARD, MessageKind.BACKWARD, MessageKind.OPTIMIZER_STEP, MessageKind.RELEASE}
+    )
+
+    def step(self, pipeline: Any, batch: Any, optimizer: Any, lr: float | None) -> Any:
+        """One forward/backward of ``batch`` through ``pipeline``, then the optimizers' step."""
+        from . import StepOutcome
+
+        result = pipeline.train_step(batch.input_ids, batch.attention_mask, batch.labels)
+        pipeline.optimizer_step(optimizer, lr)
+        return StepOutcome(loss=result.loss, tokens=result.tokens)
