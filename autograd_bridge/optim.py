@@ -26,7 +26,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
 def check_optimizer_name(name: str) -> str:
     """``name`` when it is a known optimizer, else a ValueError listing the known ones."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(sorted(OPTIMIZERS))}, not {name!r}")
+        raise ValueError(f"optimizer must be {' or '.join(repr(n) for n in sorted(OPTIMIZERS))}, not {name!r}")
     return name
 
 

@@ -20,7 +20,7 @@ import platform
 import random
 import socket
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ from .weights import fetch_partition
 
 log = logging.getLogger(__name__)
 
+CommandResult = RunStatus | None | tuple[RunStatus, RoundReport]
+
 
 def data_size(path: Path | None) -> int:
     """Bytes of the data at ``path`` (a file or a folder); 0 without data."""
@@ -101,6 +103,16 @@ class ClientDaemon:
         self._trainers: dict[str, OwnerTrainer] = {}  # run id -> its training pipeline (data owners only)
         self._prepared: dict[str, Preparation] = {}  # run id -> how its stages train (from PrepareRun)
         self._ca_pem = config.tls.ca.read_bytes() if config.tls.ca else None
+        # One handler per command kind; each answers with the pipeline's status (Train: and its round report).
+        self._handlers: dict[type, Callable[[ControlChannel, Any], Awaitable[CommandResult]]] = {
+            HostRun: self._host,
+            ConnectPeers: self._connect,
+            PrepareRun: self._prepare,
+            LoadPartitions: self._load,
+            Train: self._train,
+            Upload: self._upload,
+            StopRun: self._stop_run,
+        }
 
     # -- the outer loop ------------------------------------------------------------------
 
@@ -229,13 +241,12 @@ class ClientDaemon:
 
     async def _execute(self, channel: ControlChannel, command: Command) -> None:
         body = command.body
-        report_of_round: RoundReport | None = None
-        status: RunStatus | None
         try:
-            if isinstance(body, Train):
-                status, report_of_round = await self._train(body)
-            else:
-                status = await self._dispatch(channel, body)
+            handler = self._handlers.get(type(body))
+            if handler is None:
+                raise HostingError(f"unknown command {type(body).__name__}")
+            result = await handler(channel, body)
+            status, report_of_round = result if isinstance(result, tuple) else (result, None)
         except (ServerUnavailableError, SessionEndedError):
             return  # the session is ending; the next one starts over
         except Exception as exc:  # reported as FAILED: the server would otherwise wait for this command forever
@@ -254,21 +265,6 @@ class ClientDaemon:
             )
         with contextlib.suppress(ServerUnavailableError, SessionEndedError):
             await channel.report_status(report)
-
-    async def _dispatch(self, channel: ControlChannel, body: object) -> RunStatus | None:
-        if isinstance(body, HostRun):
-            return await self._host(channel, body)
-        if isinstance(body, ConnectPeers):
-            return await self._connect(body)
-        if isinstance(body, Upload):
-            return await self._upload(channel, body)
-        if isinstance(body, StopRun):
-            return await self._stop_run(body)
-        if isinstance(body, PrepareRun):
-            return await self._prepare(body)
-        if isinstance(body, LoadPartitions):
-            return await self._load(channel, body)
-        raise HostingError(f"unknown command {type(body).__name__}")
 
     async def _host(self, channel: ControlChannel, cmd: HostRun) -> RunStatus:
         old = self.runs.pop(cmd.run_id, None)
@@ -303,7 +299,7 @@ class ClientDaemon:
             self._host_tasks.pop(cmd.run_id, None)
         return run.status()
 
-    async def _connect(self, cmd: ConnectPeers) -> RunStatus:
+    async def _connect(self, channel: ControlChannel, cmd: ConnectPeers) -> RunStatus:
         preparing = self._host_tasks.get(cmd.run_id)
         if preparing is not None:
             # The owner's own stages may still be loading; connecting is the step after that.
@@ -345,7 +341,7 @@ class ClientDaemon:
                 await channel.upload_partition(header, path, chunk)
         return run.status()
 
-    async def _prepare(self, cmd: PrepareRun) -> RunStatus:
+    async def _prepare(self, channel: ControlChannel, cmd: PrepareRun) -> RunStatus:
         """Set the run's stages up for training (LoRA adapters when asked) before its first round."""
         preparing = self._host_tasks.get(cmd.run_id)
         if preparing is not None:
@@ -397,7 +393,7 @@ class ClientDaemon:
             await asyncio.to_thread(load_trained_state, stage, tensors, prepared.finetune, optimizer)
         return run.status()
 
-    async def _train(self, cmd: Train) -> tuple[RunStatus, RoundReport]:
+    async def _train(self, channel: ControlChannel, cmd: Train) -> tuple[RunStatus, RoundReport]:
         """Train one round through the run's pipeline; its report goes back with the status."""
         data = self.config.client.data
         if data is None:
@@ -431,7 +427,7 @@ class ClientDaemon:
         if trainer is not None:
             await asyncio.to_thread(trainer.close)
 
-    async def _stop_run(self, cmd: StopRun) -> RunStatus:
+    async def _stop_run(self, channel: ControlChannel, cmd: StopRun) -> RunStatus:
         await self._close_trainer(cmd.run_id)
         self._prepared.pop(cmd.run_id, None)
         task = self._host_tasks.pop(cmd.run_id, None)

@@ -10,7 +10,7 @@
     titanic-server runs start FILE [--rounds N ...]       start a run described by a TOML file
                    [--resume RUN_ID]                      ... or continue RUN_ID from its last checkpoint
     titanic-server runs show ID | stop ID                 one run's progress per round; stop it
-    titanic-server demo [--tiny]                          a server + 4 clients on loopback, case 3, LoRA
+    titanic-server demo [--tiny]                          a server + 4 clients on loopback, parallel, LoRA
 
 The admin commands talk to the admin API at ``--admin`` (default ``http://127.0.0.1:8750``)
 with the bearer token from ``--token``, ``$TITANIC_ADMIN_TOKEN``, or the file
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Run settings a flag of ``runs start`` overrides (the file holds the rest).
+# Run settings a flag of ``runs start`` overrides (the file holds the rest): top-level keys of a
+# run file or the flat keys of older ones, which name a key of a section (server.training.spec).
 RUN_FLAGS: dict[str, type] = {
     "case": int,
     "rounds": int,

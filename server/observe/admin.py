@@ -157,14 +157,14 @@ def admin_app(context: AdminContext, *, token: str) -> web.Application:
         return web.json_response(record.to_json(), status=201)
 
     async def show_run(request: web.Request) -> web.Response:
-        record = context.runs.runs.get(request.match_info["run_id"]) if context.runs else None
+        record = context.runs.get(request.match_info["run_id"]) if context.runs else None
         if record is None:
             return web.json_response({"error": f"no run {request.match_info['run_id']!r}; see GET /v1/runs"}, status=404)
         return web.json_response(record.to_json())
 
     async def stop_run(request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
-        if context.runs is None or run_id not in context.runs.runs:
+        if context.runs is None or context.runs.get(run_id) is None:
             return web.json_response({"error": f"no run {run_id!r}; see GET /v1/runs"}, status=404)
         return web.json_response(context.runs.stop(run_id).to_json())
 

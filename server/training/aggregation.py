@@ -1,8 +1,9 @@
 """Merging the copies of a partition that several clients trained into the next global one.
 
-In case 3 every data owner drives its own pipeline, so at the end of a round the server
-holds, for each partition, one trained copy per pipeline. An :class:`Aggregator` turns
-the global tensors of the round and those copies into the next global tensors:
+When owners train in parallel every data owner drives its own pipeline, so at the end of a
+round the server holds, for each partition, one trained copy per pipeline. An
+:class:`Aggregator` turns the global tensors of the round and those copies into the next
+global tensors:
 
 - :class:`FedAvg` (McMahan et al. 2017): the sample-weighted average of the copies.
 - :class:`FedAdam`, :class:`FedYogi`, :class:`FedAdagrad` (Reddi et al. 2021, "Adaptive
@@ -14,6 +15,10 @@ or by PEFT adapter names (``...q_proj.lora_A.weight``); names are unique across 
 so one aggregator instance can merge every partition of a model, one call per partition,
 and a server optimizer keeps its moments per name. Sums run in float64 and the result is
 cast back to the global tensor's dtype, so a bf16 model does not lose the small updates.
+
+A run file chooses the rule by name (``[aggregation] rule``); the run manager holds the one
+aggregator :meth:`AggregationSettings.build` makes and never asks which it is. A new rule is
+a class with the :class:`Aggregator` members plus one line in :data:`AGGREGATORS`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -37,11 +42,6 @@ __all__ = [
     "FedYogi",
     "weighted_mean",
 ]
-
-AggregatorName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad"]
-#: The names :class:`AggregationSettings` accepts.
-AGGREGATORS: tuple[AggregatorName, ...] = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientUpdate:
@@ -62,6 +62,15 @@ class ClientUpdate:
 @runtime_checkable
 class Aggregator(Protocol):
     """Turns a round's global tensors and the clients' copies into the next global tensors."""
+
+    # Whether aggregate() steps from the state the copies started from (a server optimizer):
+    # then the run needs that state before round 1, and several copies per merge to mean much.
+    steps_from_start: ClassVar[bool]
+
+    @classmethod
+    def from_settings(cls, settings: AggregationSettings) -> Aggregator:
+        """A fresh aggregator with the run's settings (ValueError for numbers it cannot use)."""
+        ...
 
     def aggregate(self, global_state: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         """The next global tensors: same names, shapes and dtypes as ``global_state``."""
@@ -163,6 +172,13 @@ def weighted_mean(
 class FedAvg:
     """The sample-weighted average of the copies: sum_i n_i x_i / sum_i n_i, exact in float64."""
 
+    steps_from_start: ClassVar[bool] = False
+
+    @classmethod
+    def from_settings(cls, settings: AggregationSettings) -> FedAvg:
+        """FedAvg has no settings."""
+        return cls()
+
     def aggregate(self, global_state: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         """The weighted average, in each global tensor's dtype and device."""
         merged: dict[str, Tensor] = {}
@@ -206,6 +222,12 @@ class _AdaptiveServerOptimizer:
     """
 
     kind: str = ""
+    steps_from_start: ClassVar[bool] = True
+
+    @classmethod
+    def from_settings(cls, settings: AggregationSettings) -> _AdaptiveServerOptimizer:
+        """The optimizer with the run's server_lr, beta1, beta2 and tau."""
+        return cls(lr=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau)
 
     def __init__(self, *, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         for name, value in (("lr", lr), ("tau", tau)):
@@ -309,14 +331,22 @@ class FedAdagrad(_AdaptiveServerOptimizer):
         return v + delta_squared
 
 
-# --------------------------------------------------------------------------- settings
+# --------------------------------------------------------------------------- the registry and settings
+
+#: name -> the rule; a run file names one in ``[aggregation] rule``
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    "fedavg": FedAvg,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AggregationSettings:
-    """How the server merges the copies of a partition (the ``[aggregation]`` table of a run)."""
+    """How the server merges the copies of a partition (from the ``[aggregation]`` table of a run)."""
 
-    kind: AggregatorName = "fedavg"  # fedavg, or a server optimizer: fedadam, fedyogi, fedadagrad
+    kind: str = "fedavg"  # a name in AGGREGATORS: fedavg, or a server optimizer (fedadam, fedyogi, fedadagrad)
     server_lr: float = 1e-2  # server learning rate of the optimizers (unused by fedavg)
     beta1: float = 0.9  # first-moment decay of the optimizers
     beta2: float = 0.99  # second-moment decay of fedadam and fedyogi
@@ -324,11 +354,8 @@ class AggregationSettings:
 
     def __post_init__(self) -> None:
         if self.kind not in AGGREGATORS:
-            raise ValueError(f"[aggregation] kind must be one of {', '.join(AGGREGATORS)}, got {self.kind!r}")
+            raise ValueError(f"[aggregation] rule must be one of {', '.join(AGGREGATORS)}, got {self.kind!r}")
 
     def build(self) -> Aggregator:
         """A fresh aggregator with these settings (checks the numbers)."""
-        if self.kind == "fedavg":
-            return FedAvg()
-        optimizer = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}[self.kind]
-        return optimizer(lr=self.server_lr, beta1=self.beta1, beta2=self.beta2, tau=self.tau)
+        return AGGREGATORS[self.kind].from_settings(self)

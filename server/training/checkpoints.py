@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from autograd_bridge.models import load_causal_lm, save_pretrained_dir
 
-__all__ = ["STATE_JSON", "STATE_TENSORS", "CheckpointStore", "SavedRound"]
+__all__ = ["STATE_JSON", "STATE_TENSORS", "CheckpointStore", "SavedRound", "from_peft_names", "to_peft_names"]
 
 STATE_JSON = "titanic_state.json"
 STATE_TENSORS = "titanic_state.safetensors"
@@ -50,6 +50,23 @@ _TENSOR_KEY = "$tensor"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."  # what peft puts before whole-model names in adapter files
+
+
+def to_peft_names(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Adapter tensors under whole-model names (``...lora_A.default.weight``) as peft saves them."""
+    return {_PEFT_PREFIX + name.replace(".default.", "."): t for name, t in state.items()}
+
+
+def from_peft_names(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`to_peft_names`."""
+    out = {}
+    for name, tensor in state.items():
+        bare = name.removeprefix(_PEFT_PREFIX)
+        for marker in ("lora_A", "lora_B"):
+            bare = bare.replace(f".{marker}.", f".{marker}.default.")
+        out[bare] = tensor
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

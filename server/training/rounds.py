@@ -1,24 +1,22 @@
-"""The round state machine of a training run (cases 1, 2 and 3), without any I/O.
+"""The round state machine of a training run, without any I/O.
 
 The machine takes events (the plan's pipelines are connected, a client finished a command,
 the server merged the uploads, the operator stopped the run) and returns the actions the
 caller must carry out. The caller (:mod:`server.training.run_manager`) turns actions into commands and
 files; tests drive the machine directly.
 
-A plan has one pipeline per data owner (its bridge run id). A round is a sequence of *turns*;
-in a turn some pipelines train, then every client holding one of their partitions uploads
-what it trains, and the server merges each partition's copies (FedAvg weighted by samples,
-where one copy merges to itself, or in case 3 a server optimizer's step) into the new
-global partitions:
-
-* case 1: one pipeline, one turn per round;
-* case 2: one turn per owner, in order: each trains the global model, then hands over;
-* case 3: one turn with every pipeline training in parallel.
+A plan has one pipeline per data owner (its bridge run id); each pipeline may be cut into
+its own number of partitions, one included. A round is a sequence of *turns*, which the
+run's :class:`~server.training.participation.Participation` decides (one turn with the one
+pipeline; one turn per owner in order; one turn with every pipeline). In a turn some
+pipelines train, then every client holding one of their partitions uploads what it trains,
+and the server merges each partition's copies (FedAvg weighted by samples, where one copy
+merges to itself, or a server optimizer's step) into the new global partitions.
 
 Before a turn the pipelines that do not hold the global partitions already load them
-(``SendLoad``): in case 3 every pipeline after a merge, in case 2 the next owner's, in case 1
-none, and after a resume from a checkpoint every one. The last merge of a round is written
-as the round's checkpoint.
+(``SendLoad``): after a merge of several copies every pipeline, after a hand-over the next
+owner's, when one pipeline trains turn after turn none, and after a resume from a
+checkpoint every one. The last merge of a round is written as the round's checkpoint.
 
 A server optimizer (FedAdam, FedYogi, FedAdagrad) steps from the state the copies started
 from, which the server does not have before round 1: LoRA adapters are made on the clients
@@ -41,9 +39,11 @@ run has its checkpoint as the global state and takes no snapshot.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from server.training.participation import Participation, Single
 
 
 class Phase(enum.StrEnum):
@@ -128,19 +128,12 @@ class Snapshot:
 Action = SendPrepare | SendLoad | SendTrain | SendUpload | Merge | Snapshot
 
 
-def turns_for(case: int, bridge_runs: Sequence[str]) -> list[tuple[str, ...]]:
-    """The turns of one round: who trains together, in order."""
-    if case == 2:
-        return [(run,) for run in bridge_runs]
-    return [tuple(bridge_runs)]
-
-
 @dataclass(slots=True)
 class RoundMachine:
     """One run's progress through its rounds."""
 
     rounds: int  # the last round to train
-    case: int = 1
+    participation: Participation = field(default_factory=Single)  # who trains in each turn of a round
     # Upload the starting state as round 0 before round 1 of a fresh run (server optimizers
     # need the state each round starts from to form their pseudo-gradient).
     snapshot_first: bool = False
@@ -148,7 +141,7 @@ class RoundMachine:
     phase: Phase = Phase.WAITING
     error: str = ""
     pipelines: dict[str, PipelineInfo] = field(default_factory=dict)  # bridge run -> pipeline
-    turns: list[tuple[str, ...]] = field(default_factory=list)
+    turns: list[tuple[str, ...]] = field(default_factory=list)  # this round's, from the participation
     turn: int = 0  # index into turns
     # The pipelines holding the global partitions: None when every pipeline does (they all
     # start from the same weights); () when none does (resumed from a checkpoint).
@@ -177,7 +170,6 @@ class RoundMachine:
         if not pipelines:
             raise ValueError("a run needs at least one pipeline")
         self.pipelines = dict(pipelines)
-        self.turns = turns_for(self.case, list(self.pipelines))
         if self.round >= self.rounds:
             self.phase = Phase.DONE
             return []
@@ -200,7 +192,7 @@ class RoundMachine:
             return self._train()
         self.phase = Phase.MERGING
         if self.round == 0:
-            return [Snapshot(round=0, bridge_run=self.turns[0][0])]
+            return [Snapshot(round=0, bridge_run=self._first_pipeline())]
         group = self.turns[self.turn]
         return [
             Merge(
@@ -261,11 +253,17 @@ class RoundMachine:
     def _next_round(self) -> list[Action]:
         self.round += 1
         self.turn = 0
+        self.turns = self.participation.turns(self.round, list(self.pipelines))
+        assert self.turns and all(self.turns), f"{self.participation.name} gave round {self.round} an empty turn"
         return self._begin_turn()
+
+    def _first_pipeline(self) -> str:
+        """The pipeline whose holders upload the starting state (every pipeline starts equal)."""
+        return next(iter(self.pipelines))
 
     def _snapshot(self) -> list[Action]:
         """Round 0: the first pipeline's holders upload what their partitions train, untrained."""
-        first = self.turns[0][0]
+        first = self._first_pipeline()
         holders = self.pipelines[first].holders
         self.phase = Phase.UPLOADING
         self.pending = {(first, c) for c in holders}

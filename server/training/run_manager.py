@@ -1,20 +1,26 @@
 """Drives training runs over the control plane: the I/O around :class:`server.training.rounds.RoundMachine`.
 
-A run waits for the coordinator's plan to be connected (one pipeline per data owner), tells
-every client holding partitions how the run trains (``PrepareRun``: LoRA adapters or all
-weights), then follows the machine: ``Train`` to the owners, ``Upload`` of what every
-partition trains, a merge of each partition's copies (FedAvg weighted by the owners' samples),
-``LoadPartitions`` of the merged partitions where a pipeline needs them, and after each round a
-checkpoint with :class:`~server.training.checkpoints.CheckpointStore` (a folder ``from_pretrained``
-loads, or a PEFT adapter folder). The owner's ``Train`` answer carries its metrics as JSON in
-the status message (losses, validation loss and perplexity, samples).
+A run waits for the coordinator's plan to be connected (one pipeline per data owner, each
+cut its own way), tells every client holding partitions how the run trains (``PrepareRun``),
+then follows the machine: ``Train`` to the owners (what each trains comes from the run's
+local work), ``Upload`` of what every partition trains, a merge of each partition's copies
+with the run's aggregator, ``LoadPartitions`` of the merged partitions where a pipeline needs
+them, and after each round a checkpoint with :class:`~server.training.checkpoints.CheckpointStore`
+(a folder ``from_pretrained`` loads, or a PEFT adapter folder when the run's finetune mode
+trains adapters). The owner answers ``Train`` with a round report, checked here as network
+input (:mod:`server.training.reports`) before it joins the run's history.
 
-Every upload carries the holder's optimizer state for the partition next to its tensors
-(``optimizer/<entry>/<name>``, :mod:`autograd_bridge.optim_state`). The server keeps the
-latest one per partition: in cases 1 and 2 one state that travels with the model (case 2's
-next owner continues with the previous owner's AdamW moments and step count, so the owners
-in turn train exactly like one process would), in case 3 one per owner (each pipeline keeps
-its local moments across rounds; the merge averages weights, not moments).
+The run holds one member of each extension point (:class:`~server.training.seams.RunSeams`)
+and calls it; nothing here branches on which member a run file chose.
+
+Uploads and ``LoadPartitions`` files are the run's codec's bytes; their sizes are counted
+per round and client in the record's ``traffic``. Every upload carries the holder's
+optimizer state next to its tensors (``optimizer/<entry>/<name>``,
+:mod:`autograd_bridge.optim_state`). The server keeps the latest one by whole-model name:
+one state that travels with the model when the participation shares it (the next owner in
+turn continues with the previous owner's AdamW moments and step count, so the owners in turn
+train exactly like one process would), else one per owner (each pipeline keeps its moments
+across rounds; the merge averages weights, not moments).
 
 A run resumes after a server restart from its last checkpoint: the pipelines of the new plan
 first load the checkpoint's partitions and optimizer states, and training continues with
@@ -28,29 +34,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proto.messages import (
     CommandState,
     LoadPartitions,
     PartitionAssignment,
-    PrepareRun,
     StatusReport,
-    Train,
     Upload,
 )
 from server.control.handler import ControlHandler
 from server.control.state import Deployment, PlanRow
-from server.planning.coordinator import ModelSource
+from server.errors import ServerError
 from server.training.aggregation import ClientUpdate
-from server.training.checkpoints import CheckpointStore
+from server.training.checkpoints import CheckpointStore, from_peft_names, to_peft_names
+from server.training.global_model import PartitionTensors, optimizer_state_for, partition_names
+from server.training.reports import history_entry, per_round
 from server.training.rounds import (
     Action,
     Merge,
@@ -63,136 +68,28 @@ from server.training.rounds import (
     SendUpload,
     Snapshot,
 )
-from server.training.spec import (
-    RunSpec,
-    aggregation_settings,
-    prepare_settings,
-    spec_from_mapping,
-    train_settings,
-)
+from server.training.seams import seams_for
+from server.training.spec import RunSpec, prepare_command, spec_from_mapping, train_command
+from server.training.store import InMemoryRunStore, RunRecord, RunStore
+
+if TYPE_CHECKING:
+    from server.planning.coordinator import ModelSource
+
+__all__ = ["RunManager", "RunRecord", "from_peft_names", "per_round", "spec_and_resume", "to_peft_names"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often a waiting run looks at the plan
-_PEFT_PREFIX = "base_model.model."  # what peft puts before whole-model names in adapter files
-_LAYER = re.compile(r"\.(\d+)\.")  # the first number in a parameter name is its decoder block
+_SHARED = "*"  # the key of the one optimizer state that travels with the model
 
 
-@dataclass(slots=True, kw_only=True)
-class RunRecord:
-    """A run the server knows about."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _PipelineUpload:
+    """One pipeline's uploads of a round, decoded and combined."""
 
-    run_id: str
-    spec: RunSpec
-    machine: RoundMachine
-    created_at: float
-    plan_id: str = ""  # the plan the run trains on; a different plan fails the run
-    resumed_from: int = 0  # the checkpointed round it resumed after (0: started fresh)
-    checkpoints: list[str] = field(default_factory=list)  # folders written, oldest first
-    commands: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # id -> (kind, client, bridge run)
-    rows: dict[tuple[str, int], PlanRow] = field(default_factory=dict)  # (bridge run, partition) -> plan row
-    global_state: dict[str, Any] = field(default_factory=dict)  # merged tensors (all, or adapters) by name
-    # Optimizer states by key (the owner in case 3, "*" in cases 1 and 2), then partition,
-    # then optimizer-state name: what the pipelines load after a hand-over or a resume.
-    optimizers: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
-    aggregator_state: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """The run as the admin API shows it."""
-        m = self.machine
-        return {
-            "run_id": self.run_id,
-            "name": self.spec.name,
-            "case": self.spec.case,
-            "state": str(m.phase),
-            "round": m.round,
-            "rounds": m.rounds,
-            "error": m.error,
-            "owners": sorted({p.owner for p in m.pipelines.values()}),
-            "pipelines": sorted(m.pipelines),
-            "plan_id": self.plan_id,
-            "resumed_from": self.resumed_from,
-            "history": list(m.history),
-            "per_round": per_round(m.history),
-            "checkpoints": list(self.checkpoints),
-            "created_at": self.created_at,
-            "spec": self.spec.to_json(),
-        }
-
-
-def per_round(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per round: each owner's validation perplexity and the token-weighted one over all owners."""
-    rounds: dict[int, dict[str, Any]] = {}
-    for h in history:
-        entry = rounds.setdefault(int(h["round"]), {"round": int(h["round"]), "owners": {}, "_loss": 0.0, "_tok": 0})
-        entry["owners"][h["owner"]] = h["ppl"]
-        tokens = int(h.get("val_tokens", 0))
-        entry["_loss"] += h["val_loss"] * tokens
-        entry["_tok"] += tokens
-    out = []
-    for r in sorted(rounds):
-        entry = rounds[r]
-        loss, tokens = entry.pop("_loss"), entry.pop("_tok")
-        entry["ppl"] = math.exp(loss / tokens) if tokens else None
-        out.append(entry)
-    return out
-
-
-def parse_metrics(message: str) -> dict[str, Any]:
-    """The owner's metrics from a Train status message (network input: checked, not trusted)."""
-    try:
-        raw = json.loads(message)
-    except ValueError as exc:
-        raise ValueError(f"the owner's training report is not JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError("the owner's training report must be a JSON object")
-    out: dict[str, Any] = {}
-    for key in ("val_loss", "ppl", "seconds"):
-        value = raw.get(key)
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"the owner's training report needs a finite number {key!r}")
-        out[key] = float(value)
-    losses = raw.get("losses")
-    if not isinstance(losses, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in losses):
-        raise ValueError("the owner's training report needs 'losses', a list of numbers")
-    out["losses"] = [float(x) for x in losses]
-    for key in ("samples", "data_samples", "val_tokens"):
-        value = raw.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"the owner's training report needs {key!r}, an integer >= 0")
-        out[key] = value
-    # Optional timing (older clients send none): per stage and whole step, mean seconds per step.
-    if "stage_seconds" in raw:
-        stage_seconds = raw["stage_seconds"]
-        if not isinstance(stage_seconds, list) or not all(_seconds(x) for x in stage_seconds):
-            raise ValueError("the owner's training report has 'stage_seconds' that is not a list of finite numbers >= 0")
-        out["stage_seconds"] = [float(x) for x in stage_seconds]
-    if "step_seconds" in raw:
-        if not _seconds(raw["step_seconds"]):
-            raise ValueError("the owner's training report has 'step_seconds' that is not a finite number >= 0")
-        out["step_seconds"] = float(raw["step_seconds"])
-    return out
-
-
-def _seconds(value: object) -> bool:
-    """Whether ``value`` is a duration as JSON brings it: a finite number >= 0, not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-
-
-def to_peft_names(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Adapter tensors under whole-model names (``...lora_A.default.weight``) as peft saves them."""
-    return {_PEFT_PREFIX + name.replace(".default.", "."): t for name, t in state.items()}
-
-
-def from_peft_names(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`to_peft_names`."""
-    out = {}
-    for name, tensor in state.items():
-        bare = name.removeprefix(_PEFT_PREFIX)
-        for marker in ("lora_A", "lora_B"):
-            bare = bare.replace(f".{marker}.", f".{marker}.default.")
-        out[bare] = tensor
-    return out
+    tensors: dict[str, Any]  # what its partitions train, by whole-model name
+    optimizer: dict[str, Any]  # its optimizer state, by optimizer/<entry>/<name>
+    sizes: dict[str, int]  # client id -> encoded bytes it uploaded
 
 
 class RunManager:
@@ -206,6 +103,7 @@ class RunManager:
         model_name: str,
         stages: int | None,
         checkpoints: CheckpointStore,
+        store: RunStore | None = None,
     ) -> None:
         self.handler = handler
         self.state = handler.state
@@ -213,7 +111,7 @@ class RunManager:
         self.model_name = model_name
         self.stages = stages
         self.checkpoints = checkpoints
-        self.runs: dict[str, RunRecord] = {}
+        self.store = store if store is not None else InMemoryRunStore()
         self._tasks: set[asyncio.Task[None]] = set()
         self._scratch = Path(tempfile.mkdtemp(prefix="titanic-merged-"))
         self._tokenizers: dict[str, Any] = {}  # tokenizer name -> loaded (None: the model has none)
@@ -228,27 +126,38 @@ class RunManager:
             raise ValueError(f"this server plans for {self.model_name!r}, not {spec.model!r}; leave model empty")
         if spec.stages is not None and self.stages is not None and spec.stages != self.stages:
             raise ValueError(f"this server plans {self.stages} stages, not {spec.stages}; leave stages unset")
-        busy = [r.run_id for r in self.runs.values() if r.machine.active]
+        busy = [r.run_id for r in self.store.list_runs() if r.machine.active]
         if busy:
             raise ValueError(f"run {busy[0]} is still active; stop it first (titanic-server runs stop {busy[0]})")
-        machine = RoundMachine(rounds=spec.rounds, case=spec.case, snapshot_first=spec.server_optimizer)
-        record = RunRecord(run_id=resume or self._new_id(), spec=spec, machine=machine, created_at=time.time())
+        seams = seams_for(spec)
+        machine = RoundMachine(
+            rounds=spec.rounds, participation=seams.participation, snapshot_first=seams.aggregator.steps_from_start
+        )
+        record = RunRecord(
+            run_id=resume or self._new_id(), spec=spec, machine=machine, seams=seams, created_at=time.time()
+        )
         if resume is not None:
             self._resume(record)
-        self.runs[record.run_id] = record
+        self.store.put(record)
         self._spawn(self._follow_plan(record))
         log.info("%s started: %s", record.run_id, spec.to_json())
         return record
 
     def stop(self, run_id: str) -> RunRecord:
         """Stop a run (KeyError when unknown); it keeps its checkpoints."""
-        record = self.runs[run_id]
+        record = self.store.get(run_id)
+        if record is None:
+            raise KeyError(run_id)
         record.machine.stop()
         return record
 
+    def get(self, run_id: str) -> RunRecord | None:
+        """The run ``run_id``, or None."""
+        return self.store.get(run_id)
+
     def list_runs(self) -> list[RunRecord]:
         """Every run, oldest first."""
-        return list(self.runs.values())
+        return self.store.list_runs()
 
     async def close(self) -> None:
         """Stop the background tasks."""
@@ -257,7 +166,7 @@ class RunManager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _new_id(self) -> str:
-        taken = set(self.runs)
+        taken = {r.run_id for r in self.store.list_runs()}
         if self.checkpoints.root.is_dir():
             taken |= {p.name for p in self.checkpoints.root.iterdir()}
         n = 1
@@ -270,23 +179,29 @@ class RunManager:
         saved = self.checkpoints.latest(record.run_id)
         if saved is None:
             raise ValueError(f"run {record.run_id!r} has no checkpoint under {self.checkpoints.root} to resume from")
-        if saved.adapter != (record.spec.finetune == "lora"):
-            raise ValueError(f"run {record.run_id!r} was checkpointed with finetune={'lora' if saved.adapter else 'full'}")
+        finetune = record.seams.finetune
+        if saved.adapter != finetune.adapter:
+            kind = "an adapter folder" if saved.adapter else "a whole model"
+            raise ValueError(
+                f"run {record.run_id!r} was checkpointed as {kind}, which [finetune] mode {finetune.name!r} "
+                "does not write; resume with the mode the run started with"
+            )
         if saved.round >= record.spec.rounds:
             raise ValueError(f"run {record.run_id!r} finished round {saved.round} already; ask for more rounds")
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # the server's own files, not network input
 
         files = sorted(p for p in saved.path.glob("*.safetensors") if not p.name.startswith("titanic"))
         state: dict[str, Any] = {}
         for path in files:
             state.update(load_file(path))
         record.global_state = from_peft_names(state) if saved.adapter else state
-        record.aggregator_state = dict(saved.server_state.get("aggregator", {}))
-        record.optimizers = {
-            key: {int(index): dict(state) for index, state in partitions.items()}
-            for key, partitions in saved.server_state.get("optimizers", {}).items()
-        }
+        if saved.server_state.get("aggregator"):
+            record.seams.aggregator.load_state_dict(saved.server_state["aggregator"])  # a server optimizer's moments
+        record.optimizers = _optimizers_by_name(saved.server_state.get("optimizers", {}))
         record.machine.history = json.loads(saved.server_state.get("history_json", "[]"))
+        for row in json.loads(saved.server_state.get("traffic_json", "[]")):
+            for direction in ("uploaded", "downloaded"):
+                record.count_bytes(int(row["round"]), str(row["client"]), direction, int(row[direction]))
         record.machine.resume_after(saved.round)
         record.resumed_from = saved.round
         record.checkpoints = [str(self.checkpoints.load_round(record.run_id, r).path) for r in self.checkpoints.rounds(record.run_id)]
@@ -298,7 +213,7 @@ class RunManager:
 
     def status_reported(self, client_id: str, report: StatusReport) -> None:
         """Follow the commands this manager sent."""
-        for record in self.runs.values():
+        for record in self.store.list_runs():
             entry = record.commands.get(report.command_id)
             if entry is None:
                 continue
@@ -311,15 +226,24 @@ class RunManager:
                 return
             if kind == "train":
                 try:
-                    metrics = parse_metrics(report.message)
+                    metrics = self._checked_report(record, bridge_run, report)
                 except ValueError as exc:
-                    record.machine.failed(str(exc))
+                    record.machine.failed(f"the round report of {client_id} ({bridge_run}) was refused: {exc}")
                     return
                 log.info("%s round %d, %s: ppl %.4f", record.run_id, record.machine.round, client_id, metrics["ppl"])
                 self._apply(record, record.machine.train_done(bridge_run, metrics))
             else:
                 self._apply(record, record.machine.command_done(bridge_run, client_id))
             return
+
+    def _checked_report(self, record: RunRecord, bridge_run: str, report: StatusReport) -> dict[str, Any]:
+        """The history entry of a finished Train (ValueError when its round report is missing or wrong)."""
+        if report.round_report is None:
+            raise ValueError("the Train command finished without a round report; the client must answer Train with one")
+        round, work = record.asked[bridge_run]
+        entry = history_entry(report.round_report, round=round)
+        record.seams.local_work.check(work, report.round_report)
+        return entry
 
     # -- carrying out actions --------------------------------------------------------------
 
@@ -336,11 +260,11 @@ class RunManager:
         spec = record.spec
         for action in actions:
             if isinstance(action, SendPrepare):
-                body: Any = PrepareRun(run_id=action.bridge_run, settings_json=json.dumps(prepare_settings(spec)))
-                self._send(record, "prepare", action.client_id, action.bridge_run, body)
+                self._send(record, "prepare", action.client_id, action.bridge_run, prepare_command(spec, action.bridge_run))
             elif isinstance(action, SendTrain):
-                settings = train_settings(spec, round=action.round, model=self.model_name)
-                body = Train(run_id=action.bridge_run, settings_json=json.dumps(settings))
+                work = record.seams.local_work.assign(action.round, action.client_id)
+                record.asked[action.bridge_run] = (action.round, work)
+                body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work, model=self.model_name)
                 self._send(record, "train", action.client_id, action.bridge_run, body)
             elif isinstance(action, SendUpload):
                 body = Upload(run_id=action.bridge_run, partitions=action.partitions, round=action.round)
@@ -388,8 +312,7 @@ class RunManager:
             raise ValueError(f"the data owners {absent} are not in the plan; start them with --data")
         if not owners:
             raise ValueError("the plan has no data owner; start a client with --data")
-        if record.spec.case == 1 and len(owners) != 1:
-            raise ValueError(f"case 1 needs exactly one data owner, the plan has {len(owners)}: {owners}; set owners")
+        record.seams.participation.check_owners(owners)
         pipelines: dict[str, PipelineInfo] = {}
         for owner in owners:
             rows = [r for r in deployment.rows if r.owner_id == owner]
@@ -397,43 +320,47 @@ class RunManager:
             for row in rows:
                 holders.setdefault(row.client_id, []).append(row.partition)
                 record.rows[(row.run_id, row.partition)] = row
+                record.partitions.setdefault(row.run_id, {})[row.partition] = self._partition_tensors(row)
             pipelines[rows[0].run_id] = PipelineInfo(owner=owner, holders={c: tuple(p) for c, p in holders.items()})
         return pipelines
 
+    def _partition_tensors(self, row: PlanRow) -> PartitionTensors:
+        """What partition ``row`` holds: its blocks, and the names in the weight file it was planned with."""
+        from safetensors import safe_open  # reads the header only
+
+        try:
+            stored = self.handler.weights.get(row.run_id, row.partition)
+        except ServerError as exc:
+            raise ValueError(f"the plan's weights of partition {row.partition} of {row.run_id} are gone: {exc}") from exc
+        with safe_open(str(stored.path), framework="pt") as f:
+            names = frozenset(f.keys())
+        return PartitionTensors(index=row.partition, layer_start=row.layer_start, layer_end=row.layer_end, stored=names)
+
     # -- merging, distributing, checkpointing ----------------------------------------------
 
-    def _partition_names(self, record: RunRecord, row: PlanRow) -> list[str]:
-        """The names of the global tensors that belong to partition ``row``."""
-        if record.spec.finetune == "lora":
-            return [n for n in record.global_state if (m := _LAYER.search(n)) and row.layer_start <= int(m.group(1)) < row.layer_end]
-        from safetensors import safe_open
-
-        stored = self.handler.weights.get(row.run_id, row.partition)
-        with safe_open(str(stored.path), framework="pt") as f:
-            return [n for n in f.keys() if n in record.global_state]  # noqa: SIM118 - safe_open is not a dict
-
     def _load_command(self, record: RunRecord, action: SendLoad) -> LoadPartitions:
-        """Store the global version of the holder's partitions and name it in a LoadPartitions."""
-        from safetensors.torch import save_file
-
+        """Store the global version of the holder's partitions (codec bytes) and name it in a LoadPartitions."""
+        seams = record.seams
+        pipeline = record.partitions[action.bridge_run]
         assignments = []
         for index in action.partitions:
             row = record.rows[(action.bridge_run, index)]
-            names = self._partition_names(record, row)
+            names = partition_names(record.global_state, pipeline[index])
             if not names:
-                if record.spec.finetune == "lora" and row.blocks == 0:
-                    continue  # no decoder block, no adapters: nothing of it trains
+                if row.blocks == 0 and not any(seams.finetune.travels(n) for n in pipeline[index].stored):
+                    continue  # no decoder block, and none of its own tensors trains in this mode: nothing to load
                 raise ValueError(f"the global state has no tensors of partition {index}")
-            tensors = {n: record.global_state[n].contiguous() for n in names}
+            tensors = {n: record.global_state[n] for n in names}
             tensors.update(self._optimizer_to_load(record, action.bridge_run, index))
-            path = self._scratch / f"{record.run_id}-{action.bridge_run}-p{index}.safetensors"
-            save_file(tensors, str(path))
+            data = seams.codec.encode(tensors)
+            path = self._scratch / f"{record.run_id}-{action.bridge_run}-p{index}.bin"
+            path.write_bytes(data)
             stored = self.handler.weights.add(action.bridge_run, index, path, clients=[action.client_id])
-            num_stages = sum(1 for (run, _) in record.rows if run == action.bridge_run)
+            record.count_bytes(record.machine.round, action.client_id, "downloaded", len(data))
             assignments.append(
                 PartitionAssignment(
                     index=index,
-                    num_stages=num_stages,
+                    num_stages=len(pipeline),
                     layer_start=row.layer_start,
                     layer_end=row.layer_end,
                     weights_sha256=stored.sha256,
@@ -443,23 +370,28 @@ class RunManager:
         return LoadPartitions(run_id=action.bridge_run, partitions=tuple(assignments), round=record.machine.round)
 
     def _optimizer_key(self, record: RunRecord, bridge_run: str) -> str:
-        """Whose optimizer state a pipeline uses: its owner's own in case 3, the one travelling state otherwise."""
-        return record.machine.pipelines[bridge_run].owner if record.spec.case == 3 else "*"
+        """Whose optimizer state a pipeline uses: the one travelling state, or its owner's own."""
+        if record.seams.participation.shared_optimizer:
+            return _SHARED
+        return record.machine.pipelines[bridge_run].owner
 
     def _optimizer_to_load(self, record: RunRecord, bridge_run: str, index: int) -> dict[str, Any]:
         """The optimizer state partition ``index`` of ``bridge_run`` loads with the global tensors.
 
-        In case 3 a pipeline keeps its own moments across merges, so its state is sent only
-        when it starts from a checkpoint; in cases 1 and 2 the state follows the model.
+        A pipeline that keeps its own moments across merges gets its state only when it
+        starts from a checkpoint; a travelling state goes with every load.
         """
         resuming = record.machine.round == record.resumed_from + 1 and record.resumed_from > 0
-        if record.spec.case == 3 and not resuming:
+        if not record.seams.participation.shared_optimizer and not resuming:
             return {}
-        return dict(record.optimizers.get(self._optimizer_key(record, bridge_run), {}).get(index, {}))
+        state = record.optimizers.get(self._optimizer_key(record, bridge_run), {})
+        return optimizer_state_for(state, list(record.partitions[bridge_run].values()), index)
 
     async def _merge(self, record: RunRecord, action: Merge) -> None:
         try:
-            path = await asyncio.to_thread(self._merge_and_save, record, action)
+            uploads = await asyncio.to_thread(self._read_uploads, record, action.bridge_runs, action.round)
+            self._count_uploads(record, action.round, uploads.values())
+            path = await asyncio.to_thread(self._merge_and_save, record, action, uploads)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             log.exception("%s: merging round %d failed", record.run_id, action.round)
             record.machine.failed(f"merging round {action.round} failed: {exc}")
@@ -469,38 +401,50 @@ class RunManager:
             log.info("%s: round %d saved to %s", record.run_id, action.round, path)
         self._apply(record, record.machine.merged())
 
-    def _uploaded(self, record: RunRecord, bridge_run: str, round: int) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-        """One pipeline's tensors at the end of ``round`` (every holder's upload, combined) and its optimizer state by partition."""
-        from safetensors.torch import load_file
-
+    def _read_uploads(self, record: RunRecord, bridge_runs: tuple[str, ...], round: int) -> dict[str, _PipelineUpload]:
+        """Each pipeline's uploads at the end of ``round``: every holder's, decoded with the run's codec and combined."""
         from autograd_bridge.optim_state import split_optimizer_tensors
 
-        pipeline = record.machine.pipelines[bridge_run]
-        latest: dict[tuple[str, int], str] = {}
-        for upload in self.state.list_uploads(bridge_run):
-            if upload.header.round == round:
-                latest[(upload.client_id, upload.header.partition)] = upload.path
-        combined: dict[str, Any] = {}
-        optimizer: dict[int, dict[str, Any]] = {}
-        for client_id, partitions in pipeline.holders.items():
-            for partition in partitions:
-                path = latest.get((client_id, partition))
-                if path is None:
-                    raise ValueError(f"{client_id} reported its upload of partition {partition} but none arrived")
-                weights, optimizer[partition] = split_optimizer_tensors(load_file(path))
-                combined.update(weights)
-        return combined, optimizer
+        out = {}
+        for bridge_run in bridge_runs:
+            pipeline = record.machine.pipelines[bridge_run]
+            latest: dict[tuple[str, int], str] = {}
+            for upload in self.state.list_uploads(bridge_run):
+                if upload.header.round == round:
+                    latest[(upload.client_id, upload.header.partition)] = upload.path
+            tensors: dict[str, Any] = {}
+            optimizer: dict[str, Any] = {}
+            sizes: dict[str, int] = {}
+            for client_id, partitions in pipeline.holders.items():
+                for partition in partitions:
+                    path = latest.get((client_id, partition))
+                    if path is None:
+                        raise ValueError(f"{client_id} reported its upload of partition {partition} but none arrived")
+                    data = Path(path).read_bytes()
+                    sizes[client_id] = sizes.get(client_id, 0) + len(data)
+                    weights, state = split_optimizer_tensors(record.seams.codec.decode(data))
+                    tensors.update(weights)
+                    optimizer.update(state)
+            out[bridge_run] = _PipelineUpload(tensors=tensors, optimizer=optimizer, sizes=sizes)
+        return out
+
+    @staticmethod
+    def _count_uploads(record: RunRecord, round: int, uploads: Iterable[_PipelineUpload]) -> None:
+        for upload in uploads:
+            for client_id, size in upload.sizes.items():
+                record.count_bytes(round, client_id, "uploaded", size)
 
     async def _snapshot(self, record: RunRecord, action: Snapshot) -> None:
         """Take the round-0 upload as the global state a server optimizer's first step starts from."""
         try:
-            # The optimizer states of round 0 are empty (nothing has trained): keep the tensors.
-            tensors, _ = await asyncio.to_thread(self._uploaded, record, action.bridge_run, action.round)
+            uploads = await asyncio.to_thread(self._read_uploads, record, (action.bridge_run,), action.round)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             log.exception("%s: reading the starting state failed", record.run_id)
             record.machine.failed(f"reading the starting state (round 0) of {action.bridge_run} failed: {exc}")
             return
-        record.global_state = tensors
+        self._count_uploads(record, action.round, uploads.values())
+        # The optimizer states of round 0 are empty (nothing has trained): keep the tensors.
+        record.global_state = uploads[action.bridge_run].tensors
         log.info("%s: starting state taken from %s (%d tensors)", record.run_id, action.bridge_run, len(record.global_state))
         self._apply(record, record.machine.merged())
 
@@ -508,32 +452,25 @@ class RunManager:
         """The global state this turn's copies started from (what a server optimizer steps from)."""
         if set(record.global_state) == set(first):
             return record.global_state
-        if record.spec.server_optimizer:
+        if record.seams.aggregator.steps_from_start:
             # Without the starting state the pseudo-gradient would be measured from a trained copy.
             differ = sorted(set(first) ^ set(record.global_state))[:3]
             raise ValueError(
-                f"{record.spec.aggregator} needs the state the copies started from, and it names other tensors "
+                f"{record.spec.aggregation.rule} needs the state the copies started from, and it names other tensors "
                 f"than the uploads (e.g. {differ}); start the run afresh so the holders upload it before round 1"
             )
         return first  # FedAvg only takes names and dtypes from the reference: any copy will do
 
-    def _merge_and_save(self, record: RunRecord, action: Merge) -> Path | None:
-        uploaded = {run: self._uploaded(record, run, action.round) for run in action.bridge_runs}
-        copies = {run: weights for run, (weights, _) in uploaded.items()}
-        for run, (_, optimizer) in uploaded.items():
-            record.optimizers[self._optimizer_key(record, run)] = optimizer
-        aggregator = aggregation_settings(record.spec).build()
-        if record.aggregator_state:
-            aggregator.load_state_dict(record.aggregator_state)  # resumes a server optimizer's moments
-        first = copies[action.bridge_runs[0]]
-        reference = self._reference(record, first)
+    def _merge_and_save(self, record: RunRecord, action: Merge, uploads: Mapping[str, _PipelineUpload]) -> Path | None:
+        for run, upload in uploads.items():
+            record.optimizers[self._optimizer_key(record, run)] = upload.optimizer
+        reference = self._reference(record, uploads[action.bridge_runs[0]].tensors)
         updates = [
             # All owners weigh the same when none reports samples (FedAvg needs some weight).
-            ClientUpdate(state=copies[run], num_samples=max(action.weights.get(run, 0), 0) or 1, client_id=run)
+            ClientUpdate(state=uploads[run].tensors, num_samples=max(action.weights.get(run, 0), 0) or 1, client_id=run)
             for run in action.bridge_runs
         ]
-        record.global_state = aggregator.aggregate(reference, updates)
-        record.aggregator_state = aggregator.state_dict()
+        record.global_state = record.seams.aggregator.aggregate(reference, updates)
         if not action.checkpoint:
             return None
         return self._write_checkpoint(record, action.round)
@@ -558,27 +495,44 @@ class RunManager:
             "round": round,
             "spec": record.spec.to_json(),
             "history_json": json.dumps(record.machine.history),
-            "aggregator": record.aggregator_state,
-            "optimizers": {key: {str(i): state for i, state in parts.items()} for key, parts in record.optimizers.items()},
+            "traffic_json": json.dumps(record.traffic_json()),
+            "aggregator": record.seams.aggregator.state_dict(),
+            "optimizers": record.optimizers,
         }
-        if record.spec.finetune == "lora":
-            from peft import LoraConfig
-
-            from autograd_bridge.lora import lora_target_modules
-
-            spec = record.spec
-            targets = list(spec.lora_targets) or lora_target_modules(config)
-            peft_config = LoraConfig(
-                r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=targets,
-                base_model_name_or_path=self.model_name, task_type="CAUSAL_LM",
-            )
+        if record.seams.finetune.adapter:
             return self.checkpoints.save_round(
-                record.run_id, round, to_peft_names(record.global_state), config=peft_config,
+                record.run_id, round, to_peft_names(record.global_state), config=self._adapter_config(record.spec, config),
                 tokenizer=tokenizer, server_state=server_state, adapter=True,
-            )
+            )  # fmt: skip
         return self.checkpoints.save_round(
             record.run_id, round, record.global_state, config=config, tokenizer=tokenizer, server_state=server_state
         )
+
+    def _adapter_config(self, spec: RunSpec, config: Any) -> Any:
+        """The PEFT config of an adapter checkpoint (adapter modes are LoRA today)."""
+        from peft import LoraConfig
+
+        from autograd_bridge.lora import lora_target_modules
+
+        targets = list(spec.finetune.targets) or lora_target_modules(config)
+        return LoraConfig(
+            r=spec.finetune.r, lora_alpha=spec.finetune.alpha, target_modules=targets,
+            base_model_name_or_path=self.model_name, task_type="CAUSAL_LM",
+        )  # fmt: skip
+
+
+def _optimizers_by_name(saved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Checkpointed optimizer states as flat dicts by name (older checkpoints nest them by partition)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, entries in saved.items():
+        flat: dict[str, Any] = {}
+        for name, value in entries.items():
+            if isinstance(value, Mapping):
+                flat.update(value)  # partition index -> its state
+            else:
+                flat[name] = value
+        out[key] = flat
+    return out
 
 
 def spec_and_resume(body: Mapping[str, Any]) -> tuple[RunSpec, str | None]:

@@ -1,202 +1,480 @@
-"""What a training run is: :class:`RunSpec`, read from a TOML file plus flags.
+"""What a training run is: :class:`RunSpec`, read from a run file (TOML) plus flags.
 
-A run file names the work; the model and its stages come from the server's ``[model]``
+This docstring is the reference of run files: the block below is a complete run file with
+every key at its default (a test parses it and checks it against the dataclasses, so it
+stays complete and true). The model and its stages come from the server's ``[model]``
 (the server plans for one model), so a run that names another model is refused::
 
-    # run.toml
-    case = 3                     # 1: one owner; 2: owners in turn; 3: owners in parallel
-    finetune = "lora"            # or "full"
-    rounds = 3
-    steps_per_round = 10
-    batch_size = 4
-    seq_len = 128
-    optimizer = "adamw"          # or "sgd": every stage, on the owners and the hosts
-    lr = 1e-4
-    seed = 0
-    tokenizer = "/models/tiny"   # where each data owner loads the tokenizer ("" = the model)
-    aggregator = "fedadam"       # case 3 only: fedavg (default), fedadam, fedyogi or fedadagrad
-    server_lr = 0.01             # the server optimizer's step size (eta); unused by fedavg
-    server_beta1 = 0.9           # its first-moment decay
-    server_beta2 = 0.99          # its second-moment decay (fedadam, fedyogi)
-    server_tau = 0.001           # its adaptivity: added to sqrt(v), and v starts at tau^2
+    name = ""              # a label for the operator; the server gives the run its own id
+    model = ""             # must be the server's model ("": the server's model)
+    stages = "auto"        # must match the server's stage count; "auto": whatever it plans (1: one stage, an owner holds the whole model)
+    owners = []            # client ids of the data owners (empty: every client with data)
+    rounds = 3             # rounds; a checkpoint is written after each
+    seed = 0               # data split and batch order on every owner; adapters of partition k start from seed * 1000 + k
+    tokenizer = ""         # name or path each owner loads its tokenizer from ("": the model)
 
-In case 3 the owners' copies of each partition merge after every round: ``fedavg`` takes their
-average weighted by the owners' training samples; a server optimizer (Reddi et al. 2021) takes
-the round's starting state minus that average as a pseudo-gradient and makes one Adam, Yogi or
-Adagrad step with it, its moments kept across rounds (and in checkpoints). Cases 1 and 2 train one model
-in sequence, where the merge of one copy is that copy, so they take ``fedavg`` only.
+    [participation]        # which owners train in a round, in what order (server.training.participation)
+    mode = "single"        # single: one owner | sequential: owners in turn | parallel: owners at once
+                           # (case = 1, 2 or 3 here or at the top is an alias of the three)
 
-The settings an owner needs for one round travel as JSON in the ``Train`` command
-(:func:`train_settings`); the owner validates them again, as it must any network input.
+    [local_work]           # how much each owner trains in a round (server.training.local_work)
+    mode = "steps"         # steps: a fixed number of optimizer steps
+    steps = 10             # optimizer steps per owner and round
+
+    [training]             # how an owner's pipeline trains
+    batch_size = 4         # sequences per optimizer step
+    seq_len = 128          # tokens per sequence, >= 2
+    micro_batches = 1      # the owner's pipeline splits each batch into this many (batch_size is a multiple)
+    optimizer = "adamw"    # every stage's optimizer, on the owners and the hosts (autograd_bridge.optim): adamw | sgd
+    lr = 1e-4              # learning rate of every stage
+    method = "backprop"    # how an owner trains a step over its pipeline (autograd_bridge.methods)
+
+    [finetune]             # what a stage trains and what travels (autograd_bridge.finetune)
+    mode = "full"          # full: every weight | lora: adapters only
+    r = 8                  # adapter rank (lora)
+    alpha = 16             # adapter scale numerator, scale = alpha / r (lora)
+    targets = []           # module names to adapt (lora; empty: the model family's default)
+
+    [aggregation]          # how each partition's copies merge after a turn (server.training.aggregation)
+    rule = "fedavg"        # fedavg | fedadam | fedyogi | fedadagrad (server optimizers need parallel participation)
+    server_lr = 0.01       # the server optimizer's step size (eta); unused by fedavg
+    server_beta1 = 0.9     # its first-moment decay, in [0, 1)
+    server_beta2 = 0.99    # its second-moment decay (fedadam, fedyogi), in [0, 1)
+    server_tau = 0.001     # its adaptivity, > 0: the step divides by sqrt(v) + tau, and v starts at tau^2
+
+    [communication]        # how tensors travel between the server and the clients
+    codec = "dense"        # partition tensors and uploads (autograd_bridge.codecs)
+
+    [evaluation]           # the validation each owner runs after every round
+    val_fraction = 0.1     # share of each owner's sequences held out, in (0, 1), so owners can report perplexity
+    eval_batch_size = 8    # sequences per validation batch
+
+``fedavg`` takes the copies' average weighted by the owners' training samples; a server
+optimizer (Reddi et al. 2021) takes the round's starting state minus that average as a
+pseudo-gradient and makes one Adam, Yogi or Adagrad step with it, its moments kept across
+rounds (and in checkpoints). Single and sequential participation train one model in
+sequence, where the merge of one copy is that copy, so they take ``fedavg`` only.
+
+Run files written before sections keep working: these flat keys at the top level are
+aliases of section keys (:data:`FLAT_KEYS`), and ``titanic-server runs start`` flags use
+the same names (``--case 3 --steps-per-round 20 --lr 1e-3``)::
+
+    case             [participation] mode: 1 single, 2 sequential, 3 parallel
+    steps_per_round  [local_work] steps
+    batch_size, seq_len, micro_batches, optimizer, lr        [training] the same key
+    finetune         [finetune] mode
+    lora_r, lora_alpha, lora_targets                         [finetune] r, alpha, targets
+    aggregator       [aggregation] rule
+    server_lr, server_beta1, server_beta2, server_tau        [aggregation] the same key
+    val_fraction, eval_batch_size                            [evaluation] the same key
+
+A key given twice (as an alias and in its section) is refused; an unknown section or key is
+refused with the list of known ones. :meth:`RunSpec.to_json` writes the sections, which
+:func:`spec_from_mapping` reads back (the admin API and checkpoints carry specs so).
+
+Checking a spec names each member it chooses in its registry; the registries that live
+beside torch code are imported only then, so importing this module stays light.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
+
+from autograd_bridge.config import read_toml, section_from_mapping
+from proto.messages import LoraSettings, PrepareRun, Train
+from server.training.local_work import LOCAL_WORK
+from server.training.participation import CASES, PARTICIPATIONS
 
 if TYPE_CHECKING:
     from server.training.aggregation import AggregationSettings
-
-Finetune = Literal["full", "lora"]
-# The merges server.training.aggregation implements. Named again here (a test keeps the two equal) so
-# that checking a run file in `titanic-server runs start` does not import torch.
-AggregatorName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad"]
-AGGREGATOR_NAMES: tuple[str, ...] = get_args(AggregatorName)
+    from server.training.local_work import Work
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunSpec:
-    """One training run, as the operator describes it."""
+# ------------------------------------------------------------------------------ checks
 
-    name: str = ""  # a label for the operator; the server gives the run its own id
-    model: str = ""  # must be the server's model (or empty: the server's model)
-    stages: int | None = None  # must match the server's stage count (None, or "auto" in a file: whatever the server plans)
-    owners: tuple[str, ...] = ()  # client ids of the data owners (empty: every client with data)
-    case: int = 1  # 1: one owner; 2: owners in turn on one pipeline; 3: owners in parallel
-    rounds: int = 3  # rounds; a checkpoint is written after each
-    steps_per_round: int = 10  # optimizer steps per owner per round
-    batch_size: int = 4  # sequences per optimizer step
-    seq_len: int = 128  # tokens per sequence
-    micro_batches: int = 1  # the owner's pipeline splits each batch into this many micro-batches
-    optimizer: str = "adamw"  # every stage's optimizer, on the owners and the hosts: "adamw" or "sgd" (weight decay 0)
-    lr: float = 1e-4  # learning rate of every stage
-    finetune: Finetune = "full"  # full fine-tuning, or LoRA adapters only
-    lora_r: int = 8  # adapter rank (finetune = "lora")
-    lora_alpha: int = 16  # adapter scale numerator (scale = alpha / r)
-    lora_targets: tuple[str, ...] = ()  # module names to adapt (empty: autograd_bridge.lora's per-family default)
-    aggregator: AggregatorName = "fedavg"  # how case 3 merges each partition's copies: fedavg or a server optimizer
-    server_lr: float = 1e-2  # server optimizer step size (eta in Reddi et al.); unused by fedavg
-    server_beta1: float = 0.9  # server optimizer first-moment decay, in [0, 1)
-    server_beta2: float = 0.99  # second-moment decay of fedadam and fedyogi, in [0, 1)
-    server_tau: float = 1e-3  # adaptivity, > 0: the step divides by sqrt(v) + tau, and v starts at tau^2
-    seed: int = 0  # data split and batch order on every owner
-    val_fraction: float = 0.1  # share of each owner's sequences held out for validation
-    eval_batch_size: int = 8  # sequences per validation batch
-    tokenizer: str = ""  # name or path each owner loads its tokenizer from ("": the model)
 
-    def __post_init__(self) -> None:
-        if self.case not in (1, 2, 3):
-            raise ValueError(f"case must be 1, 2 or 3, got {self.case!r}")
-        if self.finetune not in ("full", "lora"):
-            raise ValueError(f"finetune must be 'full' or 'lora', got {self.finetune!r}")
-        self._check_aggregation()
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd' (what every stage host can run), not {self.optimizer!r}")
-        for name in ("rounds", "steps_per_round", "batch_size", "micro_batches", "eval_batch_size", "lora_r"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
-            raise ValueError(f"seq_len must be an integer >= 2, got {self.seq_len!r}")
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.val_fraction, int | float) and 0.0 < self.val_fraction < 1.0):
-            raise ValueError(f"val_fraction must be in (0, 1) so owners can report perplexity, got {self.val_fraction!r}")
-        if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batches {self.micro_batches}")
-
-    def _check_aggregation(self) -> None:
-        if self.aggregator not in AGGREGATOR_NAMES:
-            raise ValueError(f"aggregator must be one of {', '.join(AGGREGATOR_NAMES)}, got {self.aggregator!r}")
-        if self.server_optimizer and self.case != 3:
-            raise ValueError(
-                f"aggregator {self.aggregator!r} needs case = 3: cases 1 and 2 train one model in sequence, "
-                "where the merge of one copy is that copy; use aggregator = 'fedavg' or case = 3"
-            )
-        for name in ("server_lr", "server_tau"):
-            value = getattr(self, name)
-            if not _is_number(value) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        for name in ("server_beta1", "server_beta2"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1) (0.9 and 0.99 are the usual), got {value!r}")
-
-    @property
-    def server_optimizer(self) -> bool:
-        """Whether merging is a server optimizer step (it needs the state each round started from)."""
-        return self.aggregator != "fedavg"
-
-    def to_json(self) -> dict[str, Any]:
-        """The spec as plain JSON values."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _check_count(where: str, name: str, value: object, least: int = 1) -> None:
+    if not _is_int(value) or value < least:  # type: ignore[operator]
+        raise ValueError(f"{where}{name} must be an integer >= {least}, got {value!r}")
+
+
+def _check_member(what: str, value: object, known: Mapping[str, object]) -> None:
+    if not isinstance(value, str) or value not in known:
+        raise ValueError(f"{what} must be one of {', '.join(known)}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParticipationSection:
+    """``[participation]``: which owners train in a round, and in what order."""
+
+    mode: str = "single"  # a name in server.training.participation.PARTICIPATIONS
+
+    def __post_init__(self) -> None:
+        _check_member("[participation] mode", self.mode, PARTICIPATIONS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalWorkSection:
+    """``[local_work]``: how much each owner trains in a round."""
+
+    mode: str = "steps"  # a name in server.training.local_work.LOCAL_WORK
+    steps: int = 10  # optimizer steps per owner and round (mode "steps")
+
+    def __post_init__(self) -> None:
+        _check_member("[local_work] mode", self.mode, LOCAL_WORK)
+        _check_count("[local_work] ", "steps", self.steps)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingSection:
+    """``[training]``: how an owner's pipeline trains a step."""
+
+    batch_size: int = 4  # sequences per optimizer step
+    seq_len: int = 128  # tokens per sequence
+    micro_batches: int = 1  # the owner's pipeline splits each batch into this many micro-batches
+    optimizer: str = "adamw"  # every stage's optimizer, on the owners and the hosts (autograd_bridge.optim)
+    lr: float = 1e-4  # learning rate of every stage
+    method: str = "backprop"  # the owner's training step (autograd_bridge.methods)
+
+    def __post_init__(self) -> None:
+        from autograd_bridge.methods import METHODS
+        from autograd_bridge.optim import OPTIMIZERS
+
+        for name in ("batch_size", "micro_batches"):
+            _check_count("[training] ", name, getattr(self, name))
+        _check_count("[training] ", "seq_len", self.seq_len, least=2)
+        if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"[training] lr must be a positive number, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            choices = " or ".join(repr(name) for name in OPTIMIZERS)
+            raise ValueError(f"[training] optimizer must be {choices} (what every stage host can run), not {self.optimizer!r}")
+        _check_member("[training] method", self.method, METHODS)
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"[training] batch_size {self.batch_size} must be a multiple of micro_batches {self.micro_batches}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinetuneSection:
+    """``[finetune]``: what a stage trains and what travels after a round."""
+
+    mode: str = "full"  # a name in autograd_bridge.finetune.FINETUNES: full or lora
+    r: int = 8  # adapter rank (lora)
+    alpha: int = 16  # adapter scale numerator, scale = alpha / r (lora)
+    targets: tuple[str, ...] = ()  # module names to adapt (lora; empty: the model family's default)
+
+    def __post_init__(self) -> None:
+        from autograd_bridge.finetune import FINETUNES, FinetuneSettings
+
+        _check_member("[finetune] mode", self.mode, FINETUNES)
+        _check_count("[finetune] ", "r", self.r)
+        _check_count("[finetune] ", "alpha", self.alpha)
+        if not isinstance(self.targets, tuple) or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"[finetune] targets must be a list of module names, got {self.targets!r}")
+        settings = FinetuneSettings(lora_r=self.r, lora_alpha=self.alpha, lora_targets=self.targets)
+        FINETUNES[self.mode]().check(settings)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregationSection:
+    """``[aggregation]``: how each partition's copies merge after a turn."""
+
+    rule: str = "fedavg"  # a name in server.training.aggregation.AGGREGATORS
+    server_lr: float = 1e-2  # server optimizer step size (eta in Reddi et al.); unused by fedavg
+    server_beta1: float = 0.9  # server optimizer first-moment decay, in [0, 1)
+    server_beta2: float = 0.99  # second-moment decay of fedadam and fedyogi, in [0, 1)
+    server_tau: float = 1e-3  # adaptivity, > 0: the step divides by sqrt(v) + tau, and v starts at tau^2
+
+    def __post_init__(self) -> None:
+        from server.training.aggregation import AGGREGATORS
+
+        _check_member("[aggregation] rule: the aggregator", self.rule, AGGREGATORS)
+        for name in ("server_lr", "server_tau"):
+            value = getattr(self, name)
+            if not _is_number(value) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"[aggregation] {name} must be a finite number > 0, got {value!r}")
+        for name in ("server_beta1", "server_beta2"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"[aggregation] {name} must be a number in [0, 1) (0.9 and 0.99 are the usual), got {value!r}")
+
+    @property
+    def steps_from_start(self) -> bool:
+        """Whether the rule is a server optimizer: it steps from the state the copies started from."""
+        from server.training.aggregation import AGGREGATORS
+
+        return AGGREGATORS[self.rule].steps_from_start
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommunicationSection:
+    """``[communication]``: how tensors travel between the server and the clients."""
+
+    codec: str = "dense"  # a name in autograd_bridge.codecs.CODECS: partition tensors and uploads
+
+    def __post_init__(self) -> None:
+        from autograd_bridge.codecs import CODECS
+
+        _check_member("[communication] codec", self.codec, CODECS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluationSection:
+    """``[evaluation]``: the validation every owner runs after each round."""
+
+    val_fraction: float = 0.1  # share of each owner's sequences held out for validation, in (0, 1)
+    eval_batch_size: int = 8  # sequences per validation batch
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.val_fraction) and 0.0 < self.val_fraction < 1.0):
+            raise ValueError(
+                f"[evaluation] val_fraction must be in (0, 1) so owners can report perplexity, got {self.val_fraction!r}"
+            )
+        _check_count("[evaluation] ", "eval_batch_size", self.eval_batch_size)
+
+
+#: section name -> its dataclass (and the RunSpec field holding it)
+SECTIONS: dict[str, type[Any]] = {
+    "participation": ParticipationSection,
+    "local_work": LocalWorkSection,
+    "training": TrainingSection,
+    "finetune": FinetuneSection,
+    "aggregation": AggregationSection,
+    "communication": CommunicationSection,
+    "evaluation": EvaluationSection,
+}
+
+#: the keys at the top level of a run file (besides the sections and the flat keys)
+TOP_LEVEL: tuple[str, ...] = ("name", "model", "stages", "owners", "rounds", "seed", "tokenizer")
+
+#: flat key of run files written before sections -> (section, key) it now sets
+FLAT_KEYS: dict[str, tuple[str, str]] = {
+    "case": ("participation", "case"),
+    "steps_per_round": ("local_work", "steps"),
+    "batch_size": ("training", "batch_size"),
+    "seq_len": ("training", "seq_len"),
+    "micro_batches": ("training", "micro_batches"),
+    "optimizer": ("training", "optimizer"),
+    "lr": ("training", "lr"),
+    "finetune": ("finetune", "mode"),
+    "lora_r": ("finetune", "r"),
+    "lora_alpha": ("finetune", "alpha"),
+    "lora_targets": ("finetune", "targets"),
+    "aggregator": ("aggregation", "rule"),
+    "server_lr": ("aggregation", "server_lr"),
+    "server_beta1": ("aggregation", "server_beta1"),
+    "server_beta2": ("aggregation", "server_beta2"),
+    "server_tau": ("aggregation", "server_tau"),
+    "val_fraction": ("evaluation", "val_fraction"),
+    "eval_batch_size": ("evaluation", "eval_batch_size"),
+}
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSpec:
+    """One training run, as the operator describes it: top-level keys, then one field per section."""
+
+    name: str = ""  # a label for the operator; the server gives the run its own id
+    model: str = ""  # must be the server's model (or empty: the server's model)
+    stages: int | None = None  # must match the server's stage count (None, "auto" in a file: whatever it plans)
+    owners: tuple[str, ...] = ()  # client ids of the data owners (empty: every client with data)
+    rounds: int = 3  # rounds; a checkpoint is written after each
+    seed: int = 0  # data split and batch order on every owner; adapters' initialisation
+    tokenizer: str = ""  # name or path each owner loads its tokenizer from ("": the model)
+    participation: ParticipationSection = field(default_factory=ParticipationSection)
+    local_work: LocalWorkSection = field(default_factory=LocalWorkSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    communication: CommunicationSection = field(default_factory=CommunicationSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+    def __post_init__(self) -> None:
+        for key in ("name", "model", "tokenizer"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
+        if not isinstance(self.owners, tuple) or not all(isinstance(o, str) and o for o in self.owners):
+            raise ValueError(f"owners must be a list of client ids, got {self.owners!r}")
+        _check_count("", "rounds", self.rounds)
+        _check_count("", "seed", self.seed, least=0)
+        if self.stages is not None and (not _is_int(self.stages) or self.stages < 1):
+            raise ValueError(f'stages must be an integer >= 1 or "auto" (whatever the server plans), got {self.stages!r}')
+        for name, kind in SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__} (the [{name}] section), got {getattr(self, name)!r}")
+        if self.aggregation.steps_from_start and not PARTICIPATIONS[self.participation.mode](self.participation).parallel:
+            parallel = [name for name, make in PARTICIPATIONS.items() if make(ParticipationSection(mode=name)).parallel]
+            raise ValueError(
+                f"aggregator {self.aggregation.rule!r} needs case = 3 ([participation] mode = "
+                f"{' or '.join(map(repr, parallel))}): participation {self.participation.mode!r} trains one model "
+                "in sequence, where the merge of one copy is that copy; use [aggregation] rule = 'fedavg', or owners in parallel"
+            )
+
+    @property
+    def server_optimizer(self) -> bool:
+        """Whether merging is a server optimizer step (it needs the state each round started from)."""
+        return self.aggregation.steps_from_start
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as plain JSON values: top-level keys and one object per section."""
+        out: dict[str, Any] = {key: _plain(getattr(self, key)) for key in TOP_LEVEL}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            out[name] = {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass(slots=True)
+class _Sorted:
+    """A run file's values sorted into the top level and the sections, with where each came from."""
+
+    top: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, dict[str, Any]] = field(default_factory=lambda: {name: {} for name in SECTIONS})
+    given: dict[tuple[str, str], str] = field(default_factory=dict)  # (section, key) -> how the file set it
+
+    def place(self, section: str, key: str, value: Any, how: str, *, override: bool = False) -> None:
+        if (section, key) == ("participation", "case"):
+            key, value = "mode", _case_mode(value)
+        if not override and (section, key) in self.given:
+            raise ValueError(f"{self.given[(section, key)]} and {how} both set [{section}] {key}; keep one")
+        self.given[(section, key)] = how
+        self.tables[section][key] = value
+
+
+def _case_mode(case: object) -> str:
+    """The participation mode ``case = N`` means."""
+    if not _is_int(case) or case not in CASES:
+        numbers = [str(n) for n in CASES]
+        raise ValueError(
+            f"case must be {', '.join(numbers[:-1])} or {numbers[-1]}, got {case!r} "
+            f"(or set [participation] mode = one of {', '.join(PARTICIPATIONS)})"
+        )
+    return CASES[case]  # type: ignore[index]
+
+
+def _sort(values: Mapping[str, Any]) -> _Sorted:
+    out = _Sorted()
+    unknown = []
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, Mapping):
+            for sub, item in value.items():
+                out.place(key, sub, item, f"[{key}] {sub}")
+        elif key in SECTIONS and key not in FLAT_KEYS:
+            raise ValueError(f"{key} must be a table ([{key}] and its keys), got {value!r}")
+        elif key in TOP_LEVEL:
+            out.top[key] = value
+        elif key in FLAT_KEYS:
+            out.place(*FLAT_KEYS[key], value, key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"unknown run setting(s) {', '.join(sorted(unknown))}; known: {', '.join(TOP_LEVEL)}, the sections "
+            f"{', '.join(f'[{s}]' for s in SECTIONS)}, and the flat keys of older run files ({', '.join(FLAT_KEYS)})"
+        )
+    return out
+
+
+def _build(values: _Sorted) -> RunSpec:
+    top = dict(values.top)
+    if top.get("stages") == "auto":
+        top["stages"] = None
+    if isinstance(top.get("owners"), list):
+        top["owners"] = tuple(top["owners"])
+    sections = {name: section_from_mapping(SECTIONS[name], table, name) for name, table in values.tables.items()}
+    return RunSpec(**top, **sections)
+
+
+def spec_from_mapping(values: Mapping[str, Any]) -> RunSpec:
+    """A RunSpec from a parsed run file or a JSON object (what to_json gives); unknown keys are refused."""
+    return _build(_sort(values))
+
+
+def load_run_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunSpec:
+    """Read a run file and apply ``overrides`` (flags: top-level or flat keys; None values are ignored)."""
+    values = _sort(read_toml(Path(path), "run file"))
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in TOP_LEVEL:
+            values.top[key] = value
+        elif key in FLAT_KEYS:
+            values.place(*FLAT_KEYS[key], value, f"--{key.replace('_', '-')}", override=True)
+        else:
+            raise ValueError(f"no run setting {key!r} to override; flags name {', '.join((*TOP_LEVEL, *FLAT_KEYS))}")
+    return _build(values)
+
+
+# ------------------------------------------------------------------------------ what the run sends
+
+
 def aggregation_settings(spec: RunSpec) -> AggregationSettings:
     """How the server merges each partition's copies in ``spec``'s run (build() gives the aggregator)."""
     from server.training.aggregation import AggregationSettings
 
+    section = spec.aggregation
     return AggregationSettings(
-        kind=spec.aggregator,
-        server_lr=float(spec.server_lr),
-        beta1=float(spec.server_beta1),
-        beta2=float(spec.server_beta2),
-        tau=float(spec.server_tau),
+        kind=section.rule,
+        server_lr=float(section.server_lr),
+        beta1=float(section.server_beta1),
+        beta2=float(section.server_beta2),
+        tau=float(section.server_tau),
     )
 
 
-def spec_from_mapping(values: Mapping[str, Any]) -> RunSpec:
-    """A RunSpec from a parsed TOML table or JSON object; unknown keys are refused."""
-    known = {f.name for f in dataclasses.fields(RunSpec)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    if fixed.get("stages") == "auto":
-        fixed["stages"] = None
-    stages = fixed.get("stages")
-    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or stages < 2):
-        raise ValueError(f'stages must be an integer >= 2 or "auto", got {stages!r}')
-    return RunSpec(**fixed)
+def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
+    """How every holder of ``bridge_run`` sets its stages up before the first round."""
+    return PrepareRun(
+        run_id=bridge_run,
+        finetune=spec.finetune.mode,
+        optimizer=spec.training.optimizer,
+        lora=LoraSettings(r=spec.finetune.r, alpha=spec.finetune.alpha, targets=spec.finetune.targets),
+        seed=spec.seed,
+        codec=spec.communication.codec,
+        method=spec.training.method,
+    )
 
 
-def load_run_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunSpec:
-    """Read a run file (TOML) and apply ``overrides`` (flags; None values are ignored)."""
-    try:
-        values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read run file {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"run file {path} is not valid TOML: {exc}") from exc
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return spec_from_mapping(values)
-
-
-def prepare_settings(spec: RunSpec) -> dict[str, Any]:
-    """How every holder sets its stages up before the first round: the JSON of PrepareRun."""
-    return {
-        "finetune": spec.finetune,
-        "optimizer": spec.optimizer,
-        "lora_r": spec.lora_r,
-        "lora_alpha": spec.lora_alpha,
-        "lora_targets": list(spec.lora_targets),
-        "seed": spec.seed,
-    }
-
-
-def train_settings(spec: RunSpec, *, round: int, model: str) -> dict[str, Any]:
-    """What an owner needs to train round ``round`` (1-based): the JSON of the Train command."""
-    return {
-        "round": round,
-        "steps": spec.steps_per_round,
-        "start": (round - 1) * spec.steps_per_round,  # batches of the owner's stream used before
-        "batch_size": spec.batch_size,
-        "seq_len": spec.seq_len,
-        "micro_batches": spec.micro_batches,
-        "optimizer": spec.optimizer,
-        "lr": spec.lr,
-        "seed": spec.seed,
-        "val_fraction": spec.val_fraction,
-        "eval_batch_size": spec.eval_batch_size,
-        "tokenizer": spec.tokenizer or model,
-    }
+def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, model: str) -> Train:
+    """What the owner of ``bridge_run`` trains in round ``round`` (1-based): ``work`` and the run's settings."""
+    training, evaluation = spec.training, spec.evaluation
+    return Train(
+        run_id=bridge_run,
+        round=round,
+        steps=work.steps,
+        start=work.start,
+        batch_size=training.batch_size,
+        seq_len=training.seq_len,
+        micro_batches=training.micro_batches,
+        lr=float(training.lr),
+        seed=spec.seed,
+        val_fraction=float(evaluation.val_fraction),
+        eval_batch_size=evaluation.eval_batch_size,
+        tokenizer=spec.tokenizer or model,
+        method=training.method,
+    )

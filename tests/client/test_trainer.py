@@ -47,7 +47,7 @@ def test_prepare_settings_carry_the_run_optimizer() -> None:
     base = PrepareRun(run_id="p", finetune="full")
     assert prepare_from_command(dataclasses.replace(base, optimizer="sgd")).optimizer == "sgd"
     assert prepare_from_command(base).optimizer == "adamw"
-    with pytest.raises(HostingError, match=r"optimizer must be one of adamw, sgd"):
+    with pytest.raises(HostingError, match=r"optimizer must be 'adamw' or 'sgd'"):
         prepare_from_command(dataclasses.replace(base, optimizer="lion"))
 
 

@@ -59,3 +59,16 @@ def test_generated_tokens_and_clean_sigterm(tmp_path: Path) -> None:
         result = cli("status", "--admin", admin_url, "--state-dir", str(state))
         assert result.returncode == 0 and "clients        none" in result.stdout
         assert server.terminate() == 0
+
+
+def test_every_run_flag_names_a_run_setting(tmp_path: Path) -> None:
+    """Each ``runs start`` flag is a top-level or flat key of run files, and overrides what the file sets in sections."""
+    from server.cli import RUN_FLAGS, build_parser
+    from server.training.spec import FLAT_KEYS, TOP_LEVEL, load_run_spec
+
+    assert set(RUN_FLAGS) <= set(TOP_LEVEL) | set(FLAT_KEYS)
+    path = tmp_path / "run.toml"
+    path.write_text('[participation]\nmode = "single"\n[local_work]\nsteps = 4\n')
+    args = build_parser().parse_args(["runs", "start", str(path), "--case", "3", "--steps-per-round", "9", "--lr", "0.5"])
+    spec = load_run_spec(args.target, {flag: getattr(args, f"run_{flag}") for flag in RUN_FLAGS})
+    assert (spec.participation.mode, spec.local_work.steps, spec.training.lr) == ("parallel", 9, 0.5)

@@ -579,7 +579,8 @@ def test_client_profile_survives_a_json_round_trip() -> None:
 
 def test_from_json_rejects_unknown_keys_and_inconsistent_rows(llama6: ModelProfile) -> None:
     """A typo'd key or rows that do not match the cut are refused, not silently accepted."""
-    plan = plan_partitions(llama6, [client("owner"), client("a")], owners=["owner"])
+    # Two stages, so that dropping a row leaves the pipeline short (the planner alone would take one).
+    plan = plan_partitions(llama6, [client("owner"), client("a")], owners=["owner"], settings=PlannerSettings(num_stages=2))
     data = plan.to_json()
     with pytest.raises(ValueError, match="unknown keys"):
         PartitionPlan.from_json({**data, "objectve": 1.0})

@@ -1,7 +1,8 @@
-"""The round state machine of cases 1, 2 and 3, driven without any I/O."""
+"""The round state machine with each participation mode (cases 1, 2 and 3), driven without any I/O."""
 
 from __future__ import annotations
 
+from server.training.participation import Parallel, Sequential
 from server.training.rounds import (
     Merge,
     Phase,
@@ -69,7 +70,7 @@ def test_case1_uploads_merges_and_moves_on_without_loading() -> None:
 
 def test_case3_trains_in_parallel_merges_once_and_loads_everywhere() -> None:
     """Case 3: both owners train, one merge weighted by samples, then every holder loads before round 2."""
-    machine = RoundMachine(rounds=2, case=3)
+    machine = RoundMachine(rounds=2, participation=Parallel())
     assert prepared(machine, {"p0": P0, "p1": P1}) == [
         SendTrain(client_id="a", bridge_run="p0", round=1), SendTrain(client_id="b", bridge_run="p1", round=1)
     ]
@@ -86,7 +87,7 @@ def test_case3_trains_in_parallel_merges_once_and_loads_everywhere() -> None:
 
 def test_case2_hands_over_between_owners() -> None:
     """Case 2: owner a trains, merges alone, then b loads a's weights and trains; the checkpoint comes after b."""
-    machine = RoundMachine(rounds=1, case=2)
+    machine = RoundMachine(rounds=1, participation=Sequential())
     assert prepared(machine, {"p0": P0, "p1": P1}) == [SendTrain(client_id="a", bridge_run="p0", round=1)]
     assert finish_turn(machine, ["p0"]) == [Merge(round=1, bridge_runs=("p0",), weights={"p0": 30}, checkpoint=False)]
     loads = machine.merged()
@@ -110,7 +111,7 @@ def test_a_resumed_run_loads_the_checkpoint_first() -> None:
 
 def test_repeated_and_out_of_order_reports_are_ignored() -> None:
     """A second training report, or one from a pipeline not training now, changes nothing."""
-    machine = RoundMachine(rounds=1, case=2)
+    machine = RoundMachine(rounds=1, participation=Sequential())
     prepared(machine, {"p0": P0, "p1": P1})
     assert machine.train_done("p1", METRICS) == []
     machine.train_done("p0", METRICS)
@@ -137,7 +138,7 @@ def test_a_stopped_run_ignores_its_pipelines() -> None:
 
 def test_a_server_optimizer_run_uploads_the_first_pipeline_as_round_zero() -> None:
     """With snapshot_first, preparing ends in round-0 uploads from the first pipeline's holders only."""
-    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    machine = RoundMachine(rounds=2, participation=Parallel(), snapshot_first=True)
     uploads = prepared(machine, {"p0": P0, "p1": P1})
     assert uploads == [
         SendUpload(client_id="a", bridge_run="p0", partitions=(0, 2), round=0),
@@ -148,7 +149,7 @@ def test_a_server_optimizer_run_uploads_the_first_pipeline_as_round_zero() -> No
 
 def test_the_snapshot_is_taken_once_every_holder_uploaded() -> None:
     """The Snapshot action names the first pipeline and comes only after its last holder answered."""
-    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    machine = RoundMachine(rounds=2, participation=Parallel(), snapshot_first=True)
     prepared(machine, {"p0": P0, "p1": P1})
     assert machine.command_done("p0", "a") == []
     assert machine.command_done("p0", "h") == [Snapshot(round=0, bridge_run="p0")]
@@ -157,7 +158,7 @@ def test_the_snapshot_is_taken_once_every_holder_uploaded() -> None:
 
 def test_round_one_trains_right_after_the_snapshot_without_loading() -> None:
     """Every pipeline still holds the starting state, so after the snapshot every owner trains round 1."""
-    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    machine = RoundMachine(rounds=2, participation=Parallel(), snapshot_first=True)
     for upload in prepared(machine, {"p0": P0, "p1": P1}):
         assert isinstance(upload, SendUpload)
         machine.command_done(upload.bridge_run, upload.client_id)
@@ -168,7 +169,7 @@ def test_round_one_trains_right_after_the_snapshot_without_loading() -> None:
 
 def test_after_the_snapshot_rounds_merge_and_load_as_usual() -> None:
     """Round 1 of a snapshot run ends in an ordinary checkpointing Merge, then every holder loads."""
-    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    machine = RoundMachine(rounds=2, participation=Parallel(), snapshot_first=True)
     for upload in prepared(machine, {"p0": P0, "p1": P1}):
         assert isinstance(upload, SendUpload)
         machine.command_done(upload.bridge_run, upload.client_id)
@@ -182,7 +183,7 @@ def test_after_the_snapshot_rounds_merge_and_load_as_usual() -> None:
 
 def test_training_reports_during_the_snapshot_are_ignored() -> None:
     """A stray training report while round 0 uploads changes nothing."""
-    machine = RoundMachine(rounds=2, case=3, snapshot_first=True)
+    machine = RoundMachine(rounds=2, participation=Parallel(), snapshot_first=True)
     prepared(machine, {"p0": P0, "p1": P1})
     assert machine.train_done("p0", METRICS) == [] and machine.history == []
     assert machine.merged() == [] and machine.phase == Phase.UPLOADING
@@ -190,7 +191,30 @@ def test_training_reports_during_the_snapshot_are_ignored() -> None:
 
 def test_a_resumed_server_optimizer_run_takes_no_snapshot() -> None:
     """A run resumed from a checkpoint has its global state: it loads it and trains, with no round-0 upload."""
-    machine = RoundMachine(rounds=3, case=3, snapshot_first=True)
+    machine = RoundMachine(rounds=3, participation=Parallel(), snapshot_first=True)
     machine.resume_after(1)
     loads = prepared(machine, {"p0": P0, "p1": P1})
     assert loads and all(isinstance(a, SendLoad) for a in loads)
+
+
+def test_a_one_stage_pipeline_trains_beside_a_three_stage_one() -> None:
+    """An owner holding its whole model (partition 0 only) uploads, merges and loads beside a pipeline cut in three."""
+    whole = PipelineInfo(owner="c", holders={"c": (0,)})
+    machine = RoundMachine(rounds=2, participation=Parallel())
+    assert prepared(machine, {"p0": P0, "p2": whole}) == [
+        SendTrain(client_id="a", bridge_run="p0", round=1), SendTrain(client_id="c", bridge_run="p2", round=1)
+    ]
+    uploads = machine.train_done("p0", METRICS) + machine.train_done("p2", {**METRICS, "data_samples": 10})
+    assert SendUpload(client_id="c", bridge_run="p2", partitions=(0,), round=1) in uploads and len(uploads) == 3
+    merges = [m for u in uploads for m in machine.command_done(u.bridge_run, u.client_id)]  # type: ignore[union-attr]
+    assert merges == [Merge(round=1, bridge_runs=("p0", "p2"), weights={"p0": 30, "p2": 10}, checkpoint=True)]
+    loads = machine.merged()
+    assert SendLoad(client_id="c", bridge_run="p2", partitions=(0,)) in loads and len(loads) == 3
+
+
+def test_a_one_stage_pipeline_alone_never_loads() -> None:
+    """With one owner holding the whole model, rounds follow each other with an upload and a merge, no load."""
+    machine = RoundMachine(rounds=2)
+    prepared(machine, {"p0": PipelineInfo(owner="a", holders={"a": (0,)})})
+    assert finish_turn(machine, ["p0"]) == [Merge(round=1, bridge_runs=("p0",), weights={"p0": 30}, checkpoint=True)]
+    assert machine.merged() == [SendTrain(client_id="a", bridge_run="p0", round=2)]

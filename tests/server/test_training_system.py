@@ -107,9 +107,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_process(state_dir: Path, model_dir: Path, port: int) -> tuple[Process, str]:
+def server_process(state_dir: Path, model_dir: Path, port: int, stages: int = 3) -> tuple[Process, str]:
     server, _, admin_url = start_server(
-        state_dir, "--model", str(model_dir), "--stages", "3", "--port", str(port),
+        state_dir, "--model", str(model_dir), "--stages", str(stages), "--port", str(port),
         "--heartbeat-interval", "0.4", "--heartbeat-timeout", "5", "--settle", "0.5",
     )
     return server, admin_url
@@ -117,12 +117,12 @@ def server_process(state_dir: Path, model_dir: Path, port: int) -> tuple[Process
 
 @contextlib.contextmanager
 def cluster(
-    tmp_path: Path, model_dir: Path, owners: Mapping[str, Path], helpers: int, helper_capacity: int = 1
+    tmp_path: Path, model_dir: Path, owners: Mapping[str, Path], helpers: int, helper_capacity: int = 1, stages: int = 3
 ) -> Iterator[Cluster]:
-    """A server, one client per owner (with its data) and ``helpers`` helper clients."""
+    """A server planning ``stages`` stages, one client per owner (with its data) and ``helpers`` helper clients."""
     port = free_port()
     with processes() as started:
-        server, admin_url = server_process(tmp_path / "state", model_dir, port)
+        server, admin_url = server_process(tmp_path / "state", model_dir, port, stages)
         started.append(server)
         control = f"127.0.0.1:{port}"
         for name, data in owners.items():
@@ -391,3 +391,40 @@ def test_a_run_can_train_with_sgd_on_every_stage(tmp_path: Path, model_dir: Path
     batches = owner_batches(model_dir, owner_data[0], 1)
     assert max(abs(a - b) for a, b in zip(got, centralized_losses(model_dir, batches, 0.5, "sgd"), strict=True)) < 1e-5
     assert max(abs(a - b) for a, b in zip(got, centralized_losses(model_dir, batches, 0.5, "adamw"), strict=True)) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_round_of_a_thousand_steps_reports_every_step(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
+    """A 1,000-step round comes back whole: every step's loss, tokens, time, and bridge bytes to the helper's stage.
+
+    Before the typed RoundReport the metrics travelled as JSON in a status message cut to
+    4,096 characters, and a round of a few hundred steps failed the run.
+    """
+    steps = 1000
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=1, rounds=1, steps_per_round=steps, batch_size=1,
+                         seq_len=8, lr=1e-3)  # fmt: skip
+    with cluster(tmp_path, model_dir, {"owner": owner_data[0]}, helpers=1) as c:
+        run = c.run_to_end(run_file, timeout_s=600)
+        shown = c.cli("runs", "show", run["run_id"])
+    (entry,) = run["history"]
+    assert len(entry["losses"]) == len(entry["tokens"]) == len(entry["step_times"]) == steps
+    assert all(math.isfinite(x) for x in entry["losses"]) and all(t > 0 for t in entry["tokens"])
+    # The helper hosts the middle stage: activations went to it and gradients came back every step.
+    assert set(entry["bytes_sent"]) == {"1"} and entry["bytes_sent"]["1"] > 0 and entry["bytes_received"]["1"] > 0
+    assert entry["samples"] == steps and entry["ppl"] > 0 and run["run_id"] in shown
+
+
+@pytest.mark.slow
+def test_an_owner_alone_trains_the_whole_model_as_a_one_stage_pipeline(
+    tmp_path: Path, model_dir: Path, owner_data: list[Path]
+) -> None:
+    """With one stage planned, the owner holds the whole model, no bridge bytes flow, and training is centralized training."""
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=1, rounds=1, stages=1)
+    with cluster(tmp_path, model_dir, {"owner": owner_data[0]}, helpers=0, stages=1) as c:
+        run = c.run_to_end(run_file)
+        plan = admin(c.admin_url, "/v1/plan")
+    assert [(r["client_id"], r["partition"], r["local"]) for r in plan["rows"]] == [("owner", 0, True)]
+    (entry,) = run["history"]
+    assert entry["bytes_sent"] == {} and len(entry["losses"]) == STEPS
+    want = centralized_losses(model_dir, owner_batches(model_dir, owner_data[0], 1))
+    assert max(abs(a - b) for a, b in zip(entry["losses"], want, strict=True)) < 1e-5

@@ -1,0 +1,108 @@
+"""An owner's round report, checked as network input, and the history entry it becomes.
+
+An owner answers ``Train`` with a :class:`~proto.messages.RoundReport`: one record per step
+(loss, tokens, seconds, bridge bytes per remote stage) and the evaluation. Its values come
+from another machine, so :func:`history_entry` checks every one explicitly before the run
+records it. The run's history keeps one entry per owner and turn, as plain JSON values::
+
+    losses, tokens, step_times    per step: training loss, target tokens, seconds
+    bytes_sent, bytes_received    per remote stage ("1", "2", ...): the round's bridge bytes
+    val_loss, ppl, val_tokens     the evaluation after the round
+    samples, data_samples         sequences trained, and held (the FedAvg weight)
+    seconds, stage_seconds, step_seconds   the round's wall time; mean waits per stage and step
+
+(the round machine adds ``round``, ``owner`` and ``bridge_run``). :func:`per_round` sums
+the history per round into the all-owner validation perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from proto.messages import RoundReport
+
+__all__ = ["history_entry", "per_round"]
+
+
+def _count(value: object) -> bool:
+    """Whether ``value`` is a count: an integer >= 0, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _seconds(value: object) -> bool:
+    """Whether ``value`` is a duration: a finite number >= 0."""
+    return _finite(value) and value >= 0  # type: ignore[operator]
+
+
+def history_entry(report: RoundReport, *, round: int) -> dict[str, Any]:
+    """The history entry of ``report``, the answer to a Train of round ``round`` (ValueError when a value is wrong).
+
+    How many steps the report must hold is the run's local work's to check.
+    """
+    if report.round != round:
+        raise ValueError(f"the round report is for round {report.round!r}, round {round} was asked")
+    for i, step in enumerate(report.steps):
+        if not _finite(step.loss):
+            raise ValueError(f"step {i} of the round report needs a finite loss, got {step.loss!r}")
+        if not _count(step.tokens) or not _seconds(step.seconds):
+            raise ValueError(f"step {i} of the round report needs tokens >= 0 and finite seconds >= 0")
+        for peer in step.peers:
+            if not (_count(peer.stage) and _count(peer.sent) and _count(peer.received)):
+                raise ValueError(f"step {i} of the round report has peer bytes that are not counts: {peer}")
+    evaluation = report.evaluation
+    for key, value in (("val_loss (evaluation loss)", evaluation.loss), ("ppl (evaluation perplexity)", evaluation.perplexity),
+                       ("seconds", report.seconds)):  # fmt: skip
+        if not _finite(value):
+            raise ValueError(f"the round report needs a finite number {key}, got {value!r}")
+    for key, value in (("samples", report.samples), ("data_samples", report.data_samples), ("val_tokens", evaluation.tokens)):
+        if not _count(value):
+            raise ValueError(f"the round report needs {key!r}, an integer >= 0, got {value!r}")
+    if not all(_seconds(x) for x in report.stage_seconds):
+        raise ValueError(f"the round report has stage_seconds that are not finite numbers >= 0: {report.stage_seconds}")
+    if not _seconds(report.step_seconds):
+        raise ValueError(f"the round report has step_seconds that is not a finite number >= 0: {report.step_seconds!r}")
+    sent: dict[str, int] = {}
+    received: dict[str, int] = {}
+    for step in report.steps:
+        for peer in step.peers:
+            sent[str(peer.stage)] = sent.get(str(peer.stage), 0) + peer.sent
+            received[str(peer.stage)] = received.get(str(peer.stage), 0) + peer.received
+    return {
+        "losses": [float(s.loss) for s in report.steps],
+        "tokens": [s.tokens for s in report.steps],
+        "step_times": [float(s.seconds) for s in report.steps],
+        "bytes_sent": sent,
+        "bytes_received": received,
+        "val_loss": float(evaluation.loss),
+        "ppl": float(evaluation.perplexity),
+        "val_tokens": evaluation.tokens,
+        "samples": report.samples,
+        "data_samples": report.data_samples,
+        "seconds": float(report.seconds),
+        "stage_seconds": [float(x) for x in report.stage_seconds],
+        "step_seconds": float(report.step_seconds),
+    }
+
+
+def per_round(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per round: each owner's validation perplexity and the token-weighted one over all owners."""
+    rounds: dict[int, dict[str, Any]] = {}
+    for h in history:
+        entry = rounds.setdefault(int(h["round"]), {"round": int(h["round"]), "owners": {}, "_loss": 0.0, "_tok": 0})
+        entry["owners"][h["owner"]] = h["ppl"]
+        tokens = int(h.get("val_tokens", 0))
+        entry["_loss"] += h["val_loss"] * tokens
+        entry["_tok"] += tokens
+    out = []
+    for r in sorted(rounds):
+        entry = rounds[r]
+        loss, tokens = entry.pop("_loss"), entry.pop("_tok")
+        entry["ppl"] = math.exp(loss / tokens) if tokens else None
+        out.append(entry)
+    return out

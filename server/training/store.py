@@ -1,0 +1,121 @@
+"""What the server keeps about each training run (:class:`RunRecord`), and where: the RunStore seam.
+
+A :class:`RunStore` puts, gets and lists run records. :class:`InMemoryRunStore` keeps them
+in a dict and hands out the live records, which the run manager changes in place; they are
+lost when the server stops (a run then resumes from its checkpoints). A persistent store
+(SQLite, a later issue) is one more module implementing :class:`RunStore`, made to pass the
+shared suite in ``tests/server/test_store.py``; the run manager must then put a record after
+every change it makes.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from server.training.reports import per_round
+
+if TYPE_CHECKING:
+    from server.control.state import PlanRow
+    from server.training.global_model import PartitionTensors
+    from server.training.local_work import Work
+    from server.training.rounds import RoundMachine
+    from server.training.seams import RunSeams
+    from server.training.spec import RunSpec
+
+__all__ = ["InMemoryRunStore", "RunRecord", "RunStore"]
+
+
+@dataclass(slots=True, kw_only=True)
+class RunRecord:
+    """A run the server knows about."""
+
+    run_id: str
+    spec: RunSpec
+    machine: RoundMachine
+    seams: RunSeams  # the members the spec chose, one per extension point
+    created_at: float
+    plan_id: str = ""  # the plan the run trains on; a different plan fails the run
+    resumed_from: int = 0  # the checkpointed round it resumed after (0: started fresh)
+    checkpoints: list[str] = field(default_factory=list)  # folders written, oldest first
+    commands: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # id -> (kind, client, bridge run)
+    rows: dict[tuple[str, int], PlanRow] = field(default_factory=dict)  # (bridge run, partition) -> plan row
+    # Bridge run -> partition -> its blocks and planned tensor names: each pipeline's own cut.
+    partitions: dict[str, dict[int, PartitionTensors]] = field(default_factory=dict)
+    asked: dict[str, tuple[int, Work]] = field(default_factory=dict)  # bridge run -> (round, work) of its last Train
+    global_state: dict[str, Any] = field(default_factory=dict)  # merged tensors (all, or adapters) by whole-model name
+    # Optimizer states by whose they are (Participation.shared_optimizer: one shared "*",
+    # else each owner's), each a flat dict of optimizer/<entry>/<parameter> tensors.
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Round -> client -> {"uploaded": bytes, "downloaded": bytes}: encoded sizes of the
+    # uploads the server read and the LoadPartitions files it wrote (round 0: the snapshot).
+    traffic: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
+
+    def count_bytes(self, round: int, client_id: str, direction: str, size: int) -> None:
+        """Add ``size`` bytes ``direction`` ("uploaded" or "downloaded") to ``client_id``'s traffic in ``round``."""
+        per_client = self.traffic.setdefault(round, {}).setdefault(client_id, {"uploaded": 0, "downloaded": 0})
+        per_client[direction] += size
+
+    def traffic_json(self) -> list[dict[str, Any]]:
+        """The traffic as rows: round, client, uploaded, downloaded."""
+        return [
+            {"round": r, "client": c, **counts}
+            for r in sorted(self.traffic)
+            for c, counts in sorted(self.traffic[r].items())
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """The run as the admin API shows it."""
+        m = self.machine
+        return {
+            "run_id": self.run_id,
+            "name": self.spec.name,
+            "participation": self.spec.participation.mode,
+            "state": str(m.phase),
+            "round": m.round,
+            "rounds": m.rounds,
+            "error": m.error,
+            "owners": sorted({p.owner for p in m.pipelines.values()}),
+            "pipelines": sorted(m.pipelines),
+            "plan_id": self.plan_id,
+            "resumed_from": self.resumed_from,
+            "history": list(m.history),
+            "per_round": per_round(m.history),
+            "traffic": self.traffic_json(),
+            "checkpoints": list(self.checkpoints),
+            "created_at": self.created_at,
+            "spec": self.spec.to_json(),
+        }
+
+
+class RunStore(abc.ABC):
+    """Where run records live."""
+
+    @abc.abstractmethod
+    def put(self, record: RunRecord) -> None:
+        """Add ``record``, or replace the one with its run id (which keeps its place in the list)."""
+
+    @abc.abstractmethod
+    def get(self, run_id: str) -> RunRecord | None:
+        """The record of ``run_id``, or None."""
+
+    @abc.abstractmethod
+    def list_runs(self) -> list[RunRecord]:
+        """Every record, in the order they were first put."""
+
+
+class InMemoryRunStore(RunStore):
+    """Records in a dict; lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, RunRecord] = {}
+
+    def put(self, record: RunRecord) -> None:
+        self._records[record.run_id] = record
+
+    def get(self, run_id: str) -> RunRecord | None:
+        return self._records.get(run_id)
+
+    def list_runs(self) -> list[RunRecord]:
+        return list(self._records.values())

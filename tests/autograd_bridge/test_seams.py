@@ -1,0 +1,129 @@
+"""The seams in autograd_bridge: finetune modes, update codecs, training methods, the optimizer registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autograd_bridge.codecs import CODECS, get_codec
+from autograd_bridge.finetune import FINETUNES, FinetuneSettings, get_finetune
+from autograd_bridge.methods import METHODS, get_method
+from autograd_bridge.optim import OPTIMIZERS, build_optimizer
+from autograd_bridge.partition import even_stage_specs, split_model
+from autograd_bridge.pipeline import Pipeline
+
+from .bridge_helpers import memory_split
+from .conftest import padded_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize(
+    ("get", "registry", "what"),
+    [(get_finetune, FINETUNES, "finetune mode"), (get_codec, CODECS, "codec"), (get_method, METHODS, "training method")],
+)
+def test_unknown_members_are_named_with_the_known_ones(get, registry, what) -> None:
+    """Asking a registry for a name it lacks is a ValueError that lists what it has."""
+    with pytest.raises(ValueError, match=rf"{what} must be one of {', '.join(sorted(registry))}"):
+        get("no-such-member")
+
+
+def test_every_registered_member_answers_to_its_name() -> None:
+    """Each registry's keys are the members' own names, so a run file's name finds the member."""
+    for get, registry in ((get_finetune, FINETUNES), (get_codec, CODECS), (get_method, METHODS)):
+        assert all(get(name).name == name for name in registry)
+
+
+def test_the_optimizer_registry_builds_what_it_names() -> None:
+    """adamw and sgd with no weight decay unless asked; unknown names are refused."""
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert set(OPTIMIZERS) == {"adamw", "sgd"}
+    adamw = build_optimizer("adamw", params, lr=0.1)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.0
+    assert isinstance(build_optimizer("sgd", params, lr=0.1, weight_decay=0.5), torch.optim.SGD)
+    with pytest.raises(ValueError, match="'adamw' or 'sgd'"):
+        build_optimizer("lion", params, lr=0.1)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_finetune_mode_moves_what_it_trains_from_one_copy_to_another(load_tiny, mode) -> None:
+    """trained_tensors of a trained copy, through the dense codec, load into a fresh copy and make it equal."""
+    finetune, codec = get_finetune(mode), get_codec("dense")
+    settings = FinetuneSettings(lora_r=2, lora_alpha=4, seed=1)
+    copies = [split_model(load_tiny("llama"), even_stage_specs(4, 2))[1] for _ in range(2)]
+    for copy in copies:
+        finetune.prepare({1: copy}, settings)
+    with torch.no_grad():  # "train" the first copy: change everything it trains
+        for _, p in copies[0].named_model_parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    sent = finetune.trained_tensors(copies[0])
+    assert sent and all(finetune.travels(name) for name in sent)
+    data = codec.encode(sent)
+    finetune.load_tensors(copies[1], codec.decode(data))
+    assert all(torch.equal(t, finetune.trained_tensors(copies[1])[n]) for n, t in sent.items())
+    frozen = [n for n, p in copies[1].named_model_parameters() if not p.requires_grad]
+    assert (mode == "lora") == bool(frozen)  # LoRA freezes the base weights; full trains everything
+
+
+def test_lora_copies_of_a_partition_start_equal_and_partitions_differ(load_tiny) -> None:
+    """Seeded per partition: two owners' copies of partition 1 get equal adapters, partition 2 others."""
+    finetune = get_finetune("lora")
+    settings = FinetuneSettings(lora_r=2, lora_alpha=4, seed=7)
+    a = split_model(load_tiny("llama"), even_stage_specs(4, 3))
+    b = split_model(load_tiny("llama"), even_stage_specs(4, 3))
+    finetune.prepare(dict(enumerate(a)), settings)
+    finetune.prepare(dict(enumerate(b)), settings)
+    one_a, one_b = finetune.trained_tensors(a[1]), finetune.trained_tensors(b[1])
+    assert one_a and all(torch.equal(t, one_b[n]) for n, t in one_a.items())
+    # Another partition draws other numbers (its seed differs), not a copy of partition 1's.
+    first_a, first_b = (next(iter(finetune.trained_tensors(s[2]).values())) for s in (a, b))
+    assert torch.equal(first_a, first_b) and not torch.equal(first_a.flatten()[:4], next(iter(one_a.values())).flatten()[:4])
+
+
+def test_lora_refuses_a_zero_rank() -> None:
+    """A rank below 1 is a clear error before any stage is touched."""
+    with pytest.raises(ValueError, match="lora_r >= 1"):
+        get_finetune("lora").check(FinetuneSettings(lora_r=0))
+
+
+def test_full_load_refuses_a_missing_tensor(load_tiny) -> None:
+    """A merged partition that lacks a tensor is refused by name."""
+    stage = split_model(load_tiny("llama"), even_stage_specs(4, 2))[1]
+    tensors = get_finetune("full").trained_tensors(stage)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    with pytest.raises(ValueError, match=dropped):
+        get_finetune("full").load_tensors(stage, tensors)
+
+
+def test_the_dense_codec_refuses_bytes_that_are_not_its_own() -> None:
+    """Garbage is a ValueError, never an unpickling."""
+    with pytest.raises(ValueError, match="not a dense"):
+        get_codec("dense").decode(b"\x00\x01 not safetensors")
+
+
+def test_backprop_is_the_pipeline_step_and_counts_bridge_bytes(load_tiny) -> None:
+    """The backprop method's step gives the pipeline's loss and tokens; StageClients count frame bytes both ways."""
+    model = load_tiny("llama")
+    batch = padded_batch(vocab_size=model.config.vocab_size, padding="right")
+    split = memory_split(model, 3)
+    try:
+        pipeline = Pipeline(split.chain(), split.runtime)
+        client = split.clients[1]
+        before = (client.bytes_sent, client.bytes_received)
+        outcome = get_method("backprop").step(pipeline, batch, None, 0.0)
+        # Activations (B, T, C) go out and their gradient comes back: at least one fp32 tensor each way.
+        hidden = batch.input_ids.numel() * model.config.hidden_size * 4
+        assert client.bytes_sent - before[0] >= 2 * hidden and client.bytes_received - before[1] >= 2 * hidden
+        pipeline.close()
+    finally:
+        split.close()
+    other = memory_split(model, 3)
+    try:
+        reference = Pipeline(other.chain(), other.runtime)
+        want = reference.train_step(batch.input_ids, batch.attention_mask, batch.labels)
+        reference.close()
+    finally:
+        other.close()
+    assert abs(outcome.loss - want.loss) < 1e-6 and outcome.tokens == want.tokens

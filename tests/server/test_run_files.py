@@ -1,0 +1,173 @@
+"""Run files in sections: the documented reference, the flat keys of older files as aliases, and refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server.training import spec as spec_module
+from server.training.spec import (
+    FLAT_KEYS,
+    SECTIONS,
+    TOP_LEVEL,
+    AggregationSection,
+    FinetuneSection,
+    LocalWorkSection,
+    ParticipationSection,
+    RunSpec,
+    TrainingSection,
+    load_run_spec,
+    prepare_command,
+    spec_from_mapping,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def documented_run_file() -> str:
+    """The complete run file in spec.py's docstring: the indented block after its first '::'."""
+    doc = spec_module.__doc__ or ""
+    block = doc.split("::\n\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines)
+
+
+def test_the_documented_run_file_is_every_key_at_its_default() -> None:
+    """The reference in spec.py parses, names every key of every section, and its values are the defaults."""
+    values = tomllib.loads(documented_run_file())
+    assert spec_from_mapping(values) == RunSpec()
+    assert set(values) == set(TOP_LEVEL) | set(SECTIONS)
+    for name, section in SECTIONS.items():
+        assert set(values[name]) == {f.name for f in dataclasses.fields(section)}, name
+
+
+def test_every_flat_key_is_documented() -> None:
+    """The docstring's table of older keys names each alias."""
+    doc = spec_module.__doc__ or ""
+    table = doc.split("Run files written before sections", 1)[1]
+    assert all(key in table for key in FLAT_KEYS)
+
+
+def test_sections_and_flat_keys_mean_the_same() -> None:
+    """A run file in sections equals the same run written with the flat keys of older files."""
+    sectioned = """
+rounds = 2
+[participation]
+mode = "parallel"
+[local_work]
+steps = 7
+[training]
+lr = 0.001
+optimizer = "sgd"
+[finetune]
+mode = "lora"
+r = 4
+targets = ["q_proj"]
+[aggregation]
+rule = "fedadam"
+server_lr = 0.05
+[evaluation]
+val_fraction = 0.2
+"""
+    flat = {
+        "rounds": 2, "case": 3, "steps_per_round": 7, "lr": 0.001, "optimizer": "sgd", "finetune": "lora",
+        "lora_r": 4, "lora_targets": ["q_proj"], "aggregator": "fedadam", "server_lr": 0.05, "val_fraction": 0.2,
+    }
+    assert spec_from_mapping(tomllib.loads(sectioned)) == spec_from_mapping(flat)
+
+
+@pytest.mark.parametrize(("case", "mode"), [(1, "single"), (2, "sequential"), (3, "parallel")])
+def test_case_is_an_alias_of_the_participation_mode(case: int, mode: str) -> None:
+    """``case = N`` at the top or in [participation] is ``[participation] mode``."""
+    want = RunSpec(participation=ParticipationSection(mode=mode))
+    assert spec_from_mapping({"case": case}) == want
+    assert spec_from_mapping({"participation": {"case": case}}) == want
+    assert spec_from_mapping({"participation": {"mode": mode}}) == want
+
+
+def test_unknown_sections_and_keys_are_named_with_the_known_ones() -> None:
+    """A key a section does not have lists the section's keys; an unknown top-level name lists sections and keys."""
+    with pytest.raises(ValueError, match=r"unknown key\(s\) stepz in \[local_work\]; known keys: mode, steps"):
+        spec_from_mapping({"local_work": {"stepz": 3}})
+    with pytest.raises(ValueError, match=r"unknown run setting\(s\) trainin.*\[training\].*steps_per_round"):
+        spec_from_mapping({"trainin": {"lr": 1.0}})
+    with pytest.raises(ValueError, match=r"training must be a table \(\[training\] and its keys\)"):
+        spec_from_mapping({"training": 3})
+
+
+def test_a_key_set_twice_is_refused() -> None:
+    """A flat key and its section key (or case and mode) together are refused, naming both."""
+    with pytest.raises(ValueError, match=r"lr and \[training\] lr both set \[training\] lr"):
+        spec_from_mapping({"lr": 0.1, "training": {"lr": 0.2}})
+    with pytest.raises(ValueError, match=r"both set \[participation\] mode"):
+        spec_from_mapping({"case": 3, "participation": {"mode": "parallel"}})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"participation": {"mode": "everyone"}}, r"\[participation\] mode must be one of single, sequential, parallel"),
+        ({"local_work": {"mode": "forever"}}, r"\[local_work\] mode must be one of steps"),
+        ({"local_work": {"steps": 0}}, r"\[local_work\] steps must be an integer >= 1"),
+        ({"finetune": {"mode": "heads"}}, r"\[finetune\] mode must be one of full, lora"),
+        ({"finetune": {"r": 0}}, r"\[finetune\] r must be an integer >= 1"),
+        ({"communication": {"codec": "zip"}}, r"\[communication\] codec must be one of dense"),
+        ({"training": {"method": "guess"}}, r"\[training\] method must be one of backprop"),
+        ({"training": {"seq_len": 1}}, r"\[training\] seq_len must be an integer >= 2"),
+        ({"evaluation": {"eval_batch_size": 0}}, r"\[evaluation\] eval_batch_size"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"owners": "alice"}, "owners must be a list"),
+    ],
+)
+def test_each_section_checks_its_values(values: dict[str, object], message: str) -> None:
+    """Bad values in a section are refused with a message that names the section and key."""
+    with pytest.raises(ValueError, match=message):
+        spec_from_mapping(values)
+
+
+def test_flags_override_section_values(tmp_path: Path) -> None:
+    """A flag (a flat key) wins over the same key set in its section, and unset flags change nothing."""
+    path = tmp_path / "run.toml"
+    path.write_text('[training]\nlr = 0.5\nbatch_size = 8\n[participation]\nmode = "sequential"\n')
+    spec = load_run_spec(path, {"lr": 0.01, "case": 3, "rounds": None})
+    assert spec.training == TrainingSection(lr=0.01, batch_size=8)
+    assert spec.participation.mode == "parallel" and spec.rounds == RunSpec().rounds
+
+
+def test_to_json_is_sections_and_reads_back() -> None:
+    """to_json writes one object per section, which spec_from_mapping reads back to the same spec."""
+    spec = RunSpec(
+        owners=("a", "b"),
+        stages=1,
+        participation=ParticipationSection(mode="parallel"),
+        local_work=LocalWorkSection(steps=3),
+        finetune=FinetuneSection(mode="lora", r=2, targets=("q_proj", "v_proj")),
+        aggregation=AggregationSection(rule="fedyogi", server_lr=0.5),
+    )
+    shown = spec.to_json()
+    assert shown["finetune"] == {"mode": "lora", "r": 2, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+    assert shown["owners"] == ["a", "b"] and shown["participation"] == {"mode": "parallel"}
+    assert spec_from_mapping(shown) == spec
+
+
+def test_prepare_commands_carry_the_chosen_members() -> None:
+    """PrepareRun names the run's finetune mode, optimizer, codec and method, with the LoRA settings."""
+    spec = spec_from_mapping({"finetune": {"mode": "lora", "r": 4, "alpha": 8}, "optimizer": "sgd", "seed": 3})
+    command = prepare_command(spec, "plan-1-p0")
+    assert (command.run_id, command.finetune, command.optimizer, command.codec, command.method) == (
+        "plan-1-p0", "lora", "sgd", "dense", "backprop"
+    )
+    assert (command.lora.r, command.lora.alpha, command.seed) == (4, 8, 3)
+
+
+@pytest.mark.parametrize("path", ["testbed/compose-run.toml"])
+def test_the_repository_run_files_load(path: str) -> None:
+    """The run files shipped in the repository are valid."""
+    load_run_spec(REPO / path)
