@@ -71,6 +71,8 @@ class MessageKind(enum.IntEnum):
     WEIGHTS = 12
     RELEASE = 13
     ERROR = 14
+    GET_GRAD_NORM = 15
+    GRAD_NORM = 16
 
 
 Compression = Literal["none", "fp16", "int8"]

@@ -10,10 +10,11 @@ HELLO              -                               ACK (options: stages, run_id,
 FORWARD            x, [attention_mask], [pos_ids]  FORWARD_RESULT y  (keeps state for backward)
 EVAL_FORWARD       x, [attention_mask], [pos_ids]  FORWARD_RESULT y  (no state, no grad)
 BACKWARD           grad (dL/dy)                    BACKWARD_RESULT [grad] (dL/dx; none for ids)
-OPTIMIZER_STEP     - (options: lr)                 ACK (options: dropped)
+OPTIMIZER_STEP     - (options: lr, grad_scale)     ACK (options: dropped)
 RELEASE            -                               ACK (options: dropped)
 GET_GRADS          -                               GRADS  (whole-model parameter names)
 GET_WEIGHTS        -                               WEIGHTS
+GET_GRAD_NORM      -                               GRAD_NORM sq (sum of squared gradients, float64)
 =================  ==============================  ============================================
 
 Anything else, or anything wrong with a request, gets an ERROR frame with a code and a message
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import ssl as ssl_lib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -131,6 +133,7 @@ class StageHost:
             MessageKind.RELEASE: self._release,
             MessageKind.GET_GRADS: self._get_grads,
             MessageKind.GET_WEIGHTS: self._get_weights,
+            MessageKind.GET_GRAD_NORM: self._get_grad_norm,
         }
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
@@ -347,8 +350,15 @@ class StageHost:
             lr = float(lr_text) if lr_text is not None else None
         except ValueError as exc:
             raise _Refused("BAD_REQUEST", f"option lr must be a number, got {lr_text!r}") from exc
-        if lr is not None and not lr >= 0:
-            raise _Refused("BAD_REQUEST", f"option lr must be a non-negative number, got {lr_text!r}")
+        if lr is not None and not (lr >= 0 and math.isfinite(lr)):
+            raise _Refused("BAD_REQUEST", f"option lr must be a finite number >= 0, got {lr_text!r}")
+        scale_text = frame.options.get("grad_scale")
+        try:
+            scale = float(scale_text) if scale_text is not None else None
+        except ValueError as exc:
+            raise _Refused("BAD_REQUEST", f"option grad_scale must be a number, got {scale_text!r}") from exc
+        if scale is not None and not 0 <= scale <= 1:
+            raise _Refused("BAD_REQUEST", f"option grad_scale must be in [0, 1] (clipping only shrinks), got {scale_text!r}")
         dropped = self._drop(lambda key, st: key[0] == frame.run_id and key[1] <= frame.step)
         optimizer = self.optimizer
 
@@ -358,6 +368,12 @@ class StageHost:
             if lr is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+            if scale is not None:
+                with torch.no_grad():
+                    for group in optimizer.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                p.grad.mul_(scale)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -385,6 +401,18 @@ class StageHost:
         module = self._stage(frame)
         grads = {name: p.grad for name, p in _model_named_parameters(module) if p.grad is not None}
         return self._result(frame, MessageKind.GRADS, grads)
+
+    async def _get_grad_norm(self, frame: Frame, conn_id: int) -> Frame:
+        params = [p for _, p in _model_named_parameters(self._stage(frame)) if p.requires_grad]
+
+        def run() -> torch.Tensor:
+            sq = torch.zeros(1, dtype=torch.float64)
+            for p in params:
+                if p.grad is not None:
+                    sq += p.grad.detach().double().pow(2).sum()
+            return sq
+
+        return self._result(frame, MessageKind.GRAD_NORM, {"sq": await self._compute(run)})
 
     async def _get_weights(self, frame: Frame, conn_id: int) -> Frame:
         module = self._stage(frame)

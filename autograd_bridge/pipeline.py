@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,10 +86,22 @@ class PipelineSettings:
             raise ValueError(f"schedule must be 'gpipe' or '1f1b', not {self.schedule!r}")
 
 
+def _optimizer_parameters(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """The parameters ``optimizer`` steps, each once."""
+    if optimizer is None:
+        return []
+    seen: dict[int, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
 @dataclass(frozen=True, slots=True)
 class StepResult:
     loss: float  # mean token loss over the whole batch
     tokens: int  # tokens that counted (labels != -100 after the shift)
+    output_norm: float = 0.0  # mean L2 norm of the logits per position: a divergence signal (Photon)
 
 
 class _Turnstile:
@@ -147,9 +160,26 @@ class Pipeline:
         """Forward and backward of one batch; leaves gradients on every stage (local and remote)."""
         return self.runtime.run(self._train_step(input_ids, attention_mask, labels))
 
-    def optimizer_step(self, local_optimizer: torch.optim.Optimizer | None, lr: float | None = None) -> None:
-        """Step the local optimizer and every remote host's, then start the next step."""
+    def optimizer_step(
+        self, local_optimizer: torch.optim.Optimizer | None, lr: float | None = None, clip_norm: float | None = None
+    ) -> float | None:
+        """Step the local optimizer and every remote host's, then start the next step.
+
+        With ``clip_norm``, first scale every stage's gradients (local and remote) so that
+        their joint L2 norm is at most ``clip_norm``, as ``torch.nn.utils.clip_grad_norm_``
+        does on the whole model; returns that norm before clipping (None without clipping).
+        """
         began = time.perf_counter()
+        local = _optimizer_parameters(local_optimizer)
+        norm = scale = None
+        if clip_norm is not None:
+            norm = self._grad_norm(local)
+            # As torch's clip_grad_norm_: the factor max/(norm + 1e-6), never above 1.
+            scale = min(1.0, clip_norm / (norm + 1e-6))
+            with torch.no_grad():
+                for p in local:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
         if local_optimizer is not None:
             if lr is not None:
                 for group in local_optimizer.param_groups:
@@ -158,11 +188,21 @@ class Pipeline:
             local_optimizer.zero_grad(set_to_none=True)
 
         async def step_all() -> None:
-            await asyncio.gather(*(c.optimizer_step(self.step, lr) for c in self.remote))
+            await asyncio.gather(*(c.optimizer_step(self.step, lr, scale) for c in self.remote))
 
         self.runtime.run(step_all())
         self.step += 1
         self._step_total += time.perf_counter() - began
+        return norm
+
+    def _grad_norm(self, local: Sequence[torch.Tensor]) -> float:
+        """The L2 norm of every gradient of the pipeline: the owner's stages' and each host's."""
+        sq = sum(float(p.grad.detach().double().pow(2).sum()) for p in local if p.grad is not None)
+
+        async def remote_sq() -> list[float]:
+            return list(await asyncio.gather(*(c.grad_sq_norm(self.step) for c in self.remote)))
+
+        return math.sqrt(sq + sum(self.runtime.run(remote_sq())))
 
     def eval_loss(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
@@ -255,6 +295,7 @@ class Pipeline:
         in_flight = asyncio.Semaphore(n if self.settings.schedule == "1f1b" else m_count)
         admit = _Turnstile()
         losses: list[float] = [0.0] * m_count
+        norms: list[float] = [0.0] * m_count  # per micro-batch: mean L2 norm of the logits per position
         spent = [0.0] * n  # this step's seconds per stage; counted only if the step succeeds
 
         async def micro_batch(m: int) -> None:
@@ -277,6 +318,7 @@ class Pipeline:
                 await fwd_turn[n].advance()
                 saved[n] = (logits_in, loss)
                 losses[m] = float(loss.detach())
+                norms[m] = float(logits_in.detach().float().norm(dim=-1).mean())
                 done_count += 1
                 if done_count == m_count:
                     forwards_done.set()
@@ -301,7 +343,7 @@ class Pipeline:
             self._stage_total[s] += seconds
         self._step_total += time.perf_counter() - began
         self._timed_steps += 1
-        return StepResult(loss=sum(losses), tokens=num_items)
+        return StepResult(loss=sum(losses), tokens=num_items, output_norm=sum(norms) / m_count)
 
     async def _stage_forward(
         self,

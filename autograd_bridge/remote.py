@@ -37,6 +37,7 @@ _RESPONSES = {
     MessageKind.RELEASE: (MessageKind.ACK,),
     MessageKind.GET_GRADS: (MessageKind.GRADS,),
     MessageKind.GET_WEIGHTS: (MessageKind.WEIGHTS,),
+    MessageKind.GET_GRAD_NORM: (MessageKind.GRAD_NORM,),
 }
 
 
@@ -274,10 +275,20 @@ class StageClient:
         """Backpropagate ``grad`` through the remote stage; returns the input gradient."""
         return await (await self.start_backward(grad, step=step, micro_batch=micro_batch))
 
-    async def optimizer_step(self, step: int, lr: float | None = None) -> None:
-        """Ask the host to step its optimizer (and zero its gradients)."""
+    async def optimizer_step(self, step: int, lr: float | None = None, grad_scale: float | None = None) -> None:
+        """Ask the host to step its optimizer (and zero its gradients), its gradients times ``grad_scale`` first."""
         options = {} if lr is None else {"lr": repr(float(lr))}
+        if grad_scale is not None:
+            options["grad_scale"] = repr(float(grad_scale))
         await self.request(MessageKind.OPTIMIZER_STEP, step=step, options=options)
+
+    async def grad_sq_norm(self, step: int) -> float:
+        """The sum of the squares of every gradient the host's stages hold (float64)."""
+        frame = await self.request(MessageKind.GET_GRAD_NORM, step=step)
+        sq = frame.tensors.get("sq")
+        if sq is None or sq.numel() != 1 or not torch.isfinite(sq).all() or float(sq) < 0:
+            raise FrameError(f"stage {self.stage} host sent no usable gradient norm")
+        return float(sq.double())
 
     async def release(self, step: int) -> None:
         """Ask the host to drop every micro-batch state of ``step`` (after a failed step)."""

@@ -20,7 +20,7 @@ from typing import Any
 from autograd_bridge.codecs import UpdateCodec, get_codec
 from autograd_bridge.finetune import Finetune, FinetuneSettings, get_finetune
 from autograd_bridge.methods import TrainingMethod, get_method
-from autograd_bridge.optim import check_optimizer_name
+from autograd_bridge.optim import check_optimizer_name, check_schedule_name
 from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, Train
 
 from .errors import HostingError
@@ -45,12 +45,19 @@ def check_train(cmd: Train) -> Train:
         raise HostingError(f"training setting 'val_fraction' must be in (0, 1), got {cmd.val_fraction!r}")
     if not cmd.tokenizer:
         raise HostingError("training setting 'tokenizer' must name a tokenizer")
+    if not (math.isfinite(cmd.min_lr) and 0 <= cmd.min_lr <= cmd.lr):
+        raise HostingError(f"training setting 'min_lr' must be in [0, lr], got {cmd.min_lr!r}")
+    if not (math.isfinite(cmd.clip_norm) and cmd.clip_norm >= 0):
+        raise HostingError(f"training setting 'clip_norm' must be a finite number >= 0 (0: off), got {cmd.clip_norm!r}")
+    if cmd.warmup_steps > cmd.total_steps > 0:
+        raise HostingError(f"training setting 'warmup_steps' ({cmd.warmup_steps}) exceeds total_steps ({cmd.total_steps})")
     if cmd.batch_size % cmd.micro_batches:
         raise HostingError(f"batch_size {cmd.batch_size} is not a multiple of micro_batches {cmd.micro_batches}")
     try:
         get_method(cmd.method)
+        check_schedule_name(cmd.schedule)
     except ValueError as exc:
-        raise HostingError(f"training setting 'method': {exc}") from exc
+        raise HostingError(f"training settings: {exc}") from exc
     return cmd
 
 
@@ -145,8 +152,16 @@ class OwnerTrainer:
 
     def train_round(self, settings: Train) -> RoundReport:
         """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking)."""
+        from functools import partial
+
+        from autograd_bridge.optim import lr_at
+
         from .training import evaluate, run_steps
 
+        schedule = partial(
+            lr_at, settings.schedule, lr=settings.lr, warmup_steps=settings.warmup_steps,
+            total_steps=settings.total_steps, min_lr=settings.min_lr,
+        )  # fmt: skip
         began = time.perf_counter()
         self.pipeline.reset_stage_times()  # this round's steps only
         steps = run_steps(
@@ -159,6 +174,8 @@ class OwnerTrainer:
             lr=settings.lr,
             method=self.method,
             peers=self.clients,
+            schedule=schedule,
+            clip_norm=settings.clip_norm or None,
         )
         # Per stage, the owner's wait per step (transfers + the host's compute), before evaluation adds none.
         stage_seconds = tuple(self.pipeline.stage_seconds())

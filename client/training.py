@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -55,11 +55,15 @@ def run_steps(
     lr: float | None = None,
     method: TrainingMethod | None = None,
     peers: Sequence[Any] = (),
+    schedule: Callable[[int], float] | None = None,
+    clip_norm: float | None = None,
 ) -> list[StepRecord]:
     """Run ``steps`` optimizer steps on batches ``start, start + 1, ...`` of ``dataset.stream``.
 
     ``method`` (backprop when None) trains each batch through ``pipeline`` and steps
-    ``local_optimizer`` (the owner's stages) and every host's optimizer, at ``lr`` when given.
+    ``local_optimizer`` (the owner's stages) and every host's optimizer, at ``schedule(i)``
+    for batch ``i`` of the stream when given, else at ``lr``; ``clip_norm`` bounds the joint
+    gradient norm of every stage.
     Each record holds the step's mean token loss (before its update), its tokens, its wall
     time, and the bridge bytes to and from each of ``peers`` (StageClients) during it.
     """
@@ -67,16 +71,21 @@ def run_steps(
         raise ValueError(f"steps must be >= 0, got {steps}")
     method = method or get_method("backprop")
     records: list[StepRecord] = []
-    for batch in itertools.islice(dataset.stream(batch_size, start=start), steps):
+    for index, batch in enumerate(itertools.islice(dataset.stream(batch_size, start=start), steps), start=start):
         before = [(p.bytes_sent, p.bytes_received) for p in peers]
         began = time.perf_counter()
-        outcome = method.step(pipeline, batch, local_optimizer, lr)
+        step_lr = schedule(index) if schedule is not None else lr
+        outcome = method.step(pipeline, batch, local_optimizer, lr=step_lr, clip_norm=clip_norm)
         seconds = time.perf_counter() - began
         traffic = tuple(
             PeerBytes(stage=p.stage, sent=p.bytes_sent - sent, received=p.bytes_received - received)
             for p, (sent, received) in zip(peers, before, strict=True)
         )
-        records.append(StepRecord(loss=outcome.loss, tokens=outcome.tokens, seconds=seconds, peers=traffic))
+        record = StepRecord(
+            loss=outcome.loss, tokens=outcome.tokens, seconds=seconds, peers=traffic, lr=step_lr or 0.0,
+            grad_norm=outcome.grad_norm or 0.0, output_norm=outcome.output_norm,
+        )  # fmt: skip
+        records.append(record)
     return records
 
 

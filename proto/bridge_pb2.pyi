@@ -24,6 +24,8 @@ class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MESSAGE_KIND_WEIGHTS: _ClassVar[MessageKind]
     MESSAGE_KIND_RELEASE: _ClassVar[MessageKind]
     MESSAGE_KIND_ERROR: _ClassVar[MessageKind]
+    MESSAGE_KIND_GET_GRAD_NORM: _ClassVar[MessageKind]
+    MESSAGE_KIND_GRAD_NORM: _ClassVar[MessageKind]
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,6 +61,8 @@ MESSAGE_KIND_GET_WEIGHTS: MessageKind
 MESSAGE_KIND_WEIGHTS: MessageKind
 MESSAGE_KIND_RELEASE: MessageKind
 MESSAGE_KIND_ERROR: MessageKind
+MESSAGE_KIND_GET_GRAD_NORM: MessageKind
+MESSAGE_KIND_GRAD_NORM: MessageKind
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType

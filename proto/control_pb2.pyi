@@ -212,7 +212,7 @@ class ConnectPeers(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerEndpoint, _Mapping]]] = ...) -> None: ...
 
 class Train(_message.Message):
-    __slots__ = ("run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed", "val_fraction", "eval_batch_size", "tokenizer", "method")
+    __slots__ = ("run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed", "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps", "min_lr", "clip_norm")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,11 @@ class Train(_message.Message):
     EVAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     steps: int
@@ -239,7 +244,12 @@ class Train(_message.Message):
     eval_batch_size: int
     tokenizer: str
     method: str
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., start: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_batch_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    schedule: str
+    warmup_steps: int
+    total_steps: int
+    min_lr: float
+    clip_norm: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., start: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_batch_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., clip_norm: _Optional[float] = ...) -> None: ...
 
 class Upload(_message.Message):
     __slots__ = ("run_id", "partitions", "round")
@@ -328,16 +338,22 @@ class PeerBytes(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., sent: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
 
 class StepRecord(_message.Message):
-    __slots__ = ("loss", "tokens", "seconds", "peers")
+    __slots__ = ("loss", "tokens", "seconds", "peers", "lr", "grad_norm", "output_norm")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NORM_FIELD_NUMBER: _ClassVar[int]
     loss: float
     tokens: int
     seconds: float
     peers: _containers.RepeatedCompositeFieldContainer[PeerBytes]
-    def __init__(self, loss: _Optional[float] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., peers: _Optional[_Iterable[_Union[PeerBytes, _Mapping]]] = ...) -> None: ...
+    lr: float
+    grad_norm: float
+    output_norm: float
+    def __init__(self, loss: _Optional[float] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., peers: _Optional[_Iterable[_Union[PeerBytes, _Mapping]]] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., output_norm: _Optional[float] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("loss", "perplexity", "tokens")

@@ -157,6 +157,9 @@ class StepRecord:
     tokens: int = 0  # target tokens the loss averaged over
     seconds: float = 0.0  # wall time of the whole step
     peers: tuple[PeerBytes, ...] = ()  # bridge traffic per remote stage
+    lr: float = 0.0  # the learning rate the step used
+    grad_norm: float = 0.0  # joint gradient norm before clipping; 0 when not clipped
+    output_norm: float = 0.0  # mean L2 norm of the logits per position (a divergence signal)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,6 +270,11 @@ class Train:
     eval_batch_size: int = 8  # sequences per validation batch
     tokenizer: str = ""  # name or path of the tokenizer to load on the owner
     method: str = "backprop"  # the training method, by name
+    schedule: str = "constant"  # learning-rate schedule over the whole run (autograd_bridge.optim.SCHEDULES)
+    warmup_steps: int = 0  # linear warm-up over the owner's first steps of the run
+    total_steps: int = 0  # the run's steps per owner: where the schedule ends
+    min_lr: float = 0.0  # the schedule's floor
+    clip_norm: float = 0.0  # bound on the joint gradient norm of every stage; 0: no clipping
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -238,6 +238,9 @@ def round_report_to_proto(report: RoundReport) -> pb.RoundReport:
                 tokens=s.tokens,
                 seconds=s.seconds,
                 peers=[pb.PeerBytes(stage=p.stage, sent=p.sent, received=p.received) for p in s.peers],
+                lr=s.lr,
+                grad_norm=s.grad_norm,
+                output_norm=s.output_norm,
             )
             for s in report.steps
         ],
@@ -263,6 +266,9 @@ def round_report_from_proto(msg: pb.RoundReport) -> RoundReport:
                 tokens=s.tokens,
                 seconds=s.seconds,
                 peers=tuple(PeerBytes(stage=p.stage, sent=p.sent, received=p.received) for p in s.peers),
+                lr=s.lr,
+                grad_norm=s.grad_norm,
+                output_norm=s.output_norm,
             )
             for s in msg.steps
         ),
@@ -328,7 +334,8 @@ def _partition_from_proto(msg: pb.PartitionAssignment) -> PartitionAssignment:
 
 _TRAIN_FIELDS = (
     "run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed",
-    "val_fraction", "eval_batch_size", "tokenizer", "method",
+    "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps",
+    "min_lr", "clip_norm",
 )  # fmt: skip
 
 

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-key", type=Path, help="PEM private key")
     run.add_argument("--model", help="model directory (or hub name) to plan for")
     run.add_argument("--stages", type=int, help="partitions per pipeline (default: the planner chooses)")
+    run.add_argument("--init", choices=("pretrained", "random"),
+                     help="random: pre-train from scratch (the model's config, weights drawn from --init-seed)")
+    run.add_argument("--init-seed", type=int, help="seed of a random initialisation (default 0)")
     run.add_argument("--heartbeat-interval", type=float, help="seconds between client heartbeats")
     run.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before a client is lost")
     run.add_argument("--settle", type=float, help="seconds without client changes before replanning")
@@ -142,12 +145,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     model = config.model
     if args.model is not None:
-        stages = args.stages if args.stages is not None else (model.stages if model else None)
-        model = ModelSettings(path=args.model, stages=stages)
-    elif args.stages is not None:
+        model = dataclasses.replace(model, path=args.model) if model else ModelSettings(path=args.model)
+    changes = {k: v for k, v in (("stages", args.stages), ("init", args.init), ("init_seed", args.init_seed)) if v is not None}
+    if changes:
         if model is None:
-            raise ValueError("--stages needs a model: pass --model or set [model] path")
-        model = dataclasses.replace(model, stages=args.stages)
+            raise ValueError(f"--{next(iter(changes)).replace('_', '-')} needs a model: pass --model or set [model] path")
+        model = dataclasses.replace(model, **changes)
     planning: PlanningSettings = override(config.planning, settle_s=args.settle)
     return ServerConfig(server=server, auth=auth, tls=tls, control=control, model=model, planning=planning)
 

@@ -101,10 +101,16 @@ class ControlSettings:
 class ModelSettings:
     """The model the server plans for."""
 
-    path: str  # a Hugging Face model directory (or hub name) the server can load
+    path: str  # a Hugging Face model directory (or hub name) the server can load; with init = "random", its config.json
     stages: int | None = None  # partitions per pipeline (1: each data owner holds the whole model); None: the planner chooses
+    init: str = "pretrained"  # "pretrained": the weights at path; "random": pre-train from scratch, weights drawn from init_seed
+    init_seed: int = 0  # the seed of a random initialisation (the server draws it once, every client gets the same)
 
     def __post_init__(self) -> None:
+        if self.init not in ("pretrained", "random"):
+            raise ValueError(f"[model] init must be 'pretrained' (load the weights) or 'random' (from scratch), got {self.init!r}")
+        if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
+            raise ValueError(f"[model] init_seed must be an integer >= 0, got {self.init_seed!r}")
         if self.stages is not None and (isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1):
             raise ValueError(
                 f"[model] stages must be an integer >= 1 (1: each data owner trains the whole model alone), "

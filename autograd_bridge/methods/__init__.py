@@ -24,6 +24,8 @@ class StepOutcome:
 
     loss: float  # mean token loss of the batch, before the update
     tokens: int  # target tokens the loss averaged over
+    grad_norm: float | None = None  # the gradients' joint L2 norm before clipping (None: not clipped)
+    output_norm: float = 0.0  # mean L2 norm of the logits per position
 
 
 class TrainingMethod(Protocol):
@@ -32,8 +34,14 @@ class TrainingMethod(Protocol):
     name: str
     host_kinds: frozenset[MessageKind]  # what the stage hosts must serve for it
 
-    def step(self, pipeline: Any, batch: Any, optimizer: Any, lr: float | None) -> StepOutcome:
-        """Train one batch (``input_ids``, ``attention_mask``, ``labels``) and update every stage."""
+    def step(
+        self, pipeline: Any, batch: Any, optimizer: Any, *, lr: float | None, clip_norm: float | None = None
+    ) -> StepOutcome:
+        """Train one batch (``input_ids``, ``attention_mask``, ``labels``) and update every stage.
+
+        ``lr`` is this step's learning rate (a schedule's value); ``clip_norm`` bounds the
+        joint norm of every stage's update direction, where the method has one.
+        """
 
 
 #: name -> the method's class

@@ -76,7 +76,11 @@ def clients_table(clients: Sequence[Mapping[str, Any]]) -> str:
 
 
 def plan_table(plan: Mapping[str, Any]) -> str:
-    """The ``/v1/plan`` answer as a table, with a line about the run and the solve."""
+    """The ``/v1/plan`` answer as a table, with a line about the run and the solve.
+
+    The solve's facts end the table; ``stages`` there gives each owner's pipeline its own stage
+    count (1: the owner trains the whole model alone), as pipelines may be cut differently.
+    """
     if not plan.get("plan_id"):
         return f"no plan: {plan.get('error') or 'none made yet'}"
     rows = [
@@ -94,8 +98,15 @@ def plan_table(plan: Mapping[str, Any]) -> str:
     ]
     headers = ["pipeline", "partition", "blocks", "params", "client", "est. compute s", "est. transfer s", "why"]
     head = f"{plan['plan_id']} ({plan['state']}; owners: {', '.join(plan['owners']) or 'none'})"
-    facts = ", ".join(f"{k}={v}" for k, v in sorted(plan.get("summary", {}).items()))
+    facts = ", ".join(f"{k}={_fact(v)}" for k, v in sorted(plan.get("summary", {}).items()))
     return "\n".join(x for x in (head, format_table(headers, rows), facts) if x)
+
+
+def _fact(value: object) -> str:
+    """A summary value as text; a mapping (per owner) as ``{a: 1, b: 3}``."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def status_table(status: Mapping[str, Any]) -> str:
@@ -143,7 +154,30 @@ def run_table(run: Mapping[str, Any]) -> str:
                      f"{step:.3f}" if isinstance(step, int | float) else "-", " ".join(f"{x:.3f}" for x in stages) or "-"])
     headers = ["round", "owner", "first loss", "last loss", "val loss", "val ppl", "samples", "step s", "s/step per stage"]
     table = format_table(headers, rows)
-    return head + "\n" + table + "\n\n" + ppl_table(run.get("per_round", []))
+    out = head + "\n" + table + "\n\n" + ppl_table(run.get("per_round", []))
+    signals = signals_table(run)
+    return out + "\n\n" + signals if signals else out
+
+
+def signals_table(run: Mapping[str, Any]) -> str:
+    """Photon's signals per round: the owners' training perplexity before and after the merge, and the merge's norms."""
+    merges = {int(s["round"]): s for s in run.get("signals", [])}
+    rows = []
+    for r in run.get("per_round", []):
+        before, after = r.get("train_ppl_before", {}), r.get("train_ppl_after", {})
+        owners = sorted(before)
+        signal = merges.get(int(r.get("round", 0)), {})
+        update = signal.get("update", {}).get("total")
+        model = signal.get("model", {}).get("total")
+        rows.append([
+            r.get("round", 0),
+            " ".join(f"{o} {before[o]:.2f}->{after[o]:.2f}" if o in after else f"{o} {before[o]:.2f}" for o in owners) or "-",
+            f"{update:.4g}" if isinstance(update, float) else "-",
+            f"{model:.4g}" if isinstance(model, float) else "-",
+        ])
+    if not rows:
+        return ""
+    return format_table(["round", "train ppl before->after merge", "update norm", "model norm"], rows)
 
 
 def ppl_table(per_round: Sequence[Mapping[str, Any]]) -> str:

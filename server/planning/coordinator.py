@@ -14,7 +14,8 @@ Partitions a data owner holds in its own pipeline run there (``local``); the own
 the hosts of the others (the bridge's star topology: only the owner talks to stage hosts). A
 pipeline the owner holds alone (one stage, or two both on the owner) has no host to wait for:
 its owner gets a ``HostRun`` with only local partitions and, at once, a ``ConnectPeers``
-without peers.
+without peers. Pipelines of one plan may have different stage counts (an owner training the
+whole model alone beside owners that split with helpers), so every count is taken per run.
 
 When the ready clients change, the coordinator waits ``settle_s`` for the registry to calm
 down, plans again, and only if the assignment differs stops the old run and delivers a new one.

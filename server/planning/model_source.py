@@ -46,6 +46,8 @@ class HFModelSource:
 
     def _locate(self) -> Path:
         given = Path(self.settings.path)
+        if self.settings.init == "random":
+            return self._initialize(given)
         if given.is_dir() and any(given.glob("*.safetensors")):
             return given
         from autograd_bridge.models import load_causal_lm, save_pretrained_dir
@@ -55,6 +57,26 @@ class HFModelSource:
             log.info("converting %s to safetensors in %s (once)", self.settings.path, converted)
             save_pretrained_dir(load_causal_lm(self.settings.path), None, converted)
         return converted
+
+    def _initialize(self, given: Path) -> Path:
+        """A model drawn at random from ``given``'s config with the init seed, written once (pre-training from scratch)."""
+        import hashlib
+
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from autograd_bridge.models import save_pretrained_dir
+
+        config = AutoConfig.from_pretrained(given)
+        digest = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:12]
+        folder = self.work_dir / f"random-{digest}-seed{self.settings.init_seed}"
+        if not any(folder.glob("*.safetensors")):
+            log.info("drawing %s weights from seed %d into %s (once)", config.model_type, self.settings.init_seed, folder)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.settings.init_seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            save_pretrained_dir(model, None, folder)
+        return folder
 
     def config(self) -> Any:
         """The model's transformers config."""
@@ -151,7 +173,11 @@ def rows_of(plan: Any) -> tuple[PlanRow, ...]:
 
 
 def summary_of(plan: Any) -> dict[str, Any]:
-    """Facts about the solve for the admin API."""
+    """Facts about the solve for the admin API.
+
+    ``num_stages`` and ``block_counts`` are the widest cut; ``stages`` gives each owner's
+    pipeline its own count (1: that owner trains the whole model alone).
+    """
     return {
         "solver": plan.solver,
         "integral": plan.integral,
@@ -160,6 +186,7 @@ def summary_of(plan: Any) -> dict[str, Any]:
         "solve_ms": round(plan.solve_ms, 3),
         "num_stages": plan.num_stages,
         "block_counts": list(plan.block_counts),
+        "stages": {cut.owner_id: cut.num_stages for cut in plan.cuts},
     }
 
 

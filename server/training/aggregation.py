@@ -3,12 +3,32 @@
 When owners train in parallel every data owner drives its own pipeline, so at the end of a
 round the server holds, for each partition, one trained copy per pipeline. An
 :class:`Aggregator` turns the global tensors of the round and those copies into the next
-global tensors:
+global tensors. With ``x`` the round's global tensor, ``mean`` the sample-weighted mean of
+the copies and ``Delta = x - mean`` the pseudo-gradient (Photon, DiLoCo)::
 
-- :class:`FedAvg` (McMahan et al. 2017): the sample-weighted average of the copies.
+    rule         class          next global tensor                             default lr
+    fedavg       FedAvg         x - lr Delta  (lr = 1: mean, exactly)          1.0
+    fedmom       FedMom         m = mu m + Delta;  x - lr m                    0.7
+    fednesterov  FedNesterov    m = mu m + Delta;  x - lr (Delta + mu m)       0.7
+    fedadam      FedAdam        m = b1 m + (1 - b1) (-Delta)                   0.01
+                                v = b2 v + (1 - b2) Delta^2
+                                x + lr m / (sqrt(v) + tau)
+    fedyogi      FedYogi        as fedadam, v = v - (1 - b2) Delta^2 sign(v - Delta^2)
+    fedadagrad   FedAdagrad     as fedadam, v = v + Delta^2
+
+- :class:`FedAvg` (McMahan et al. 2017) with a server learning rate (Photon uses 0.7-1.0);
+  at ``lr = 1`` it is the plain weighted average and needs nothing but the copies.
+- :class:`FedMom` and :class:`FedNesterov`: outer SGD with heavy-ball or Nesterov momentum,
+  exactly ``torch.optim.SGD(momentum=mu, nesterov=...)`` stepping with ``Delta`` as the
+  gradient (m starts at 0). DiLoCo's outer optimizer is FedNesterov with lr 0.7, mu 0.9.
 - :class:`FedAdam`, :class:`FedYogi`, :class:`FedAdagrad` (Reddi et al. 2021, "Adaptive
-  Federated Optimization", Algorithm 2): the weighted mean change of the copies is a
-  pseudo-gradient that a server optimizer applies, with moments kept across rounds.
+  Federated Optimization", Algorithm 2; m starts at 0, v at tau^2, no bias correction).
+  Photon's FedAdam is ``lr = 0.1, b1 = 0.9, b2 = 0.95``.
+
+Every rule moves the global tensor toward the copies' mean (tests check each sign with one
+client). All but FedAvg at ``lr = 1`` step from the state the copies started from
+(:attr:`Aggregator.steps_from_start`), and the momentum rules keep their moments per tensor
+name across rounds, in float32, in :meth:`~Aggregator.state_dict` (so in checkpoints).
 
 State dicts are keyed by whole-model parameter names (``model.layers.3.mlp.up_proj.weight``)
 or by PEFT adapter names (``...q_proj.lora_A.weight``); names are unique across partitions,
@@ -39,6 +59,8 @@ __all__ = [
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
+    "FedMom",
+    "FedNesterov",
     "FedYogi",
     "weighted_mean",
 ]
@@ -63,9 +85,13 @@ class ClientUpdate:
 class Aggregator(Protocol):
     """Turns a round's global tensors and the clients' copies into the next global tensors."""
 
-    # Whether aggregate() steps from the state the copies started from (a server optimizer):
-    # then the run needs that state before round 1, and several copies per merge to mean much.
-    steps_from_start: ClassVar[bool]
+    @property
+    def steps_from_start(self) -> bool:
+        """Whether aggregate() steps from the state the copies started from (a server optimizer).
+
+        Then the run needs that state before round 1, and several copies per merge to mean much.
+        """
+        ...
 
     @classmethod
     def from_settings(cls, settings: AggregationSettings) -> Aggregator:
@@ -166,34 +192,7 @@ def weighted_mean(
         yield name, accumulated / total
 
 
-# --------------------------------------------------------------------------- FedAvg
-
-
-class FedAvg:
-    """The sample-weighted average of the copies: sum_i n_i x_i / sum_i n_i, exact in float64."""
-
-    steps_from_start: ClassVar[bool] = False
-
-    @classmethod
-    def from_settings(cls, settings: AggregationSettings) -> FedAvg:
-        """FedAvg has no settings."""
-        return cls()
-
-    def aggregate(self, global_state: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
-        """The weighted average, in each global tensor's dtype and device."""
-        merged: dict[str, Tensor] = {}
-        for name, mean in weighted_mean(global_state, updates):
-            target = global_state[name]
-            merged[name] = target.detach().clone() if mean is None else mean.to(target.dtype).to(target.device)
-        return merged
-
-    def state_dict(self) -> dict[str, Any]:
-        """FedAvg keeps nothing between rounds."""
-        return {"kind": "fedavg"}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Check that ``state`` came from a FedAvg."""
-        _check_kind(state, "fedavg")
+# --------------------------------------------------------------------------- shared checks
 
 
 def _check_kind(state: Mapping[str, Any], kind: str) -> None:
@@ -205,107 +204,271 @@ def _check_kind(state: Mapping[str, Any], kind: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------- adaptive server optimizers
+def _check_lr(kind: str, lr: float) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{kind}: lr must be a finite number > 0, got {lr!r}")
 
 
-class _AdaptiveServerOptimizer:
-    """Reddi et al. 2021, Algorithm 2, for one second-moment rule (set by subclasses).
+def _check_decay(kind: str, name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{kind}: {name} must be in [0, 1), got {value!r}")
 
-    With Delta = (weighted mean of the client copies) - global, i.e. minus the pseudo-gradient::
 
-        m = beta1 * m + (1 - beta1) * Delta
-        v = <second-moment rule>(v, Delta^2)
-        global = global + lr * m / (sqrt(v) + tau)
+def _server_lr(settings: AggregationSettings, default: float) -> float:
+    """The run's server learning rate, or the rule's own ``default`` when the run leaves it unset."""
+    return default if settings.server_lr is None else settings.server_lr
 
-    m starts at 0 and v at tau^2, as in the paper (no bias correction). Moments are float32
-    and kept per tensor name, so one instance serves every partition of a model.
+
+# --------------------------------------------------------------------------- FedAvg
+
+
+class FedAvg:
+    """The sample-weighted mean of the copies, reached by a server step: x - lr (x - mean).
+
+    At ``lr = 1`` (the default) the result is the mean itself, sum_i n_i x_i / sum_i n_i, exact
+    in float64, and the round's starting state is not needed. Other rates interpolate
+    (lr < 1) or extrapolate (lr > 1) from the starting state, which the run must then keep.
     """
 
-    kind: str = ""
-    steps_from_start: ClassVar[bool] = True
+    kind: ClassVar[str] = "fedavg"
+    default_lr: ClassVar[float] = 1.0
 
     @classmethod
-    def from_settings(cls, settings: AggregationSettings) -> _AdaptiveServerOptimizer:
-        """The optimizer with the run's server_lr, beta1, beta2 and tau."""
-        return cls(lr=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau)
+    def from_settings(cls, settings: AggregationSettings) -> FedAvg:
+        """FedAvg with the run's server_lr (1.0 when unset: plain averaging)."""
+        return cls(lr=_server_lr(settings, cls.default_lr))
 
-    def __init__(self, *, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
-        for name, value in (("lr", lr), ("tau", tau)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{self.kind}: {name} must be a finite number > 0, got {value!r}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{self.kind}: {name} must be in [0, 1), got {value!r}")
-        self.lr = lr  # server learning rate (eta in the paper)
-        self.beta1 = beta1  # decay of the first moment
-        self.beta2 = beta2  # decay of the second moment (unused by FedAdagrad)
-        self.tau = tau  # adaptivity: added to sqrt(v); v starts at tau^2
+    def __init__(self, *, lr: float = 1.0) -> None:
+        _check_lr(self.kind, lr)
+        self.lr = lr  # server learning rate; 1.0 is plain averaging
+
+    @property
+    def steps_from_start(self) -> bool:
+        """Only a server learning rate other than 1 needs the state the copies started from."""
+        return self.lr != 1.0
+
+    def aggregate(self, global_state: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
+        """The (stepped) weighted average, in each global tensor's dtype and device."""
+        merged: dict[str, Tensor] = {}
+        for name, mean in weighted_mean(global_state, updates):
+            target = global_state[name]
+            if mean is None:
+                merged[name] = target.detach().clone()
+                continue
+            if self.lr != 1.0:
+                current = target.detach().to(device="cpu", dtype=torch.float64)
+                mean = current - self.lr * (current - mean)
+            merged[name] = mean.to(target.dtype).to(target.device)
+        return merged
+
+    def state_dict(self) -> dict[str, Any]:
+        """FedAvg keeps nothing between rounds (lr is recorded for reading only)."""
+        return {"kind": self.kind, "lr": self.lr}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check that ``state`` came from a FedAvg."""
+        _check_kind(state, self.kind)
+
+
+# --------------------------------------------------------------------------- server optimizers
+
+
+class _ServerOptimizer:
+    """A server optimizer step on the pseudo-gradient, with per-name buffers kept across rounds.
+
+    Subclasses name their buffers (:attr:`buffers`), say how they start and how one step
+    changes the global tensor; this class runs the step over every floating tensor, commits
+    the buffers only when the whole call succeeds, and saves and restores them.
+    """
+
+    kind: ClassVar[str] = ""
+    default_lr: ClassVar[float]
+    buffers: ClassVar[tuple[str, ...]]  # names of the per-tensor moments (float32, one per name)
+    steps_from_start: ClassVar[bool] = True
+
+    def __init__(self, *, lr: float) -> None:
+        _check_lr(self.kind, lr)
+        self.lr = lr  # server learning rate
         self.rounds = 0  # aggregate() calls so far (bookkeeping for resumed runs)
-        self._m: dict[str, Tensor] = {}
-        self._v: dict[str, Tensor] = {}
+        self._moments: dict[str, dict[str, Tensor]] = {buffer: {} for buffer in self.buffers}
 
-    def _second_moment(self, v: Tensor, delta_squared: Tensor) -> Tensor:
+    def _hyperparameters(self) -> dict[str, float]:
         raise NotImplementedError
+
+    def _initial(self, like: Tensor) -> tuple[Tensor, ...]:
+        """The buffers of a tensor seen for the first time."""
+        raise NotImplementedError
+
+    def _step(self, gradient: Tensor, moments: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """(change to add to the global tensor, new buffers) for pseudo-gradient x - mean (float32)."""
+        raise NotImplementedError
+
+    def _moments_of(self, name: str, gradient: Tensor) -> tuple[Tensor, ...]:
+        if name not in self._moments[self.buffers[0]]:
+            return self._initial(gradient)
+        moments = tuple(self._moments[buffer][name] for buffer in self.buffers)
+        if any(moment.shape != gradient.shape for moment in moments):
+            raise ValueError(
+                f"{self.kind}: saved moments of {name!r} have shape {tuple(moments[0].shape)}, the tensor "
+                f"{tuple(gradient.shape)}; the optimizer state belongs to another model"
+            )
+        return moments
 
     def aggregate(self, global_state: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         """One server optimizer step on every floating tensor of ``global_state``."""
         merged: dict[str, Tensor] = {}
-        moments: dict[str, tuple[Tensor, Tensor]] = {}
+        stepped: dict[str, tuple[Tensor, ...]] = {}
         for name, mean in weighted_mean(global_state, updates):
             target = global_state[name]
             if mean is None:
                 merged[name] = target.detach().clone()
                 continue
             current = target.detach().to(device="cpu", dtype=torch.float64)
-            delta = (mean - current).float()  # minus the pseudo-gradient
-            m = self._m.get(name, torch.zeros_like(delta))
-            v = self._v.get(name, torch.full_like(delta, self.tau**2))
-            if m.shape != delta.shape or v.shape != delta.shape:
-                raise ValueError(
-                    f"{self.kind}: saved moments of {name!r} have shape {tuple(m.shape)}, the tensor "
-                    f"{tuple(delta.shape)}; the optimizer state belongs to another model"
-                )
-            m = self.beta1 * m + (1.0 - self.beta1) * delta
-            v = self._second_moment(v, delta * delta)
-            step = self.lr * m / (v.sqrt() + self.tau)
-            merged[name] = (current + step.double()).to(target.dtype).to(target.device)
-            moments[name] = (m, v)
+            gradient = (current - mean).float()  # the pseudo-gradient Delta
+            change, stepped[name] = self._step(gradient, self._moments_of(name, gradient))
+            merged[name] = (current + change.double()).to(target.dtype).to(target.device)
         # Commit the moments only when every tensor went through, so a refused call changes nothing.
-        for name, (m, v) in moments.items():
-            self._m[name] = m
-            self._v[name] = v
+        for name, moments in stepped.items():
+            for buffer, moment in zip(self.buffers, moments, strict=True):
+                self._moments[buffer][name] = moment
         self.rounds += 1
         return merged
 
     def state_dict(self) -> dict[str, Any]:
-        """Hyperparameters, the round count and both moments (float32 tensors, per name)."""
+        """Hyperparameters, the round count and the moments (float32 tensors, per name)."""
         return {
             "kind": self.kind,
-            "lr": self.lr,
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "tau": self.tau,
+            **self._hyperparameters(),
             "rounds": self.rounds,
-            "m": {name: tensor.clone() for name, tensor in self._m.items()},
-            "v": {name: tensor.clone() for name, tensor in self._v.items()},
+            **{buffer: {name: t.clone() for name, t in self._moments[buffer].items()} for buffer in self.buffers},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore moments and round count; the hyperparameters stay those of the constructor."""
         _check_kind(state, self.kind)
-        m, v = state.get("m"), state.get("v")
-        if not isinstance(m, Mapping) or not isinstance(v, Mapping) or set(m) != set(v):
-            raise ValueError(f"{self.kind}: the saved state needs 'm' and 'v' dicts with the same names")
-        for name in m:
-            if not isinstance(m[name], Tensor) or not isinstance(v[name], Tensor) or m[name].shape != v[name].shape:
-                raise ValueError(f"{self.kind}: the saved moments of {name!r} are not two tensors of one shape")
-        self._m = {name: tensor.detach().float().cpu().clone() for name, tensor in m.items()}
-        self._v = {name: tensor.detach().float().cpu().clone() for name, tensor in v.items()}
+        saved: list[Mapping[str, Any]] = []
+        for buffer in self.buffers:
+            moments = state.get(buffer)
+            if not isinstance(moments, Mapping) or (saved and set(moments) != set(saved[0])):
+                wanted = " and ".join(repr(buffer) for buffer in self.buffers)
+                raise ValueError(f"{self.kind}: the saved state needs {wanted} dicts with the same names")
+            saved.append(moments)
+        for name in saved[0]:
+            tensors = [moments[name] for moments in saved]
+            if not all(isinstance(t, Tensor) and t.shape == tensors[0].shape for t in tensors):
+                raise ValueError(f"{self.kind}: the saved moments of {name!r} are not tensors of one shape")
+        self._moments = {
+            buffer: {name: t.detach().float().cpu().clone() for name, t in moments.items()}
+            for buffer, moments in zip(self.buffers, saved, strict=True)
+        }
         self.rounds = int(state.get("rounds", 0))
 
 
+# --------------------------------------------------------------------------- outer SGD with momentum
+
+
+class _OuterSGD(_ServerOptimizer):
+    """Outer SGD with momentum on the pseudo-gradient Delta (torch.optim.SGD, dampening 0)::
+
+        m = mu * m + Delta                      (m starts at 0)
+        heavy ball:  x = x - lr * m
+        Nesterov:    x = x - lr * (Delta + mu * m)
+    """
+
+    nesterov: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 0.7
+    buffers: ClassVar[tuple[str, ...]] = ("m",)
+
+    @classmethod
+    def from_settings(cls, settings: AggregationSettings) -> _OuterSGD:
+        """The optimizer with the run's server_lr (0.7 when unset) and momentum."""
+        return cls(lr=_server_lr(settings, cls.default_lr), momentum=settings.momentum)
+
+    def __init__(self, *, lr: float = 0.7, momentum: float = 0.9) -> None:
+        _check_decay(self.kind, "momentum", momentum)
+        super().__init__(lr=lr)
+        self.momentum = momentum  # mu: how much of the last round's step carries over
+
+    def _hyperparameters(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def _initial(self, like: Tensor) -> tuple[Tensor, ...]:
+        return (torch.zeros_like(like),)
+
+    def _step(self, gradient: Tensor, moments: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        m = self.momentum * moments[0] + gradient
+        direction = gradient + self.momentum * m if self.nesterov else m
+        return -self.lr * direction, (m,)
+
+
+class FedMom(_OuterSGD):
+    """Outer SGD with heavy-ball momentum (Photon's FedMom): m = mu m + Delta; x - lr m."""
+
+    kind = "fedmom"
+
+
+class FedNesterov(_OuterSGD):
+    """Outer SGD with Nesterov momentum (DiLoCo, lr 0.7, mu 0.9): m = mu m + Delta; x - lr (Delta + mu m)."""
+
+    kind = "fednesterov"
+    nesterov = True
+
+
+# --------------------------------------------------------------------------- adaptive server optimizers
+
+
+class _AdaptiveServerOptimizer(_ServerOptimizer):
+    """Reddi et al. 2021, Algorithm 2, for one second-moment rule (set by subclasses).
+
+    With D = (weighted mean of the client copies) - global = -Delta, minus the pseudo-gradient::
+
+        m = beta1 * m + (1 - beta1) * D
+        v = <second-moment rule>(v, D^2)
+        global = global + lr * m / (sqrt(v) + tau)
+
+    m starts at 0 and v at tau^2, as in the paper (no bias correction). Moments are float32
+    and kept per tensor name, so one instance serves every partition of a model.
+    """
+
+    default_lr: ClassVar[float] = 1e-2
+    buffers: ClassVar[tuple[str, ...]] = ("m", "v")
+
+    @classmethod
+    def from_settings(cls, settings: AggregationSettings) -> _AdaptiveServerOptimizer:
+        """The optimizer with the run's server_lr (0.01 when unset), beta1, beta2 and tau."""
+        lr = _server_lr(settings, cls.default_lr)
+        return cls(lr=lr, beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau)
+
+    def __init__(self, *, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        _check_lr(self.kind, lr)
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"{self.kind}: tau must be a finite number > 0, got {tau!r}")
+        _check_decay(self.kind, "beta1", beta1)
+        _check_decay(self.kind, "beta2", beta2)
+        super().__init__(lr=lr)
+        self.beta1 = beta1  # decay of the first moment
+        self.beta2 = beta2  # decay of the second moment (unused by FedAdagrad)
+        self.tau = tau  # adaptivity: added to sqrt(v); v starts at tau^2
+
+    def _hyperparameters(self) -> dict[str, float]:
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
+
+    def _initial(self, like: Tensor) -> tuple[Tensor, ...]:
+        return torch.zeros_like(like), torch.full_like(like, self.tau**2)
+
+    def _second_moment(self, v: Tensor, delta_squared: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _step(self, gradient: Tensor, moments: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        delta = -gradient  # mean - global, as in the paper (and in the m of older checkpoints)
+        m, v = moments
+        m = self.beta1 * m + (1.0 - self.beta1) * delta
+        v = self._second_moment(v, delta * delta)
+        return self.lr * m / (v.sqrt() + self.tau), (m, v)
+
+
 class FedAdam(_AdaptiveServerOptimizer):
-    """Server Adam: v = beta2 * v + (1 - beta2) * Delta^2."""
+    """Server Adam: v = beta2 * v + (1 - beta2) * D^2."""
 
     kind = "fedadam"
 
@@ -314,7 +477,7 @@ class FedAdam(_AdaptiveServerOptimizer):
 
 
 class FedYogi(_AdaptiveServerOptimizer):
-    """Server Yogi: v = v - (1 - beta2) * Delta^2 * sign(v - Delta^2); v grows slower than Adam's."""
+    """Server Yogi: v = v - (1 - beta2) * D^2 * sign(v - D^2); v grows slower than Adam's."""
 
     kind = "fedyogi"
 
@@ -323,7 +486,7 @@ class FedYogi(_AdaptiveServerOptimizer):
 
 
 class FedAdagrad(_AdaptiveServerOptimizer):
-    """Server Adagrad: v = v + Delta^2."""
+    """Server Adagrad: v = v + D^2."""
 
     kind = "fedadagrad"
 
@@ -339,6 +502,8 @@ AGGREGATORS: dict[str, type[Aggregator]] = {
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
+    "fedmom": FedMom,
+    "fednesterov": FedNesterov,
 }
 
 
@@ -346,11 +511,14 @@ AGGREGATORS: dict[str, type[Aggregator]] = {
 class AggregationSettings:
     """How the server merges the copies of a partition (from the ``[aggregation]`` table of a run)."""
 
-    kind: str = "fedavg"  # a name in AGGREGATORS: fedavg, or a server optimizer (fedadam, fedyogi, fedadagrad)
-    server_lr: float = 1e-2  # server learning rate of the optimizers (unused by fedavg)
-    beta1: float = 0.9  # first-moment decay of the optimizers
+    kind: str = "fedavg"  # a name in AGGREGATORS: fedavg, fedmom, fednesterov, fedadam, fedyogi, fedadagrad
+    # Server learning rate; None: the rule's own default (fedavg 1.0, which is plain averaging;
+    # fedmom and fednesterov 0.7; fedadam, fedyogi and fedadagrad 0.01).
+    server_lr: float | None = None
+    momentum: float = 0.9  # momentum (mu) of fedmom and fednesterov
+    beta1: float = 0.9  # first-moment decay of fedadam, fedyogi and fedadagrad
     beta2: float = 0.99  # second-moment decay of fedadam and fedyogi
-    tau: float = 1e-3  # adaptivity of the optimizers: larger is closer to plain averaging steps
+    tau: float = 1e-3  # adaptivity of fedadam, fedyogi, fedadagrad: larger is closer to plain averaging steps
 
     def __post_init__(self) -> None:
         if self.kind not in AGGREGATORS:

@@ -6,6 +6,7 @@ from another machine, so :func:`history_entry` checks every one explicitly befor
 records it. The run's history keeps one entry per owner and turn, as plain JSON values::
 
     losses, tokens, step_times    per step: training loss, target tokens, seconds
+    lrs, grad_norms, output_norms per step: learning rate, gradient norm before clipping, mean logit norm
     bytes_sent, bytes_received    per remote stage ("1", "2", ...): the round's bridge bytes
     val_loss, ppl, val_tokens     the evaluation after the round
     samples, data_samples         sequences trained, and held (the FedAvg weight)
@@ -24,6 +25,11 @@ from typing import Any
 from proto.messages import RoundReport
 
 __all__ = ["history_entry", "per_round"]
+
+
+def _ppl(loss: float) -> float:
+    """exp(loss), capped where it would overflow (a diverged run still reports)."""
+    return math.exp(min(loss, 700.0))
 
 
 def _count(value: object) -> bool:
@@ -52,6 +58,8 @@ def history_entry(report: RoundReport, *, round: int) -> dict[str, Any]:
             raise ValueError(f"step {i} of the round report needs a finite loss, got {step.loss!r}")
         if not _count(step.tokens) or not _seconds(step.seconds):
             raise ValueError(f"step {i} of the round report needs tokens >= 0 and finite seconds >= 0")
+        if not (_seconds(step.lr) and _seconds(step.grad_norm) and _seconds(step.output_norm)):
+            raise ValueError(f"step {i} of the round report needs a learning rate and norms that are finite numbers >= 0")
         for peer in step.peers:
             if not (_count(peer.stage) and _count(peer.sent) and _count(peer.received)):
                 raise ValueError(f"step {i} of the round report has peer bytes that are not counts: {peer}")
@@ -77,6 +85,9 @@ def history_entry(report: RoundReport, *, round: int) -> dict[str, Any]:
         "losses": [float(s.loss) for s in report.steps],
         "tokens": [s.tokens for s in report.steps],
         "step_times": [float(s.seconds) for s in report.steps],
+        "lrs": [float(s.lr) for s in report.steps],
+        "grad_norms": [float(s.grad_norm) for s in report.steps],  # before clipping; 0 when the run does not clip
+        "output_norms": [float(s.output_norm) for s in report.steps],  # mean logit norm per position (divergence)
         "bytes_sent": sent,
         "bytes_received": received,
         "val_loss": float(evaluation.loss),
@@ -91,11 +102,26 @@ def history_entry(report: RoundReport, *, round: int) -> dict[str, Any]:
 
 
 def per_round(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per round: each owner's validation perplexity and the token-weighted one over all owners."""
+    """Per round: each owner's validation perplexity and the token-weighted one over all owners.
+
+    Also Photon's view of each merge from the owners' side: ``train_ppl_before``, an owner's
+    training perplexity on its round's last batch (its own copy, before the merge), and
+    ``train_ppl_after``, on its next round's first batch (the merged model, before that
+    step's update); the gap spikes when the owners' copies disagree and shrinks as they agree.
+    """
     rounds: dict[int, dict[str, Any]] = {}
+    first_loss = {(int(h["round"]), h["owner"]): h["losses"][0] for h in history if h.get("losses")}
     for h in history:
-        entry = rounds.setdefault(int(h["round"]), {"round": int(h["round"]), "owners": {}, "_loss": 0.0, "_tok": 0})
+        entry = rounds.setdefault(
+            int(h["round"]),
+            {"round": int(h["round"]), "owners": {}, "train_ppl_before": {}, "train_ppl_after": {}, "_loss": 0.0, "_tok": 0},
+        )
         entry["owners"][h["owner"]] = h["ppl"]
+        if h.get("losses"):
+            entry["train_ppl_before"][h["owner"]] = _ppl(h["losses"][-1])
+            after = first_loss.get((int(h["round"]) + 1, h["owner"]))
+            if after is not None:
+                entry["train_ppl_after"][h["owner"]] = _ppl(after)
         tokens = int(h.get("val_tokens", 0))
         entry["_loss"] += h["val_loss"] * tokens
         entry["_tok"] += tokens

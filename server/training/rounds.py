@@ -8,14 +8,16 @@ files; tests drive the machine directly.
 A plan has one pipeline per data owner (its bridge run id); each pipeline may be cut into
 its own number of partitions, one included. A round is a sequence of *turns*, which the
 run's :class:`~server.training.participation.Participation` decides (one turn with the one
-pipeline; one turn per owner in order; one turn with every pipeline). In a turn some
-pipelines train, then every client holding one of their partitions uploads what it trains,
-and the server merges each partition's copies (FedAvg weighted by samples, where one copy
-merges to itself, or a server optimizer's step) into the new global partitions.
+pipeline; one turn per owner in order; one turn with every pipeline, or with a subset drawn
+for the round). In a turn some pipelines train, then every client holding one of their
+partitions uploads what it trains, and the server merges each partition's copies (FedAvg
+weighted by samples, where one copy merges to itself, or a server optimizer's step) into
+the new global partitions.
 
 Before a turn the pipelines that do not hold the global partitions already load them
 (``SendLoad``): after a merge of several copies every pipeline, after a hand-over the next
-owner's, when one pipeline trains turn after turn none, and after a resume from a
+owner's, a pipeline that sat the last turn out, when one pipeline trains turn after turn
+none (unless a server optimizer stepped from its one copy), and after a resume from a
 checkpoint every one. The last merge of a round is written as the round's checkpoint.
 
 A server optimizer (FedAdam, FedYogi, FedAdagrad) steps from the state the copies started
@@ -135,7 +137,8 @@ class RoundMachine:
     rounds: int  # the last round to train
     participation: Participation = field(default_factory=Single)  # who trains in each turn of a round
     # Upload the starting state as round 0 before round 1 of a fresh run (server optimizers
-    # need the state each round starts from to form their pseudo-gradient).
+    # need the state each round starts from to form their pseudo-gradient). Their merge of
+    # one copy is a step from that state, not the copy: its pipeline loads the result too.
     snapshot_first: bool = False
     round: int = 0  # the round in progress (1-based), or the last finished one; 0 before the first
     phase: Phase = Phase.WAITING
@@ -272,7 +275,8 @@ class RoundMachine:
     def _begin_turn(self) -> list[Action]:
         group = self.turns[self.turn]
         self.weights = {}
-        if self.holding is None or (len(self.holding) == 1 and group == self.holding):
+        merged_to_itself = not self.snapshot_first and self.holding is not None and len(self.holding) == 1
+        if self.holding is None or (merged_to_itself and group == self.holding):
             return self._train()  # these pipelines hold the global partitions already
         self.phase = Phase.LOADING
         self.pending = {(run, c) for run in group for c in self.pipelines[run].holders}

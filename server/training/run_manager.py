@@ -69,6 +69,7 @@ from server.training.rounds import (
     Snapshot,
 )
 from server.training.seams import seams_for
+from server.training.signals import layer_norms
 from server.training.spec import RunSpec, prepare_command, spec_from_mapping, train_command
 from server.training.store import InMemoryRunStore, RunRecord, RunStore
 
@@ -199,6 +200,7 @@ class RunManager:
             record.seams.aggregator.load_state_dict(saved.server_state["aggregator"])  # a server optimizer's moments
         record.optimizers = _optimizers_by_name(saved.server_state.get("optimizers", {}))
         record.machine.history = json.loads(saved.server_state.get("history_json", "[]"))
+        record.signals = json.loads(saved.server_state.get("signals_json", "[]"))
         for row in json.loads(saved.server_state.get("traffic_json", "[]")):
             for direction in ("uploaded", "downloaded"):
                 record.count_bytes(int(row["round"]), str(row["client"]), direction, int(row[direction]))
@@ -470,7 +472,11 @@ class RunManager:
             ClientUpdate(state=uploads[run].tensors, num_samples=max(action.weights.get(run, 0), 0) or 1, client_id=run)
             for run in action.bridge_runs
         ]
+        previous = record.global_state
         record.global_state = record.seams.aggregator.aggregate(reference, updates)
+        # Photon's divergence signals: how far this merge moved each layer, and how large the model is.
+        signal = {"round": action.round, "pipelines": list(action.bridge_runs), **layer_norms(previous, record.global_state)}
+        record.signals.append(signal)
         if not action.checkpoint:
             return None
         return self._write_checkpoint(record, action.round)
@@ -496,6 +502,7 @@ class RunManager:
             "spec": record.spec.to_json(),
             "history_json": json.dumps(record.machine.history),
             "traffic_json": json.dumps(record.traffic_json()),
+            "signals_json": json.dumps(record.signals),
             "aggregator": record.seams.aggregator.state_dict(),
             "optimizers": record.optimizers,
         }

@@ -42,7 +42,7 @@ class RunSeams:
 def seams_for(spec: RunSpec) -> RunSeams:
     """A fresh member of each seam for ``spec``."""
     return RunSeams(
-        participation=build_participation(spec.participation),
+        participation=build_participation(spec.participation, seed=spec.seed),
         local_work=build_local_work(spec.local_work),
         finetune=get_finetune(spec.finetune.mode),
         codec=get_codec(spec.communication.codec),

@@ -15,7 +15,10 @@ stays complete and true). The model and its stages come from the server's ``[mod
 
     [participation]        # which owners train in a round, in what order (server.training.participation)
     mode = "single"        # single: one owner | sequential: owners in turn | parallel: owners at once
-                           # (case = 1, 2 or 3 here or at the top is an alias of the three)
+                           # | sampled: a subset of the owners at once, drawn each round with the seed
+                           # (case = 1, 2 or 3 here or at the top is an alias of the first three)
+    fraction = 0.0         # sampled: share of the owners training each round, in (0, 1], rounded up (0: unset)
+    count = 0              # sampled: owners training each round, >= 1 (0: unset); set exactly one of the two
 
     [local_work]           # how much each owner trains in a round (server.training.local_work)
     mode = "steps"         # steps: a fixed number of optimizer steps
@@ -26,8 +29,13 @@ stays complete and true). The model and its stages come from the server's ``[mod
     seq_len = 128          # tokens per sequence, >= 2
     micro_batches = 1      # the owner's pipeline splits each batch into this many (batch_size is a multiple)
     optimizer = "adamw"    # every stage's optimizer, on the owners and the hosts (autograd_bridge.optim): adamw | sgd
-    lr = 1e-4              # learning rate of every stage
+    lr = 1e-4              # learning rate of every stage (the schedule's peak)
     method = "backprop"    # how an owner trains a step over its pipeline (autograd_bridge.methods)
+    schedule = "constant"  # learning rate over the whole run, continuing across rounds: constant | cosine
+    warmup_steps = 0       # linear warm-up over each owner's first steps of the run
+    schedule_steps = 0     # steps the schedule spans per owner (0: rounds x [local_work] steps)
+    min_lr = 0.0           # the schedule's floor, in [0, lr]
+    clip_norm = 0.0        # bound on the joint gradient norm of all stages of a pipeline (0: no clipping; Photon: 1.0)
 
     [finetune]             # what a stage trains and what travels (autograd_bridge.finetune)
     mode = "full"          # full: every weight | lora: adapters only
@@ -36,11 +44,12 @@ stays complete and true). The model and its stages come from the server's ``[mod
     targets = []           # module names to adapt (lora; empty: the model family's default)
 
     [aggregation]          # how each partition's copies merge after a turn (server.training.aggregation)
-    rule = "fedavg"        # fedavg | fedadam | fedyogi | fedadagrad (server optimizers need parallel participation)
-    server_lr = 0.01       # the server optimizer's step size (eta); unused by fedavg
-    server_beta1 = 0.9     # its first-moment decay, in [0, 1)
-    server_beta2 = 0.99    # its second-moment decay (fedadam, fedyogi), in [0, 1)
-    server_tau = 0.001     # its adaptivity, > 0: the step divides by sqrt(v) + tau, and v starts at tau^2
+    rule = "fedavg"        # fedavg | fedmom | fednesterov | fedadam | fedyogi | fedadagrad (all but fedavg at server_lr 1 need parallel participation)
+    server_lr = "auto"     # the server step size, a finite number > 0; "auto": the rule's own, fedavg 1.0 (plain averaging), fedmom and fednesterov 0.7, the others 0.01
+    server_momentum = 0.9  # momentum of fedmom and fednesterov, in [0, 1)
+    server_beta1 = 0.9     # first-moment decay of fedadam, fedyogi, fedadagrad, in [0, 1)
+    server_beta2 = 0.99    # second-moment decay of fedadam and fedyogi, in [0, 1)
+    server_tau = 0.001     # adaptivity of those three, > 0: the step divides by sqrt(v) + tau, and v starts at tau^2
 
     [communication]        # how tensors travel between the server and the clients
     codec = "dense"        # partition tensors and uploads (autograd_bridge.codecs)
@@ -49,11 +58,15 @@ stays complete and true). The model and its stages come from the server's ``[mod
     val_fraction = 0.1     # share of each owner's sequences held out, in (0, 1), so owners can report perplexity
     eval_batch_size = 8    # sequences per validation batch
 
-``fedavg`` takes the copies' average weighted by the owners' training samples; a server
-optimizer (Reddi et al. 2021) takes the round's starting state minus that average as a
-pseudo-gradient and makes one Adam, Yogi or Adagrad step with it, its moments kept across
-rounds (and in checkpoints). Single and sequential participation train one model in
-sequence, where the merge of one copy is that copy, so they take ``fedavg`` only.
+``fedavg`` takes the copies' average weighted by the owners' training samples. A server
+optimizer takes the round's starting state minus that average as a pseudo-gradient and
+makes one step with it: ``fedavg`` with a ``server_lr`` other than 1 a plain SGD step (Photon
+uses 0.7-1.0), ``fedmom`` and ``fednesterov`` an SGD step with heavy-ball or Nesterov momentum
+(DiLoCo: ``server_lr = 0.7``, ``server_momentum = 0.9``), ``fedadam``, ``fedyogi`` and
+``fedadagrad`` an Adam, Yogi or Adagrad step (Reddi et al. 2021; Photon's FedAdam is
+``server_lr = 0.1``, ``server_beta2 = 0.95``); moments are kept across rounds (and in
+checkpoints). Single and sequential participation train one model in sequence, where the
+merge of one copy is that copy, so they take ``fedavg`` at ``server_lr`` 1 only.
 
 Run files written before sections keep working: these flat keys at the top level are
 aliases of section keys (:data:`FLAT_KEYS`), and ``titanic-server runs start`` flags use
@@ -124,9 +137,18 @@ class ParticipationSection:
     """``[participation]``: which owners train in a round, and in what order."""
 
     mode: str = "single"  # a name in server.training.participation.PARTICIPATIONS
+    fraction: float = 0.0  # sampled: share of the owners that train each round, in (0, 1] (0: unset, count sizes it)
+    count: int = 0  # sampled: how many owners train each round, >= 1 (0: unset, fraction sizes it)
 
     def __post_init__(self) -> None:
         _check_member("[participation] mode", self.mode, PARTICIPATIONS)
+        if not (_is_number(self.fraction) and 0.0 <= self.fraction <= 1.0):
+            raise ValueError(
+                f"[participation] fraction must be a number in (0, 1], the share of the owners that train each round "
+                f"(e.g. 0.5), got {self.fraction!r}"
+            )
+        _check_count("[participation] ", "count", self.count, least=0)
+        PARTICIPATIONS[self.mode](self)  # the mode checks the settings it takes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,12 +171,18 @@ class TrainingSection:
     seq_len: int = 128  # tokens per sequence
     micro_batches: int = 1  # the owner's pipeline splits each batch into this many micro-batches
     optimizer: str = "adamw"  # every stage's optimizer, on the owners and the hosts (autograd_bridge.optim)
-    lr: float = 1e-4  # learning rate of every stage
+    lr: float = 1e-4  # learning rate of every stage (the schedule's peak)
     method: str = "backprop"  # the owner's training step (autograd_bridge.methods)
+    schedule: str = "constant"  # learning rate over the whole run, continuing across rounds (autograd_bridge.optim.SCHEDULES)
+    warmup_steps: int = 0  # linear warm-up over each owner's first steps of the run
+    schedule_steps: int = 0  # steps the schedule spans per owner; 0: rounds x [local_work] steps
+    min_lr: float = 0.0  # the schedule's floor, in [0, lr]
+    clip_norm: float = 0.0  # bound on the joint gradient norm of all stages of a pipeline; 0: no clipping
 
     def __post_init__(self) -> None:
         from autograd_bridge.methods import METHODS
-        from autograd_bridge.optim import OPTIMIZERS
+        from autograd_bridge.optim import OPTIMIZERS, SCHEDULES
+
 
         for name in ("batch_size", "micro_batches"):
             _check_count("[training] ", name, getattr(self, name))
@@ -167,6 +195,13 @@ class TrainingSection:
         _check_member("[training] method", self.method, METHODS)
         if self.batch_size % self.micro_batches:
             raise ValueError(f"[training] batch_size {self.batch_size} must be a multiple of micro_batches {self.micro_batches}")
+        _check_member("[training] schedule", self.schedule, SCHEDULES)
+        for name in ("warmup_steps", "schedule_steps"):
+            _check_count("[training] ", name, getattr(self, name), least=0)
+        if not (_is_number(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"[training] min_lr must be a number in [0, lr], got {self.min_lr!r}")
+        if not (_is_number(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm >= 0):
+            raise ValueError(f"[training] clip_norm must be a finite number >= 0 (0: no clipping), got {self.clip_norm!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,8 +230,11 @@ class AggregationSection:
     """``[aggregation]``: how each partition's copies merge after a turn."""
 
     rule: str = "fedavg"  # a name in server.training.aggregation.AGGREGATORS
-    server_lr: float = 1e-2  # server optimizer step size (eta in Reddi et al.); unused by fedavg
-    server_beta1: float = 0.9  # server optimizer first-moment decay, in [0, 1)
+    # Server step size; None ("auto" in a file): the rule's own default, fedavg 1.0 (plain
+    # averaging), fedmom and fednesterov 0.7, fedadam, fedyogi and fedadagrad 0.01.
+    server_lr: float | None = None
+    server_momentum: float = 0.9  # momentum of fedmom and fednesterov, in [0, 1)
+    server_beta1: float = 0.9  # first-moment decay of fedadam, fedyogi and fedadagrad, in [0, 1)
     server_beta2: float = 0.99  # second-moment decay of fedadam and fedyogi, in [0, 1)
     server_tau: float = 1e-3  # adaptivity, > 0: the step divides by sqrt(v) + tau, and v starts at tau^2
 
@@ -204,21 +242,40 @@ class AggregationSection:
         from server.training.aggregation import AGGREGATORS
 
         _check_member("[aggregation] rule: the aggregator", self.rule, AGGREGATORS)
-        for name in ("server_lr", "server_tau"):
-            value = getattr(self, name)
-            if not _is_number(value) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"[aggregation] {name} must be a finite number > 0, got {value!r}")
-        for name in ("server_beta1", "server_beta2"):
+        if self.server_lr == "auto":
+            object.__setattr__(self, "server_lr", None)  # frozen: normalise the file's spelling once
+        if self.server_lr is not None:
+            _check_positive("server_lr", self.server_lr, ' (or "auto": the rule\'s own)')
+        _check_positive("server_tau", self.server_tau)
+        for name in ("server_momentum", "server_beta1", "server_beta2"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"[aggregation] {name} must be a number in [0, 1) (0.9 and 0.99 are the usual), got {value!r}")
+                raise ValueError(
+                    f"[aggregation] {name} must be a number in [0, 1) (0.9, and 0.99 for beta2, are the usual), got {value!r}"
+                )
+
+    def settings(self) -> AggregationSettings:
+        """The aggregator's settings (its build() gives the aggregator)."""
+        from server.training.aggregation import AggregationSettings
+
+        return AggregationSettings(
+            kind=self.rule,
+            server_lr=None if self.server_lr is None else float(self.server_lr),
+            momentum=float(self.server_momentum),
+            beta1=float(self.server_beta1),
+            beta2=float(self.server_beta2),
+            tau=float(self.server_tau),
+        )
 
     @property
     def steps_from_start(self) -> bool:
         """Whether the rule is a server optimizer: it steps from the state the copies started from."""
-        from server.training.aggregation import AGGREGATORS
+        return self.settings().build().steps_from_start
 
-        return AGGREGATORS[self.rule].steps_from_start
+
+def _check_positive(name: str, value: object, hint: str = "") -> None:
+    if not _is_number(value) or not (math.isfinite(value) and value > 0):  # type: ignore[arg-type, operator]
+        raise ValueError(f"[aggregation] {name} must be a finite number > 0{hint}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -321,11 +378,11 @@ class RunSpec:
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name} must be a {kind.__name__} (the [{name}] section), got {getattr(self, name)!r}")
         if self.aggregation.steps_from_start and not PARTICIPATIONS[self.participation.mode](self.participation).parallel:
-            parallel = [name for name, make in PARTICIPATIONS.items() if make(ParticipationSection(mode=name)).parallel]
+            parallel = [name for name, mode in PARTICIPATIONS.items() if mode.parallel]
             raise ValueError(
                 f"aggregator {self.aggregation.rule!r} needs case = 3 ([participation] mode = "
                 f"{' or '.join(map(repr, parallel))}): participation {self.participation.mode!r} trains one model "
-                "in sequence, where the merge of one copy is that copy; use [aggregation] rule = 'fedavg', or owners in parallel"
+                "in sequence, where the merge of one copy is that copy; use [aggregation] rule = 'fedavg' at server_lr 1, or owners in parallel"
             )
 
     @property
@@ -435,16 +492,7 @@ def load_run_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) 
 
 def aggregation_settings(spec: RunSpec) -> AggregationSettings:
     """How the server merges each partition's copies in ``spec``'s run (build() gives the aggregator)."""
-    from server.training.aggregation import AggregationSettings
-
-    section = spec.aggregation
-    return AggregationSettings(
-        kind=section.rule,
-        server_lr=float(section.server_lr),
-        beta1=float(section.server_beta1),
-        beta2=float(section.server_beta2),
-        tau=float(section.server_tau),
-    )
+    return spec.aggregation.settings()
 
 
 def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
@@ -477,4 +525,9 @@ def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, mod
         eval_batch_size=evaluation.eval_batch_size,
         tokenizer=spec.tokenizer or model,
         method=training.method,
+        schedule=training.schedule,
+        warmup_steps=training.warmup_steps,
+        total_steps=training.schedule_steps or spec.rounds * spec.local_work.steps,
+        min_lr=float(training.min_lr),
+        clip_norm=float(training.clip_norm),
     )

@@ -51,6 +51,9 @@ class RunRecord:
     # Round -> client -> {"uploaded": bytes, "downloaded": bytes}: encoded sizes of the
     # uploads the server read and the LoadPartitions files it wrote (round 0: the snapshot).
     traffic: dict[int, dict[str, dict[str, int]]] = field(default_factory=dict)
+    # One entry per merge: round, pipelines, and per layer the update's and the model's norms
+    # (server.training.signals.layer_norms), Photon's divergence signals.
+    signals: list[dict[str, Any]] = field(default_factory=list)
 
     def count_bytes(self, round: int, client_id: str, direction: str, size: int) -> None:
         """Add ``size`` bytes ``direction`` ("uploaded" or "downloaded") to ``client_id``'s traffic in ``round``."""
@@ -83,6 +86,7 @@ class RunRecord:
             "history": list(m.history),
             "per_round": per_round(m.history),
             "traffic": self.traffic_json(),
+            "signals": list(self.signals),
             "checkpoints": list(self.checkpoints),
             "created_at": self.created_at,
             "spec": self.spec.to_json(),

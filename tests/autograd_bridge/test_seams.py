@@ -112,7 +112,7 @@ def test_backprop_is_the_pipeline_step_and_counts_bridge_bytes(load_tiny) -> Non
         pipeline = Pipeline(split.chain(), split.runtime)
         client = split.clients[1]
         before = (client.bytes_sent, client.bytes_received)
-        outcome = get_method("backprop").step(pipeline, batch, None, 0.0)
+        outcome = get_method("backprop").step(pipeline, batch, None, lr=0.0)
         # Activations (B, T, C) go out and their gradient comes back: at least one fp32 tensor each way.
         hidden = batch.input_ids.numel() * model.config.hidden_size * 4
         assert client.bytes_sent - before[0] >= 2 * hidden and client.bytes_received - before[1] >= 2 * hidden
@@ -127,3 +127,62 @@ def test_backprop_is_the_pipeline_step_and_counts_bridge_bytes(load_tiny) -> Non
     finally:
         other.close()
     assert abs(outcome.loss - want.loss) < 1e-6 and outcome.tokens == want.tokens
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clipping_across_hosts_equals_clipping_the_whole_model(load_tiny, max_norm) -> None:
+    """Joint clipping over local and hosted stages gives the weights of clip_grad_norm_ on the whole model (SGD)."""
+    from autograd_bridge.host import HostSettings
+    from autograd_bridge.partition import causal_lm_loss
+
+    model = load_tiny("llama")
+    batch = padded_batch(vocab_size=model.config.vocab_size, padding="right")
+    whole = type(model)(model.config)
+    whole.load_state_dict(model.state_dict())
+    split = memory_split(model, 3, host_settings=HostSettings(optimizer="sgd", lr=0.1))
+    try:
+        pipeline = Pipeline(split.chain(), split.runtime)
+        local = [p for s in (split.stages[0], split.stages[2]) for p in s.parameters()]
+        optimizer = build_optimizer("sgd", list({id(p): p for p in local}.values()), lr=0.1)
+        outcome = get_method("backprop").step(pipeline, batch, optimizer, lr=0.1, clip_norm=max_norm)
+        pipeline.close()
+        got = {n: p.detach().clone() for s in split.stages for n, p in s.named_model_parameters()}
+    finally:
+        split.close()
+    loss = causal_lm_loss(whole(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+    loss.backward()
+    want_norm = float(torch.nn.utils.clip_grad_norm_(whole.parameters(), max_norm))
+    torch.optim.SGD(whole.parameters(), lr=0.1).step()
+    assert outcome.grad_norm is not None and abs(outcome.grad_norm - want_norm) < 1e-5 * max(1.0, want_norm)
+    assert outcome.output_norm > 0
+    for name, p in whole.named_parameters():
+        assert torch.allclose(got[name], p.detach(), atol=1e-6, rtol=0), name
+
+
+def test_learning_rate_schedules_continue_across_rounds() -> None:
+    """Warm-up, then constant or cosine decay to the floor, by the step index of the whole run."""
+    from autograd_bridge.optim import lr_at
+
+    assert [lr_at("constant", s, lr=1.0, warmup_steps=4) for s in (0, 1, 3, 4, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = [lr_at("cosine", s, lr=1.0, warmup_steps=2, total_steps=12, min_lr=0.1) for s in (0, 1, 2, 7, 12, 20)]
+    # after warm-up: 0.1 + 0.9 * (1 + cos(pi * (s - 2) / 10)) / 2
+    assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
+    with pytest.raises(ValueError, match="schedule must be one of constant, cosine"):
+        lr_at("linear", 0, lr=1.0)
+
+
+@pytest.mark.parametrize("scale", ["2", "-0.5", "nan", "x"])
+def test_a_host_refuses_a_gradient_scale_that_is_not_a_clip(load_tiny, scale) -> None:
+    """grad_scale outside [0, 1] (or not a number) is a BAD_REQUEST, and the host keeps serving."""
+    from autograd_bridge.errors import RemoteStageError
+    from autograd_bridge.frames import MessageKind
+
+    split = memory_split(load_tiny("llama"), 3)
+    try:
+        client = split.clients[1]
+        with pytest.raises(RemoteStageError) as caught:
+            split.runtime.run(client.request(MessageKind.OPTIMIZER_STEP, options={"grad_scale": scale}))
+        assert caught.value.code == "BAD_REQUEST" and "grad_scale" in str(caught.value)
+        assert split.runtime.run(client.grad_sq_norm(0)) == 0.0  # no gradients yet, and still answering
+    finally:
+        split.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor
@@ -15,7 +17,10 @@ from server.training.aggregation import (
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedMom,
+    FedNesterov,
     FedYogi,
+    weighted_mean,
 )
 
 
@@ -263,3 +268,151 @@ def test_fedadam_merges_real_lora_adapter_states() -> None:
     assert not result.unexpected_keys  # type: ignore[attr-defined]
     after = get_peft_model_state_dict(peft_model)
     assert all(torch.equal(after[k], merged[k]) for k in merged)
+
+
+# --------------------------------------------------------------------------- outer optimizers (Photon, DiLoCo)
+
+# Every rule as a run would build it: (label, settings); fedavg's own default lr is 1.
+RULES = [
+    ("fedavg-lr1", AggregationSettings(kind="fedavg")),
+    ("fedavg-lr0.7", AggregationSettings(kind="fedavg", server_lr=0.7)),
+    ("fedmom", AggregationSettings(kind="fedmom")),
+    ("fednesterov", AggregationSettings(kind="fednesterov")),
+    ("fedadam", AggregationSettings(kind="fedadam")),
+    ("fedadam-photon", AggregationSettings(kind="fedadam", server_lr=0.1, beta1=0.9, beta2=0.95)),
+    ("fedyogi", AggregationSettings(kind="fedyogi")),
+    ("fedadagrad", AggregationSettings(kind="fedadagrad")),
+]
+
+
+@pytest.mark.parametrize("settings", [s for _, s in RULES], ids=[label for label, _ in RULES])
+def test_one_client_pulls_the_global_toward_its_copy(settings: AggregationSettings) -> None:
+    """With one client every rule moves each entry toward the client's copy, never away (Photon's FedAdam sign bug)."""
+    x0 = torch.tensor([0.0, 1.0, -2.0, 3.0])
+    copy = torch.tensor([0.5, 0.5, -1.0, 2.0])
+    out = settings.build().aggregate({"x": x0}, [_update({"x": copy}, 5)])["x"]
+    assert torch.equal(torch.sign(out - x0), torch.sign(copy - x0))
+    assert torch.all((out - copy).abs() < (x0 - copy).abs())
+
+
+def test_fedavg_at_lr_one_is_the_mean_and_ignores_the_starting_values() -> None:
+    """At lr 1 FedAvg is the weighted mean bit for bit, whatever values the global tensors hold (only names and dtypes count)."""
+    copies = [torch.tensor([0.1, 1e-8, 3.3], dtype=torch.float64), torch.tensor([0.7, -2.0, 1e8], dtype=torch.float64)]
+    updates = [_update({"w": c}, n) for c, n in zip(copies, (3, 4), strict=True)]
+    want = dict(weighted_mean({"w": copies[0]}, updates))["w"]
+    assert want is not None
+    for start in (copies[0], torch.full((3,), 1e30, dtype=torch.float64)):
+        server = FedAvg(lr=1.0)
+        assert torch.equal(server.aggregate({"w": start}, updates)["w"], want)
+    assert not FedAvg().steps_from_start and FedAvg(lr=0.7).steps_from_start
+
+
+def test_fedavg_with_a_server_lr_two_rounds_by_hand() -> None:
+    """x - lr (x - mean), lr 0.5, over two rounds of numbers worked out by hand."""
+    server = FedAvg(lr=0.5)
+    x0 = torch.tensor([1.0, -2.0])
+    # Round 1: mean of [3, 0] (x1) and [1, -4] (x3) = [6/4, -12/4] = [1.5, -3];
+    # Delta = x0 - mean = [-0.5, 1]; x1 = x0 - 0.5 Delta = [1.25, -2.5].
+    x1 = server.aggregate(
+        {"x": x0}, [_update({"x": torch.tensor([3.0, 0.0])}, 1), _update({"x": torch.tensor([1.0, -4.0])}, 3)]
+    )["x"]
+    assert torch.equal(x1, torch.tensor([1.25, -2.5]))
+    # Round 2: one copy [2.25, -0.5]; Delta = x1 - copy = [-1, -2]; x2 = x1 - 0.5 Delta = [1.25 + 0.5, -2.5 + 1] = [1.75, -1.5].
+    x2 = server.aggregate({"x": x1}, [_update({"x": torch.tensor([2.25, -0.5])}, 2)])["x"]
+    assert torch.equal(x2, torch.tensor([1.75, -1.5]))
+
+
+def test_fedmom_two_rounds_by_hand() -> None:
+    """m = mu m + Delta; x - lr m with lr 0.5, mu 0.5: the momentum keeps moving an entry whose copy did not."""
+    server = FedMom(lr=0.5, momentum=0.5)
+    x0 = torch.tensor([0.0, 4.0])
+    # Round 1: copy [2, 2]; Delta = [-2, 2]; m = [-2, 2]; x1 = x0 - 0.5 m = [1, 3].
+    x1 = server.aggregate({"x": x0}, [_update({"x": torch.tensor([2.0, 2.0])}, 1)])["x"]
+    assert torch.equal(x1, torch.tensor([1.0, 3.0]))
+    # Round 2: copy [1, 5]; Delta = x1 - copy = [0, -2]; m = 0.5 [-2, 2] + [0, -2] = [-1, -1];
+    # x2 = x1 - 0.5 m = [1.5, 3.5].
+    x2 = server.aggregate({"x": x1}, [_update({"x": torch.tensor([1.0, 5.0])}, 1)])["x"]
+    assert torch.equal(x2, torch.tensor([1.5, 3.5]))
+    assert torch.equal(server.state_dict()["m"]["x"], torch.tensor([-1.0, -1.0]))
+
+
+def test_fednesterov_two_rounds_by_hand() -> None:
+    """m = mu m + Delta; x - lr (Delta + mu m) with lr 0.5, mu 0.5."""
+    server = FedNesterov(lr=0.5, momentum=0.5)
+    x0 = torch.tensor([0.0, 4.0])
+    # Round 1: copy [2, 2]; Delta = [-2, 2]; m = [-2, 2]; Delta + 0.5 m = [-3, 3]; x1 = x0 - 0.5 [-3, 3] = [1.5, 2.5].
+    x1 = server.aggregate({"x": x0}, [_update({"x": torch.tensor([2.0, 2.0])}, 1)])["x"]
+    assert torch.equal(x1, torch.tensor([1.5, 2.5]))
+    # Round 2: copy [1.5, 4.5]; Delta = [0, -2]; m = 0.5 [-2, 2] + [0, -2] = [-1, -1];
+    # Delta + 0.5 m = [-0.5, -2.5]; x2 = x1 - 0.5 [-0.5, -2.5] = [1.75, 3.75].
+    x2 = server.aggregate({"x": x1}, [_update({"x": torch.tensor([1.5, 4.5])}, 1)])["x"]
+    assert torch.equal(x2, torch.tensor([1.75, 3.75]))
+
+
+@pytest.mark.parametrize(("rule", "nesterov"), [(FedNesterov, True), (FedMom, False)])
+def test_outer_sgd_is_torch_sgd_on_the_pseudo_gradient(rule: type[FedMom], nesterov: bool) -> None:
+    """Three rounds of DiLoCo's setting (lr 0.7, mu 0.9) equal torch.optim.SGD stepping with grad = x - mean."""
+    torch.manual_seed(0)
+    start = {"a": torch.randn(4, 3), "b": torch.randn(5)}
+    copies = [[{k: torch.randn_like(t) for k, t in start.items()} for _ in range(3)] for _ in range(3)]
+    counts = (2, 5, 1)
+    params = {k: torch.nn.Parameter(t.clone()) for k, t in start.items()}
+    reference = torch.optim.SGD(list(params.values()), lr=0.7, momentum=0.9, nesterov=nesterov)
+    server, state = rule(lr=0.7, momentum=0.9), dict(start)
+    for round_copies in copies:
+        updates = [_update(c, n) for c, n in zip(round_copies, counts, strict=True)]
+        for name, p in params.items():
+            mean = sum(n * c[name] for c, n in zip(round_copies, counts, strict=True)) / sum(counts)
+            p.grad = p.detach() - mean
+        reference.step()
+        state = server.aggregate(state, updates)
+    for name, p in params.items():
+        torch.testing.assert_close(state[name], p.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: FedMom(lr=0.5, momentum=0.8), lambda: FedNesterov()], ids=["fedmom", "fednesterov"])
+def test_outer_sgd_resumes_exactly_from_its_state_dict(make: object) -> None:
+    """Three rounds in one go equal one round, state_dict -> a fresh optimizer, then two rounds."""
+    assert callable(make)
+    start = {"a": torch.zeros(4, 2), "b": torch.ones(3)}
+    straight = _rounds(make(), dict(start), range(3))
+    first = make()
+    middle = _rounds(first, dict(start), range(1))
+    saved = first.state_dict()
+    assert set(saved) == {"kind", "lr", "momentum", "rounds", "m"}
+    assert all(isinstance(saved[key], float) for key in ("lr", "momentum")) and saved["rounds"] == 1
+    assert set(saved["m"]) == set(start) and all(t.dtype == torch.float32 for t in saved["m"].values())
+    resumed_server = make()
+    resumed_server.load_state_dict(saved)
+    resumed = _rounds(resumed_server, middle, range(1, 3))
+    for name in start:
+        assert torch.equal(resumed[name], straight[name])
+    assert resumed_server.state_dict()["rounds"] == 3
+
+
+def test_outer_sgd_refuses_foreign_or_mismatched_state() -> None:
+    """FedMom refuses FedNesterov's state, a state without moments, and moments of another shape."""
+    with pytest.raises(ValueError, match="'fednesterov'"):
+        FedMom().load_state_dict(FedNesterov().state_dict())
+    with pytest.raises(ValueError, match="needs 'm' dicts"):
+        FedMom().load_state_dict({"kind": "fedmom"})
+    server = FedNesterov()
+    server.load_state_dict({"kind": "fednesterov", "m": {"x": torch.zeros(3)}, "rounds": 4})
+    with pytest.raises(ValueError, match=r"saved moments of 'x' have shape \(3,\)"):
+        server.aggregate({"x": torch.zeros(2)}, [_update({"x": torch.ones(2)}, 1)])
+    assert server.rounds == 4
+
+
+def test_settings_resolve_each_rules_own_server_lr() -> None:
+    """Unset server_lr is the rule's default (fedavg 1, fedmom and fednesterov 0.7, adaptive 0.01); momentum is checked."""
+    built: dict[str, Any] = {k: AggregationSettings(kind=k).build() for k in ("fedavg", "fedmom", "fednesterov", "fedadam")}
+    assert [b.lr for b in built.values()] == [1.0, 0.7, 0.7, 0.01]
+    assert isinstance(built["fednesterov"], FedNesterov) and built["fednesterov"].momentum == 0.9
+    assert [b.steps_from_start for b in built.values()] == [False, True, True, True]
+    mom = AggregationSettings(kind="fedmom", server_lr=0.3, momentum=0.5).build()
+    assert isinstance(mom, FedMom) and (mom.lr, mom.momentum) == (0.3, 0.5) and isinstance(mom, Aggregator)
+    for momentum in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"fednesterov: momentum must be in \[0, 1\)"):
+            AggregationSettings(kind="fednesterov", momentum=momentum).build()
+    with pytest.raises(ValueError, match="fedavg: lr must be a finite number > 0"):
+        AggregationSettings(kind="fedavg", server_lr=0.0).build()

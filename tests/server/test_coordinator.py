@@ -55,12 +55,12 @@ def coordinator(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> Coo
     return make_coordinator(handler, model_dir, tmp_path, stages=3)
 
 
-def join(handler: ControlHandler, name: str, flops: float, *, owner: bool = False) -> str:
-    """Register a ready client with the given speed; returns its session token."""
+def join(handler: ControlHandler, name: str, flops: float, *, owner: bool = False, memory: int = 8 << 30) -> str:
+    """Register a ready client with the given speed (and memory); returns its session token."""
     result = handler.register(registration(name, owner=owner))
     client = handler.authenticate(result.session_token)
     profile = DeviceProfile(
-        flops_per_s=flops, memory_bytes=8 << 30, upload_bytes_per_s=1e8, download_bytes_per_s=1e8, rtt_s=0.001
+        flops_per_s=flops, memory_bytes=memory, upload_bytes_per_s=1e8, download_bytes_per_s=1e8, rtt_s=0.001
     )
     handler.report_profile(client, profile)
     return result.session_token
@@ -300,3 +300,98 @@ async def test_each_owner_alone_runs_its_own_whole_model(
         report(handler, token, RunStatus(run_id=runs[name], partitions=(0,), state=RunState.CONNECTED))
     current = handler.state.get_deployment()
     assert current is not None and current.state == "connected" and current.connected == ("a", "b")
+
+
+# ------------------------------------------------- mixed plans: alone beside split pipelines
+
+SMALL_MEMORY = 100_000_000  # the tiny model's embedding, head and a block, not all four blocks (222 MB)
+
+
+async def join_big_and_small(handler: ControlHandler) -> dict[str, str]:
+    """A fast owner that holds the whole model, an owner too small for it, and two helpers (one each)."""
+    return {
+        "big": join(handler, "big", 5e10, owner=True),
+        "small": join(handler, "small", 1e10, owner=True, memory=SMALL_MEMORY),
+        "helper": join(handler, "helper", 5e10),
+        "helper2": join(handler, "helper2", 1e10),
+    }
+
+
+async def test_mixed_plan_sends_each_owner_its_own_pipeline(
+    handler: ControlHandler, model_dir: Path, tmp_path: Path
+) -> None:
+    """The big owner hosts one local partition and connects at once; the small one's partitions span three stages."""
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=None)
+    await join_big_and_small(handler)
+    deployment = await coordinator.replan()
+    assert deployment.error == "" and deployment.owners == ("big", "small")
+    by_owner = {o: [r for r in deployment.rows if r.owner_id == o] for o in ("big", "small")}
+    assert [(r.partition, r.layer_start, r.layer_end, r.client_id) for r in by_owner["big"]] == [(0, 0, 4, "big")]
+    small = by_owner["small"]
+    assert [r.partition for r in small] == [0, 1, 2] and [r.client_id for r in small] == ["small", "helper", "small"]
+    assert small[0].layer_start == 0 and small[-1].layer_end == 4 and sum(r.blocks for r in small) == 4
+    assert deployment.summary["stages"] == {"big": 1, "small": 3} and deployment.summary["num_stages"] == 3
+    big_host, big_connect = bodies(handler, "big")
+    assert isinstance(big_host, HostRun) and isinstance(big_connect, ConnectPeers) and big_connect.peers == ()
+    assert [(p.index, p.num_stages, p.layer_start, p.layer_end, p.local) for p in big_host.partitions] == [(0, 1, 0, 4, True)]
+    (small_host,) = bodies(handler, "small")
+    (helper_host,) = bodies(handler, "helper")
+    assert isinstance(small_host, HostRun) and isinstance(helper_host, HostRun)
+    assert small_host.run_id == helper_host.run_id == small[0].run_id != big_host.run_id
+    assert [(p.index, p.num_stages, p.local) for p in small_host.partitions] == [(0, 3, True), (2, 3, True)]
+    assert [(p.index, p.num_stages, p.local) for p in helper_host.partitions] == [(1, 3, False)]
+    assert [a.client_id for a in helper_host.allowed_peers] == ["small"]
+    assert bodies(handler, "helper2") == []  # the slower helper is not needed
+
+
+async def test_mixed_plan_connects_once_the_split_pipeline_is_served(
+    handler: ControlHandler, model_dir: Path, tmp_path: Path
+) -> None:
+    """The small owner gets its peer when the helper serves; the plan is connected when both owners are."""
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=None)
+    tokens = await join_big_and_small(handler)
+    deployment = await coordinator.replan()
+    assert deployment.state == "planned"  # the split pipeline's host does not serve yet
+    runs = {r.owner_id: r.run_id for r in deployment.rows}
+    report(handler, tokens["big"], RunStatus(run_id=runs["big"], partitions=(0,), state=RunState.CONNECTED))
+    current = handler.state.get_deployment()
+    assert current is not None and current.state == "planned" and current.connected == ("big",)
+    report(
+        handler,
+        tokens["helper"],
+        RunStatus(run_id=runs["small"], partitions=(1,), state=RunState.SERVING, bridge_url="ws://127.0.0.1:9"),
+    )
+    connect = bodies(handler, "small")[-1]
+    assert isinstance(connect, ConnectPeers) and connect.run_id == runs["small"]
+    assert [(p.partition, p.client_id) for p in connect.peers] == [(1, "helper")]
+    report(handler, tokens["small"], RunStatus(run_id=runs["small"], partitions=(0, 2), state=RunState.CONNECTED))
+    current = handler.state.get_deployment()
+    assert current is not None and current.state == "connected" and current.connected == ("big", "small")
+
+
+async def test_mixed_plan_table_shows_each_pipeline(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> None:
+    """``titanic-server plan`` lists the alone pipeline's one row, the split one's three, and each owner's stages."""
+    from server.observe.admin import deployment_json
+    from server.observe.tables import plan_table
+
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=None)
+    await join_big_and_small(handler)
+    deployment = await coordinator.replan()
+    lines = plan_table(deployment_json(deployment)).splitlines()
+    assert len(lines) == 3 + 4 + 1  # head, column names, rule; four partitions; facts
+    assert "big (owner)" in lines[3] and "0-3" in lines[3] and "alone is at least as fast" in lines[3]
+    assert "small (owner)" in lines[4] and "cannot hold the whole model" in lines[4]
+    assert "helper" in lines[5]
+    assert "stages={big: 1, small: 3}" in lines[-1] and "num_stages=3" in lines[-1]
+
+
+async def test_fixed_stages_cut_both_owners_alike(handler: ControlHandler, model_dir: Path, tmp_path: Path) -> None:
+    """With ``stages = 3`` the owner that could train alone gets three stages too, and both share the helpers."""
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=3)
+    await join_big_and_small(handler)
+    deployment = await coordinator.replan()
+    assert deployment.error == "" and deployment.summary["stages"] == {"big": 3, "small": 3}
+    for owner in ("big", "small"):
+        rows = [r for r in deployment.rows if r.owner_id == owner]
+        assert [r.partition for r in rows] == [0, 1, 2] and rows[0].client_id == rows[-1].client_id == owner
+    assert sorted(r.client_id for r in deployment.rows if not r.local) == ["helper", "helper2"]

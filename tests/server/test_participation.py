@@ -7,7 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.training.participation import PARTICIPATIONS, Parallel, Sequential, Single, build_participation
+from server.training.participation import (
+    PARTICIPATIONS,
+    Parallel,
+    Sampled,
+    Sequential,
+    Single,
+    build_participation,
+)
 from server.training.rounds import PipelineInfo, RoundMachine, SendTrain
 from server.training.seams import seams_for
 from server.training.spec import ParticipationSection, spec_from_mapping
@@ -35,9 +42,14 @@ def test_parallel_trains_every_pipeline_in_one_turn() -> None:
 
 def test_only_parallel_merges_copies_and_keeps_optimizers_per_owner() -> None:
     """The two facts the run manager reads: whether copies merge, whether the optimizer state travels."""
-    facts = {name: (make(ParticipationSection(mode=name)).parallel, make(ParticipationSection(mode=name)).shared_optimizer)
-             for name, make in PARTICIPATIONS.items()}  # fmt: skip
-    assert facts == {"single": (False, True), "sequential": (False, True), "parallel": (True, False)}
+    facts = {name: (mode.parallel, mode.shared_optimizer) for name, mode in PARTICIPATIONS.items()}
+    assert facts == {
+        "single": (False, True), "sequential": (False, True), "parallel": (True, False), "sampled": (True, False)
+    }  # fmt: skip
+    built = {name: build_participation(ParticipationSection(mode=name)) for name in ("single", "sequential", "parallel")}
+    assert {name: (mode.parallel, mode.shared_optimizer) for name, mode in built.items()} == {
+        name: facts[name] for name in built
+    }
 
 
 class Reverse:
@@ -47,7 +59,7 @@ class Reverse:
     parallel = False
     shared_optimizer = True
 
-    def __init__(self, settings: ParticipationSection) -> None:
+    def __init__(self, settings: ParticipationSection, *, seed: int = 0) -> None:
         pass
 
     def check_owners(self, owners: Sequence[str]) -> None:
@@ -74,3 +86,12 @@ def test_unknown_modes_name_the_known_ones() -> None:
     """build_participation refuses a name not in the registry."""
     with pytest.raises(ValueError, match="single, sequential, parallel"):
         build_participation(SimpleNamespace(mode="everyone"))  # type: ignore[arg-type]  # past the section's own check
+
+
+def test_sampled_is_chosen_by_name_and_draws_with_the_runs_seed() -> None:
+    """A run file's ``[participation] mode = "sampled"`` builds the member with the run's top-level seed."""
+    spec = spec_from_mapping({"seed": 11, "participation": {"mode": "sampled", "fraction": 0.5}})
+    participation = seams_for(spec).participation
+    assert isinstance(participation, Sampled) and participation.seed == 11
+    reference = Sampled(ParticipationSection(mode="sampled", fraction=0.5), seed=11)
+    assert [participation.turns(r, RUNS) for r in range(1, 6)] == [reference.turns(r, RUNS) for r in range(1, 6)]

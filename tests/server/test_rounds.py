@@ -1,8 +1,8 @@
-"""The round state machine with each participation mode (cases 1, 2 and 3), driven without any I/O."""
+"""The round state machine with each participation mode (cases 1, 2 and 3, and sampled), driven without any I/O."""
 
 from __future__ import annotations
 
-from server.training.participation import Parallel, Sequential
+from server.training.participation import Parallel, Sampled, Sequential
 from server.training.rounds import (
     Merge,
     Phase,
@@ -14,6 +14,7 @@ from server.training.rounds import (
     SendUpload,
     Snapshot,
 )
+from server.training.spec import ParticipationSection
 
 P0 = PipelineInfo(owner="a", holders={"a": (0, 2), "h": (1,)})
 P1 = PipelineInfo(owner="b", holders={"b": (0, 2), "h": (1,)})
@@ -218,3 +219,112 @@ def test_a_one_stage_pipeline_alone_never_loads() -> None:
     prepared(machine, {"p0": PipelineInfo(owner="a", holders={"a": (0,)})})
     assert finish_turn(machine, ["p0"]) == [Merge(round=1, bridge_runs=("p0",), weights={"p0": 30}, checkpoint=True)]
     assert machine.merged() == [SendTrain(client_id="a", bridge_run="p0", round=2)]
+
+
+# -- sampled participation -----------------------------------------------------------------
+
+FOUR = {f"p{i}": PipelineInfo(owner=f"o{i}", holders={f"o{i}": (0,), f"h{i}": (1,)}) for i in range(4)}
+SAMPLES = {"p0": 10, "p1": 20, "p2": 30, "p3": 40}
+
+
+def drive(machine: RoundMachine, pipelines: dict[str, PipelineInfo]) -> list[object]:
+    """Answer every action as the clients and the server would, until the run ends; every action, in order."""
+    log: list[object] = []
+    queue: list[object] = list(machine.pipelines_ready(pipelines))
+    while queue:
+        action = queue.pop(0)
+        log.append(action)
+        if isinstance(action, SendTrain):
+            queue += machine.train_done(action.bridge_run, {**METRICS, "data_samples": SAMPLES[action.bridge_run]})
+        elif isinstance(action, (Merge, Snapshot)):
+            queue += machine.merged()
+        else:
+            assert isinstance(action, (SendPrepare, SendLoad, SendUpload))
+            queue += machine.command_done(action.bridge_run, action.client_id)
+    assert machine.phase == Phase.DONE
+    return log
+
+
+def by_round(log: list[object]) -> dict[int, list[object]]:
+    """The actions of each round, from its first SendLoad or SendTrain to its Merge (a load opens the round it precedes)."""
+    rounds: dict[int, list[object]] = {}
+    pending: list[object] = []
+    for action in log:
+        if isinstance(action, SendLoad):
+            pending.append(action)
+        elif isinstance(action, (SendTrain, SendUpload, Merge)) and action.round > 0:
+            rounds.setdefault(action.round, []).extend(pending)
+            pending = []
+            rounds[action.round].append(action)
+    return rounds
+
+
+def test_sampled_trains_merges_and_loads_only_the_drawn_owners() -> None:
+    """Half of four owners over 3 rounds: Train, Upload and Merge name the drawn pipelines only, weighted by their samples;
+    a pipeline that sat a round out loads the global state before it trains again."""
+    mode = Sampled(ParticipationSection(mode="sampled", fraction=0.5), seed=0)
+    drawn = {r: mode.turns(r, list(FOUR))[0] for r in (1, 2, 3)}
+    assert drawn == {1: ("p0", "p2"), 2: ("p1", "p3"), 3: ("p0", "p2")}  # p1 and p3 sit round 1 out, p0 and p2 round 2
+    machine = RoundMachine(rounds=3, participation=mode)
+    rounds = by_round(drive(machine, FOUR))
+    for r, actions in rounds.items():
+        trained = [a.bridge_run for a in actions if isinstance(a, SendTrain)]
+        assert trained == list(drawn[r])
+        assert [a.client_id for a in actions if isinstance(a, SendTrain)] == [FOUR[run].owner for run in drawn[r]]
+        assert {a.bridge_run for a in actions if isinstance(a, (SendUpload, SendLoad))} <= set(drawn[r])
+        merges = [a for a in actions if isinstance(a, Merge)]
+        weights = {run: SAMPLES[run] for run in drawn[r]}
+        assert merges == [Merge(round=r, bridge_runs=drawn[r], weights=weights, checkpoint=True)]
+    # Round 1 starts from the state every pipeline holds; later rounds load first, each holder of each drawn pipeline.
+    assert not any(isinstance(a, SendLoad) for a in rounds[1])
+    for r in (2, 3):
+        loads = [a for a in rounds[r] if isinstance(a, SendLoad)]
+        assert {(a.bridge_run, a.client_id) for a in loads} == {(run, c) for run in drawn[r] for c in FOUR[run].holders}
+        first_train = next(i for i, a in enumerate(rounds[r]) if isinstance(a, SendTrain))
+        assert all(isinstance(a, SendLoad) for a in rounds[r][:first_train]) and len(loads) == first_train
+    assert [(h["round"], h["owner"]) for h in machine.history] == [
+        (1, "o0"), (1, "o2"), (2, "o1"), (2, "o3"), (3, "o0"), (3, "o2")
+    ]
+
+
+def test_a_drawn_pipeline_that_merged_alone_trains_on_without_loading_with_fedavg() -> None:
+    """One owner a round, FedAvg: the one that trained the last round holds the global state; the other loads it."""
+    mode = Sampled(ParticipationSection(mode="sampled", count=1), seed=5)
+    assert [mode.turns(r, ["p0", "p1"])[0] for r in (1, 2, 3)] == [("p0",), ("p0",), ("p1",)]
+    rounds = by_round(drive(RoundMachine(rounds=3, participation=mode), {"p0": FOUR["p0"], "p1": FOUR["p1"]}))
+    assert not any(isinstance(a, SendLoad) for a in rounds[1] + rounds[2])
+    assert [a for a in rounds[3] if isinstance(a, SendLoad)] == [
+        SendLoad(client_id="h1", bridge_run="p1", partitions=(1,)),
+        SendLoad(client_id="o1", bridge_run="p1", partitions=(0,)),
+    ]
+
+
+def test_a_server_optimizer_step_from_one_copy_is_loaded_by_that_copys_pipeline() -> None:
+    """With a server optimizer the merge of one copy is a step from the round's start, not the copy: it is loaded too."""
+    mode = Sampled(ParticipationSection(mode="sampled", count=1), seed=5)
+    log = drive(RoundMachine(rounds=3, participation=mode, snapshot_first=True), {"p0": FOUR["p0"], "p1": FOUR["p1"]})
+    rounds = by_round(log)
+    assert not any(isinstance(a, SendLoad) for a in rounds[1])
+    assert {a.bridge_run for a in rounds[2] if isinstance(a, SendLoad)} == {"p0"}  # p0 trained round 1 alone, and loads
+    assert {a.bridge_run for a in rounds[3] if isinstance(a, SendLoad)} == {"p1"}
+
+
+def test_the_snapshot_comes_from_the_first_pipeline_even_when_it_is_not_drawn() -> None:
+    """A server optimizer's round 0 is uploaded by the first pipeline; round 1 then trains the drawn one without loading."""
+    mode = Sampled(ParticipationSection(mode="sampled", count=1), seed=1)
+    assert mode.turns(1, ["p0", "p1"]) == [("p1",)]
+    log = drive(RoundMachine(rounds=1, participation=mode, snapshot_first=True), {"p0": FOUR["p0"], "p1": FOUR["p1"]})
+    after_prepare = [a for a in log if not isinstance(a, SendPrepare)]
+    assert after_prepare[:4] == [
+        SendUpload(client_id="h0", bridge_run="p0", partitions=(1,), round=0),
+        SendUpload(client_id="o0", bridge_run="p0", partitions=(0,), round=0),
+        Snapshot(round=0, bridge_run="p0"),
+        SendTrain(client_id="o1", bridge_run="p1", round=1),
+    ]
+    assert log[-1] == Merge(round=1, bridge_runs=("p1",), weights={"p1": 20}, checkpoint=True)
+
+
+def test_a_single_pipeline_merged_by_a_server_optimizer_loads_before_each_round() -> None:
+    """Parallel with one owner and a server optimizer: its copy was stepped from, so round 2 starts with a load."""
+    rounds = by_round(drive(RoundMachine(rounds=2, participation=Parallel(), snapshot_first=True), {"p0": FOUR["p0"]}))
+    assert {a.bridge_run for a in rounds[2] if isinstance(a, SendLoad)} == {"p0"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,7 +154,7 @@ def test_to_json_is_sections_and_reads_back() -> None:
     )
     shown = spec.to_json()
     assert shown["finetune"] == {"mode": "lora", "r": 2, "alpha": 16, "targets": ["q_proj", "v_proj"]}
-    assert shown["owners"] == ["a", "b"] and shown["participation"] == {"mode": "parallel"}
+    assert shown["owners"] == ["a", "b"] and shown["participation"] == {"mode": "parallel", "fraction": 0.0, "count": 0}
     assert spec_from_mapping(shown) == spec
 
 
@@ -171,3 +172,127 @@ def test_prepare_commands_carry_the_chosen_members() -> None:
 def test_the_repository_run_files_load(path: str) -> None:
     """The run files shipped in the repository are valid."""
     load_run_spec(REPO / path)
+
+
+# ------------------------------------------------------------------------------ [aggregation]: outer optimizers
+
+
+def _built(aggregation: dict[str, object]) -> Any:
+    """The aggregator a parallel run with this [aggregation] table builds (Any: each rule has its own fields)."""
+    return spec_from_mapping({"case": 3, "aggregation": aggregation}).aggregation.settings().build()
+
+
+def test_an_unset_server_lr_is_the_rules_own() -> None:
+    """Without server_lr (or with "auto") fedavg is plain averaging, fedmom/fednesterov take 0.7 and the adaptive rules 0.01."""
+    from server.training.aggregation import FedAvg
+
+    plain = spec_from_mapping({"aggregation": {"rule": "fedavg"}})
+    assert plain.aggregation.server_lr is None and not plain.server_optimizer
+    built = plain.aggregation.settings().build()
+    assert isinstance(built, FedAvg) and built.lr == 1.0
+    assert spec_from_mapping({"aggregation": {"server_lr": "auto"}}) == plain == RunSpec()
+    rules = ("fedavg", "fedmom", "fednesterov", "fedadam", "fedyogi", "fedadagrad")
+    lrs = {rule: _built({"rule": rule}).lr for rule in rules}
+    assert lrs == {"fedavg": 1.0, "fedmom": 0.7, "fednesterov": 0.7, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.01}
+
+
+def test_run_files_express_diloco_and_photon() -> None:
+    """DiLoCo's outer Nesterov (lr 0.7, mu 0.9) is fednesterov's default; Photon's FedAdam (lr 0.1, betas 0.9/0.95) is three keys."""
+    from server.training.aggregation import FedAdam, FedMom, FedNesterov
+
+    diloco = _built({"rule": "fednesterov"})
+    assert isinstance(diloco, FedNesterov) and (diloco.lr, diloco.momentum) == (0.7, 0.9)
+    photon = spec_from_mapping(tomllib.loads(
+        'case = 3\n[aggregation]\nrule = "fedadam"\nserver_lr = 0.1\nserver_beta1 = 0.9\nserver_beta2 = 0.95\n'
+    )).aggregation.settings().build()
+    assert isinstance(photon, FedAdam) and (photon.lr, photon.beta1, photon.beta2) == (0.1, 0.9, 0.95)
+    mom = _built({"rule": "fedmom", "server_lr": 1, "server_momentum": 0})
+    assert isinstance(mom, FedMom) and (mom.lr, mom.momentum) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "aggregation",
+    [{"rule": "fedmom"}, {"rule": "fednesterov"}, {"rule": "fedadam"}, {"rule": "fedavg", "server_lr": 0.7}],
+)
+def test_rules_that_step_from_the_start_need_parallel_owners(aggregation: dict[str, object]) -> None:
+    """Every rule that steps from the round's starting state (fedavg too at server_lr != 1) is refused in sequence."""
+    assert spec_from_mapping({"case": 3, "aggregation": aggregation}).server_optimizer
+    for mode in ("single", "sequential"):
+        with pytest.raises(ValueError, match=rf"aggregator '{aggregation['rule']}' needs case = 3"):
+            spec_from_mapping({"participation": {"mode": mode}, "aggregation": aggregation})
+
+
+def test_fedavg_at_server_lr_one_works_in_sequence() -> None:
+    """An explicit server_lr = 1 is today's fedavg: no starting state needed, any participation."""
+    spec = spec_from_mapping({"case": 2, "aggregation": {"rule": "fedavg", "server_lr": 1}})
+    assert not spec.server_optimizer and spec.aggregation.server_lr == 1
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "message"),
+    [
+        ({"rule": "fedsgd"}, r"\[aggregation\] rule: the aggregator must be one of fedavg, .*fedmom, fednesterov"),
+        ({"server_momentum": 1.0}, r"\[aggregation\] server_momentum must be a number in \[0, 1\)"),
+        ({"server_momentum": -0.1}, r"\[aggregation\] server_momentum must be a number in \[0, 1\)"),
+        ({"server_momentum": True}, r"\[aggregation\] server_momentum must be a number in \[0, 1\)"),
+        ({"server_lr": 0}, r"\[aggregation\] server_lr must be a finite number > 0 \(or \"auto\""),
+        ({"server_lr": -0.5}, r"\[aggregation\] server_lr must be a finite number > 0"),
+        ({"server_lr": float("inf")}, r"\[aggregation\] server_lr must be a finite number > 0"),
+        ({"server_lr": float("nan")}, r"\[aggregation\] server_lr must be a finite number > 0"),
+        ({"server_lr": "fast"}, r"\[aggregation\] server_lr must be a finite number > 0"),
+    ],
+)
+def test_the_aggregation_section_checks_rule_momentum_and_lr(aggregation: dict[str, object], message: str) -> None:
+    """Unknown rules, a momentum outside [0, 1) and a server_lr that is not a finite positive number are refused."""
+    with pytest.raises(ValueError, match=message):
+        spec_from_mapping({"case": 3, "aggregation": aggregation})
+
+
+@pytest.mark.parametrize(
+    "aggregation",
+    [AggregationSection(), AggregationSection(rule="fednesterov", server_lr=0.5, server_momentum=0.8)],
+)
+def test_aggregation_keys_survive_json(aggregation: AggregationSection) -> None:
+    """to_json writes server_lr (null when it is the rule's own) and server_momentum, and reads them back."""
+    spec = RunSpec(participation=ParticipationSection(mode="parallel"), aggregation=aggregation)
+    shown = spec.to_json()["aggregation"]
+    assert (shown["server_lr"], shown["server_momentum"]) == (aggregation.server_lr, aggregation.server_momentum)
+    assert spec_from_mapping(spec.to_json()) == spec
+
+
+def test_a_sampled_participation_reads_its_size_and_survives_json() -> None:
+    """``[participation] mode = "sampled"`` with a fraction or a count is read into the section, and to_json keeps it."""
+    by_share = spec_from_mapping(tomllib.loads('seed = 4\n[participation]\nmode = "sampled"\nfraction = 0.5\n'))
+    assert by_share.participation == ParticipationSection(mode="sampled", fraction=0.5) and by_share.seed == 4
+    by_count = spec_from_mapping(tomllib.loads('[participation]\nmode = "sampled"\ncount = 2\n[aggregation]\nrule = "fedadam"'))
+    assert by_count.participation == ParticipationSection(mode="sampled", count=2)
+    for spec in (by_share, by_count):
+        assert spec_from_mapping(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("participation", "message"),
+    [
+        ({"mode": "sampled"}, r"\[participation\] mode 'sampled' needs exactly one of fraction and count, neither is set"),
+        ({"mode": "sampled", "fraction": 0.5, "count": 2}, r"exactly one of fraction and count, both are set"),
+        ({"mode": "sampled", "fraction": 1.5}, r"\[participation\] fraction must be a number in \(0, 1\].*e\.g\. 0\.5"),
+        ({"mode": "sampled", "fraction": -0.5}, r"\[participation\] fraction must be a number in \(0, 1\]"),
+        ({"mode": "sampled", "fraction": True}, r"\[participation\] fraction must be a number"),
+        ({"mode": "sampled", "count": -1}, r"\[participation\] count must be an integer >= 0"),
+        ({"mode": "sampled", "count": 1.5}, r"\[participation\] count must be an integer"),
+        ({"mode": "parallel", "fraction": 0.5}, r"fraction and count size the subset mode 'sampled' draws.*mode 'parallel'"),
+        ({"mode": "single", "count": 1}, r"mode 'single' draws none: remove them, or set mode = 'sampled'"),
+        ({"case": 2, "fraction": 0.5}, r"mode 'sequential' draws none"),
+    ],
+)
+def test_the_sampled_settings_are_checked(participation: dict[str, object], message: str) -> None:
+    """Exactly one of fraction in (0, 1] and count >= 1, and only with mode "sampled"; each refusal says what to set."""
+    with pytest.raises(ValueError, match=message):
+        spec_from_mapping({"participation": participation})
+
+
+def test_sampled_participation_takes_server_optimizers() -> None:
+    """Sampled owners train copies in parallel, so a server optimizer may merge them; the refusal for others names it."""
+    spec_from_mapping({"participation": {"mode": "sampled", "count": 1}, "aggregation": {"rule": "fedadam"}})
+    with pytest.raises(ValueError, match=r"\[participation\] mode = 'parallel' or 'sampled'\)"):
+        spec_from_mapping({"participation": {"mode": "sequential"}, "aggregation": {"rule": "fedadam"}})

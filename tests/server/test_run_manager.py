@@ -39,6 +39,7 @@ from proto.messages import (
 from server.control.handler import ControlHandler
 from server.control.state import Deployment, PlanRow, StoredUpload
 from server.training.checkpoints import CheckpointStore
+from server.training.participation import build_participation
 from server.training.rounds import Phase
 from server.training.run_manager import RunManager
 from server.training.spec import spec_from_mapping
@@ -237,3 +238,31 @@ async def test_a_round_report_with_other_steps_than_asked_fails_the_run(handler:
         patch.setattr(Clients, "answer", short)
         record, _ = await run(handler, model, tmp_path, {"case": 1, "owners": ["carol"], "rounds": 1, "steps_per_round": 3})
     assert record.machine.phase == Phase.FAILED and "2 step(s), 3 were asked" in record.machine.error
+
+
+async def test_sampled_owners_train_alone_and_the_one_that_sat_out_loads_first(
+    handler: ControlHandler, model: Any, tmp_path: Path
+) -> None:
+    """Half of two owners a round: only the drawn owner trains, uploads and is in the history; the other loads the global
+    state before its next round, and each merge is the one copy that trained."""
+    values = {"participation": {"mode": "sampled", "fraction": 0.5}, "rounds": 3, "steps_per_round": 1, "seed": 0}
+    mode = build_participation(spec_from_mapping(values).participation, seed=0)
+    drawn = [mode.turns(r, ["plan-1-p0", "plan-1-p1"]) for r in (1, 2, 3)]
+    assert drawn == [[("plan-1-p0",)], [("plan-1-p1",)], [("plan-1-p0",)]]
+    record, clients = await run(handler, model, tmp_path, values)
+    assert record.machine.phase == Phase.DONE, record.machine.error
+    trains = [(b.run_id, b.round) for _, b in clients.sent if isinstance(b, Train)]
+    assert trains == [("plan-1-p0", 1), ("plan-1-p1", 2), ("plan-1-p0", 3)]
+    uploads = {(b.run_id, b.round) for _, b in clients.sent if isinstance(b, Upload)}
+    assert uploads == {("plan-1-p0", 1), ("plan-1-p1", 2), ("plan-1-p0", 3)}
+    assert [(h["round"], h["owner"]) for h in record.machine.history] == [(1, "alice"), (2, "carol"), (3, "alice")]
+    # Carol sat round 1 out and alice round 2: each loads before training again; alice, who merged alone, never
+    # loads between rounds 1 and 2.
+    assert {(run, round) for run, _, round in clients.loaded} == {("plan-1-p1", 2), ("plan-1-p0", 3)}
+    base = {n: t.detach() for n, t in model.state_dict().items()}
+    name = "model.layers.2.mlp.up_proj.weight"
+    torch.testing.assert_close(clients.loaded[("plan-1-p1", 0, 2)][name], base[name] + 1.0)  # alice's round 1
+    torch.testing.assert_close(record.global_state[name], base[name] + 1.0 + 3.0 + 1.0)
+    traffic = {(r["round"], r["client"]) for r in record.traffic_json()}
+    assert traffic == {(1, "alice"), (1, "helper"), (2, "carol"), (3, "alice"), (3, "helper")}
+    assert len(record.checkpoints) == 3

@@ -33,6 +33,27 @@ def test_plan_table_has_one_row_per_partition() -> None:
     assert lines[-1] == "integral=True"
 
 
+def test_plan_table_shows_each_pipelines_stage_count() -> None:
+    """Pipelines cut differently: an owner alone has one partition, and the facts give every owner's stages."""
+    common = {"params": 1000, "est_compute_s": 0.5, "est_transfer_s": 0.25, "why": "w"}
+    rows = [
+        {**common, "run_id": "plan-1-p0", "partition": 0, "layer_start": 0, "layer_end": 4, "blocks": 4,
+         "client_id": "big", "local": True},
+        *[
+            {**common, "run_id": "plan-1-p1", "partition": k, "layer_start": start, "layer_end": end,
+             "blocks": end - start, "client_id": client, "local": client == "small"}
+            for k, (start, end, client) in enumerate([(0, 0, "small"), (0, 4, "helper"), (4, 4, "small")])
+        ],
+    ]
+    summary = {"num_stages": 3, "stages": {"big": 1, "small": 3}}
+    text = plan_table({"plan_id": "plan-1", "state": "serving", "owners": ["big", "small"], "rows": rows, "summary": summary})
+    lines = text.splitlines()
+    assert lines[0] == "plan-1 (serving; owners: big, small)"
+    assert lines[3].split()[:4] == ["plan-1-p0", "0", "0-3", "1,000"] and "big (owner)" in lines[3]
+    assert [line.split()[1] for line in lines[4:7]] == ["0", "1", "2"]
+    assert lines[-1] == "num_stages=3, stages={big: 1, small: 3}"
+
+
 def test_run_table_shows_step_and_stage_times_when_reported() -> None:
     """A round with timing shows its step time and each stage's; one without shows dashes."""
     from server.observe.tables import run_table

@@ -13,7 +13,7 @@ import math
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +107,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_process(state_dir: Path, model_dir: Path, port: int, stages: int = 3) -> tuple[Process, str]:
+def server_process(
+    state_dir: Path, model_dir: Path, port: int, stages: int = 3, extra: Sequence[str] = ()
+) -> tuple[Process, str]:
     server, _, admin_url = start_server(
-        state_dir, "--model", str(model_dir), "--stages", str(stages), "--port", str(port),
+        state_dir, "--model", str(model_dir), "--stages", str(stages), "--port", str(port), *extra,
         "--heartbeat-interval", "0.4", "--heartbeat-timeout", "5", "--settle", "0.5",
     )
     return server, admin_url
@@ -117,12 +119,13 @@ def server_process(state_dir: Path, model_dir: Path, port: int, stages: int = 3)
 
 @contextlib.contextmanager
 def cluster(
-    tmp_path: Path, model_dir: Path, owners: Mapping[str, Path], helpers: int, helper_capacity: int = 1, stages: int = 3
+    tmp_path: Path, model_dir: Path, owners: Mapping[str, Path], helpers: int, helper_capacity: int = 1, stages: int = 3,
+    server_flags: Sequence[str] = (),
 ) -> Iterator[Cluster]:
     """A server planning ``stages`` stages, one client per owner (with its data) and ``helpers`` helper clients."""
     port = free_port()
     with processes() as started:
-        server, admin_url = server_process(tmp_path / "state", model_dir, port, stages)
+        server, admin_url = server_process(tmp_path / "state", model_dir, port, stages, server_flags)
         started.append(server)
         control = f"127.0.0.1:{port}"
         for name, data in owners.items():
@@ -428,3 +431,57 @@ def test_an_owner_alone_trains_the_whole_model_as_a_one_stage_pipeline(
     assert entry["bytes_sent"] == {} and len(entry["losses"]) == STEPS
     want = centralized_losses(model_dir, owner_batches(model_dir, owner_data[0], 1))
     assert max(abs(a - b) for a, b in zip(entry["losses"], want, strict=True)) < 1e-5
+
+
+@pytest.mark.slow
+def test_pretraining_from_scratch_with_a_schedule_and_clipping_is_centralized_training(
+    tmp_path: Path, model_dir: Path, owner_data: list[Path]
+) -> None:
+    """A model drawn from its config by the server, a cosine schedule with warm-up that continues across rounds, and
+    joint gradient clipping over the owner's and the helpers' stages: the split run's losses are one process's."""
+    import itertools
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from autograd_bridge.optim import lr_at
+    from autograd_bridge.partition import causal_lm_loss
+
+    config_dir = tmp_path / "config"
+    AutoConfig.from_pretrained(model_dir).save_pretrained(config_dir)  # the config alone: no weights to start from
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(
+        f'rounds = 2\nseed = {SEED}\ntokenizer = "{model_dir}"\n'
+        f'[participation]\nmode = "single"\n[local_work]\nsteps = {STEPS}\n'
+        f'[training]\nbatch_size = {BATCH}\nseq_len = {SEQ_LEN}\nlr = 3e-3\nschedule = "cosine"\nwarmup_steps = 2\n'
+        f'min_lr = 3e-4\nclip_norm = 0.5\n[evaluation]\nval_fraction = {VAL_FRACTION}\n'
+    )
+    flags = ["--init", "random", "--init-seed", "7"]
+    with cluster(tmp_path, config_dir, {"owner": owner_data[0]}, helpers=2, server_flags=flags) as c:
+        run = c.run_to_end(run_file)
+    got = [x for h in sorted(run["history"], key=lambda h: h["round"]) for x in h["losses"]]
+    lrs = [x for h in sorted(run["history"], key=lambda h: h["round"]) for x in h["lrs"]]
+
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    want, want_lrs = [], []
+    stream = dataset(model_dir, owner_data[0]).stream(BATCH, start=0)
+    for step, batch in enumerate(itertools.islice(stream, 2 * STEPS)):
+        lr = lr_at("cosine", step, lr=3e-3, warmup_steps=2, total_steps=2 * STEPS, min_lr=3e-4)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = causal_lm_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        want.append(loss.item())
+        want_lrs.append(lr)
+    assert lrs == pytest.approx(want_lrs, rel=1e-12)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
+    assert all(n > 0 for h in run["history"] for n in h["grad_norms"])
+    # Photon's signals: a merge per round, the second moving the model the first merged.
+    signals = run["signals"]
+    assert [s["round"] for s in signals] == [1, 2] and all(s["model"]["total"] > 0 for s in signals)
+    assert signals[1]["update"]["total"] > 0 and all(n > 0 for h in run["history"] for n in h["output_norms"])

@@ -1,9 +1,11 @@
 """Where to cut: how many stages, and how many decoder blocks each stage holds.
 
-Every pipeline is cut the same way, so stage k of every pipeline holds the same layers and the
-server can average them directly. The data owners run the first and the last stage (with the
-embedding and the head); the other ``M = K - 2`` stages run on client slots (see costs.py).
-With ``K = 1`` the one stage is both first and last: the owner holds the whole model.
+A :class:`CutSearch` cuts a group of pipelines the same way (the server merges partitions by
+tensor name, so groups cut differently merge too; one cut per group keeps the search exact).
+The data owners run the first and the last stage (with the embedding and the head); the other
+``M = K - 2`` stages run on client slots (see costs.py). With ``K = 1`` the one stage is both
+first and last: the owner holds the whole model. Which owners train alone and which share a
+split is decided in pipelines.py; this module cuts one group.
 
 **Bottleneck of a cut.** A stage's time per step on a slot is ``blocks * w / flops + comm``,
 where ``comm`` is its boundary traffic and latency, the same for every middle stage (every
@@ -33,19 +35,20 @@ with the least ``S`` wins. The owner's blocks are split evenly between its two s
 their sum matters: both run on the same device). The assignment solver later places the
 stages by its own cost (costs.py), so the plan reports its real bottleneck next to this estimate.
 
-**How many stages (when ``num_stages`` is not set).** Fill-drain pipelining with ``m``
-micro-batches takes about ``(S + (m - 1) * tau*) / m`` per step: the first micro-batch crosses
-every stage, the others follow one bottleneck apart. More stages pay off only with enough
-micro-batches to keep them busy. The planner evaluates every ``K`` from 1 (the whole model on
-the owner, possible only when it fits the owner's memory) to ``min(L + 2, 2 + slots // P)`` and
-takes the fastest, the fewest stages on ties. ``K = 2`` keeps both stages on the owner too, so it
-costs what ``K = 1`` costs and is chosen only when asked for.
+**How many stages.** Fill-drain pipelining with ``m`` micro-batches takes about
+``(S + (m - 1) * tau*) / m`` per step: the first micro-batch crosses every stage, the others
+follow one bottleneck apart. More stages pay off only with enough micro-batches to keep them
+busy. :meth:`CutSearch.best` evaluates the given stage counts (at most
+``min(L + 2, 2 + slots // P)``) and takes the fastest, the fewest stages on ties. ``K = 1``
+(the whole model on the owner, possible only when it fits the owner's memory) and ``K = 2``
+(both stages on the owner) cost the same, so ``K = 2`` is chosen only when asked for.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +72,11 @@ class CutInputs:
     block_memory: float  # training memory of the largest block
     boundary_bytes: float  # bytes of one hidden state (and of its gradient) crossing a boundary
 
+    @property
+    def whole_memory(self) -> float:
+        """Training memory of the whole model on one device, blocks priced as the largest."""
+        return self.edge_memory + self.num_layers * self.block_memory
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cut:
@@ -77,7 +85,8 @@ class Cut:
     block_counts: tuple[int, ...]  # blocks per stage, first to last
     bottleneck_s: float  # est. seconds per step of the slowest stage (an owner: both stages)
     total_s: float  # est. sum of all stage times per step (an owner's two stages once)
-    pipeline_s: float  # est. seconds per step of the whole pipeline, fill-drain
+    pipeline_s: float  # est. seconds per step of the whole pipeline, fill-drain (its slowest owner's)
+    middle_s: tuple[float, ...] = ()  # est. seconds per step of each middle stage (none when K <= 2)
 
 
 class CutSearch:
@@ -106,12 +115,37 @@ class CutSearch:
         each_way = 2.0 * self.model.boundary_bytes
         return each_way * (1.0 / slots.down + 1.0 / slots.up) + 2.0 * self.settings.micro_batches * slots.rtt
 
-    def owner_time(self, blocks: int | NDArray[np.int64], num_stages: int) -> NDArray[np.float64]:
-        """Per-step time of the slowest owner holding ``blocks`` blocks besides embedding + head."""
+    def owner_times(self, blocks: int | NDArray[np.int64], num_stages: int) -> NDArray[np.float64]:
+        """(..., P) per-step time of each owner holding ``blocks`` blocks besides embedding + head."""
         blocks_arr = np.asarray(blocks, dtype=np.float64)[..., None]
         comm = self.owner_comm if num_stages >= 3 else np.zeros_like(self.owner_comm)
-        times = (self.model.edge_flops + blocks_arr * self.w) / self.owners.flops + comm
-        return np.asarray(times.max(axis=-1))
+        return np.asarray((self.model.edge_flops + blocks_arr * self.w) / self.owners.flops + comm)
+
+    def owner_time(self, blocks: int | NDArray[np.int64], num_stages: int) -> NDArray[np.float64]:
+        """Per-step time of the slowest owner holding ``blocks`` blocks besides embedding + head."""
+        return np.asarray(self.owner_times(blocks, num_stages).max(axis=-1))
+
+    def alone_times(self) -> NDArray[np.float64]:
+        """(P,) per-step time of each owner training the whole model alone (nothing crosses the network)."""
+        return self.owner_times(self.model.num_layers, 1)
+
+    def pipeline_times(self, cut: Cut) -> NDArray[np.float64]:
+        """(P,) est. seconds per step of each owner's pipeline cut as ``cut`` (fill-drain; max: ``cut.pipeline_s``).
+
+        The middle stages take ``cut.middle_s`` in every pipeline (each is priced at the weakest
+        slot of its group); only the owner's share differs.
+        """
+        counts = cut.block_counts
+        owner_blocks = counts[0] + counts[-1] if len(counts) >= 3 else sum(counts)
+        owner_s = self.owner_times(owner_blocks, len(counts))
+        middle_max = max(cut.middle_s, default=0.0)
+        micro = self.settings.micro_batches
+        return (owner_s + sum(cut.middle_s) + (micro - 1) * np.maximum(owner_s, middle_max)) / micro
+
+    def holds_whole_model(self) -> NDArray[np.bool_]:
+        """(P,) whether each owner's memory holds the whole model for training."""
+        room = np.floor((self.owners.memory - self.model.edge_memory) / self.m + _EPS)
+        return np.asarray(room >= self.model.num_layers)
 
     def owner_max_blocks(self, tau: float, num_stages: int) -> int:
         """Most blocks every owner can hold within ``tau`` and its memory (-1: not even none)."""
@@ -183,27 +217,34 @@ class CutSearch:
 
     # -- the counts at the optimum ---------------------------------------------------------
 
-    def counts_at(self, tau: float, num_stages: int) -> tuple[tuple[int, ...], float, float]:
-        """Block counts of the cut within ``tau`` with the least sum; its bottleneck and sum."""
+    def counts_at(self, tau: float, num_stages: int) -> Cut:
+        """The cut within ``tau`` with the least sum of stage times, and its estimates."""
         length = self.model.num_layers
+        micro = self.settings.micro_batches
         lo, hi, caps = self.owner_range(tau, num_stages)
         if num_stages <= 2:  # the owner holds every block: one stage, or two on the same device
             owner_s = float(self.owner_time(length, num_stages))
             counts = (length,) if num_stages == 1 else ((length + 1) // 2, length // 2)
-            return counts, owner_s, owner_s
+            return Cut(block_counts=counts, bottleneck_s=owner_s, total_s=owner_s, pipeline_s=owner_s)
         assert caps is not None and lo <= hi, "counts_at needs a feasible tau"
         group_times = self._group_times(tau, num_stages)
-        best: tuple[tuple[float, float], tuple[int, ...], int] | None = None
+        best: tuple[tuple[float, float], tuple[int, ...], tuple[float, ...], int] | None = None
         for owner_blocks in range(lo, hi + 1):
-            middle, middle_max, middle_sum = _fill(length - owner_blocks, caps, group_times)
+            middle, times = _fill(length - owner_blocks, caps, group_times)
             owner_s = float(self.owner_time(owner_blocks, num_stages))
-            key = (max(owner_s, middle_max), owner_s + middle_sum)
+            key = (max(owner_s, *times), owner_s + sum(times))
             if best is None or key < best[0]:
-                best = (key, middle, owner_blocks)
+                best = (key, middle, times, owner_blocks)
         assert best is not None
-        (bottleneck, total), middle, owner_blocks = best
+        (bottleneck, total), middle, times, owner_blocks = best
         first = (owner_blocks + 1) // 2
-        return (first, *middle, owner_blocks - first), bottleneck, total
+        return Cut(
+            block_counts=(first, *middle, owner_blocks - first),
+            bottleneck_s=bottleneck,
+            total_s=total,
+            pipeline_s=(total + (micro - 1) * bottleneck) / micro,
+            middle_s=times,
+        )
 
     def _group_times(self, tau: float, num_stages: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """(M, P) seconds per block and comm of the slots in each group of P, fastest group first."""
@@ -215,28 +256,34 @@ class CutSearch:
 
     # -- the whole search ----------------------------------------------------------------
 
-    def choose(self) -> Cut:
-        """The best cut (see the module docstring), or a PlanningError saying what failed."""
-        length = self.model.num_layers
+    def largest_stages(self) -> int:
+        """The most stages the helper slots allow: every middle stage of every pipeline on its own slot."""
         slots = self.slot_flops.size
-        largest = min(length + 2, 2 + slots // self.pipelines) if slots >= self.pipelines else 2
+        return min(self.model.num_layers + 2, 2 + slots // self.pipelines) if slots >= self.pipelines else 2
+
+    def choose(self) -> Cut:
+        """The best cut into ``num_stages`` stages, or into any number when it is unset; or a PlanningError."""
+        largest = self.largest_stages()
         fixed = self.settings.num_stages
         options = [fixed] if fixed is not None else list(range(1, largest + 1))
         if fixed is not None and fixed > largest:
             raise self.diagnose([fixed])
+        best = self.best(options)
+        if best is None:
+            raise self.diagnose(options)
+        return best
+
+    def best(self, options: Sequence[int]) -> Cut | None:
+        """The fastest cut into any of ``options`` stages (fewest on ties); None when none is feasible."""
         candidates = self.candidates()
-        micro = self.settings.micro_batches
         best: Cut | None = None
         for num_stages in options:
             tau = self.min_bottleneck(num_stages, candidates, bound=self.settings.max_step_time_s)
             if math.isinf(tau):
                 continue
-            counts, bottleneck, total = self.counts_at(tau, num_stages)
-            pipeline_s = (total + (micro - 1) * bottleneck) / micro
-            if best is None or pipeline_s < best.pipeline_s * (1 - _EPS):
-                best = Cut(block_counts=counts, bottleneck_s=bottleneck, total_s=total, pipeline_s=pipeline_s)
-        if best is None:
-            raise self.diagnose(options)
+            cut = self.counts_at(tau, num_stages)
+            if best is None or cut.pipeline_s < best.pipeline_s * (1 - _EPS):
+                best = cut
         return best
 
     def diagnose(self, options: list[int]) -> PlanningError:
@@ -312,12 +359,12 @@ class CutSearch:
 
 def _fill(
     blocks: int, caps: NDArray[np.int64], group_times: tuple[NDArray[np.float64], NDArray[np.float64]]
-) -> tuple[tuple[int, ...], float, float]:
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Give each middle stage one block, then each further one where the time grows least.
 
     Stage j with c blocks takes ``max(c * per_block[j] + comm[j])`` over the P slots of its
-    group (convex in c) and holds at most ``caps[j]`` blocks. Returns the counts, the slowest
-    stage's time and the sum of the stage times.
+    group (convex in c) and holds at most ``caps[j]`` blocks. Returns the counts and each
+    stage's time.
     """
     # Plain lists: this runs for every owner share and every K, on arrays of P numbers.
     per_block, comm = group_times[0].tolist(), group_times[1].tolist()
@@ -338,5 +385,4 @@ def _fill(
         counts[j] += 1
         if counts[j] < cap[j]:
             heapq.heappush(heap, (growth(j), j))
-    times = [time_with(j, counts[j]) for j in range(count)]
-    return tuple(counts), max(times), sum(times)
+    return tuple(counts), tuple(time_with(j, counts[j]) for j in range(count))

@@ -1,9 +1,9 @@
-"""``plan()``: cut the model, pin the owners' stages, assign the rest, explain the result."""
+"""``plan()``: cut every owner's pipeline, pin the owners' stages, assign the rest, explain the result."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -12,11 +12,12 @@ from autograd_bridge.partition import stage_specs_from_counts
 from autograd_bridge.profile import ModelProfile, PartitionProfile, profile_partitions
 
 from .costs import CostTerms, Slots, StageDemand, cost_terms, stage_demands
-from .cuts import CutInputs, CutSearch
+from .cuts import CutInputs
 from .errors import AssignmentInfeasibleError
 from .explain import assigned_reason, pinned_reason
+from .pipelines import choose_cuts
 from .solve import Infeasible, Solution, hall_violation, solve_lp, solve_matching
-from .types import Assignment, ClientProfile, PartitionPlan, PlannerSettings
+from .types import Assignment, ClientProfile, PartitionPlan, PipelineCut, PlannerSettings
 
 
 def cut_inputs(model: ModelProfile, settings: PlannerSettings) -> CutInputs:
@@ -44,7 +45,7 @@ class AssignmentProblem:
 
     stages: tuple[int, ...]  # the middle stage numbers, 1..K-2 (none when K <= 2)
     row_stage: NDArray[np.int64]  # (R,) index into ``stages`` of each row (pipeline-major)
-    row_pipeline: NDArray[np.int64]  # (R,) pipeline of each row
+    row_pipeline: NDArray[np.int64]  # (R,) pipeline of each row (its index in the plan)
     terms: CostTerms  # (M, N) estimates per middle stage and helper client
     capacity: NDArray[np.int64]  # (N,) partitions each helper client may host
     client_ids: tuple[str, ...]  # (N,) the helper clients, in column order
@@ -68,14 +69,24 @@ class AssignmentProblem:
 
 
 def assignment_problem(
-    demands: Sequence[StageDemand], num_pipelines: int, helpers: Sequence[ClientProfile], settings: PlannerSettings
+    demands: Sequence[StageDemand],
+    num_pipelines: int,
+    helpers: Sequence[ClientProfile],
+    settings: PlannerSettings,
+    *,
+    pipelines: Sequence[int] | None = None,
 ) -> AssignmentProblem:
-    """Rows = (pipeline, middle stage) pairs; columns = helper clients (slot shares)."""
+    """Rows = (pipeline, middle stage) pairs; columns = helper clients (slot shares).
+
+    ``pipelines`` are the plan's indices of the ``num_pipelines`` pipelines cut into ``demands``
+    (default ``0..num_pipelines - 1``); other pipelines of the plan have no middle stage.
+    """
+    ids = np.arange(num_pipelines) if pipelines is None else np.asarray(pipelines, dtype=np.int64)
     stages = tuple(range(1, len(demands) - 1))
     slots = Slots.of(helpers)
     terms = cost_terms([demands[k] for k in stages], slots, settings)
     row_stage = np.tile(np.arange(len(stages)), num_pipelines)
-    row_pipeline = np.repeat(np.arange(num_pipelines), len(stages))
+    row_pipeline = np.repeat(ids, len(stages))
     return AssignmentProblem(
         stages=stages,
         row_stage=row_stage,
@@ -107,41 +118,41 @@ def plan_partitions(
     owners: Sequence[str],
     settings: PlannerSettings | None = None,
 ) -> PartitionPlan:
-    """Cut ``model`` into stages and place every pipeline's stages on ``clients``.
+    """Cut ``model`` into stages for every owner's pipeline and place the stages on ``clients``.
 
     Each id in ``owners`` is a data owner (one of ``clients``) that drives its own pipeline and
-    runs that pipeline's first and last stage (with one stage, the whole model: it needs no
-    helper then); every other client is a helper offering ``capacity`` slots to the middle
-    stages of all pipelines. Raises a
-    :class:`~server.planning.planner.errors.PlanningError` naming the constraint that failed.
+    runs that pipeline's first and last stage; every other client is a helper offering
+    ``capacity`` slots to the middle stages of all pipelines. With ``settings.num_stages`` every
+    pipeline has that many stages; without it an owner that holds the whole model and is at
+    least as fast alone trains it alone (one stage, no helper), and the others share one split
+    (pipelines.py). Raises a :class:`~server.planning.planner.errors.PlanningError` naming the
+    constraint that failed.
     """
     settings = settings or PlannerSettings()
     owner_profiles, helpers = _split_clients(clients, owners)
-    search = CutSearch(
-        cut_inputs(model, settings), Slots.of(owner_profiles, shared=False), Slots.of(helpers), settings
-    )
-    cut = search.choose()
-    specs = stage_specs_from_counts(cut.block_counts)
-    partitions = profile_partitions(model, specs)
-    demands = stage_demands(partitions, settings)
-    owner_terms = cost_terms(demands, Slots.of(owner_profiles, shared=False), settings)  # (K, P)
-    problem = assignment_problem(demands, len(owner_profiles), helpers, settings)
-    solution = solve(problem, settings) if problem.row_stage.size else None
-    rows = _rows(
-        partitions=partitions,
-        owners=owner_profiles,
-        helpers=helpers,
-        owner_terms=owner_terms,
-        problem=problem,
-        solution=solution,
-        settings=settings,
-    )
+    layout = choose_cuts(cut_inputs(model, settings), owner_profiles, helpers, settings)
+    groups: dict[tuple[int, ...], list[PipelineCut]] = {}
+    for cut in layout.cuts:
+        groups.setdefault(cut.block_counts, []).append(cut)
+    rows: list[Assignment] = []
+    solution: Solution | None = None
+    for counts, cuts in groups.items():
+        group_rows, group_solution = _place(
+            model, counts, cuts, owner_profiles, helpers, settings, explain_cut=settings.num_stages is None
+        )
+        rows.extend(group_rows)
+        if group_solution is not None:
+            assert solution is None, "only the split pipelines share helpers, and they share one cut"
+            solution = group_solution
+    rows.sort(key=lambda row: (row.pipeline, row.stage))
     bottleneck_s, step_s = _estimates(rows, len(owner_profiles), settings.micro_batches)
+    widest = max(layout.cuts, key=lambda cut: cut.num_stages).block_counts
     return PartitionPlan(
         model_name=model.model_name,
-        num_stages=len(specs),
-        block_counts=cut.block_counts,
+        num_stages=len(widest),
+        block_counts=widest,
         owners=tuple(owners),
+        cuts=layout.cuts,
         assignments=tuple(rows),
         solver=solution.solver if solution else "none",
         integral=solution.integral if solution else True,
@@ -149,11 +160,49 @@ def plan_partitions(
         objective=solution.objective if solution else 0.0,
         bottleneck_s=bottleneck_s,
         step_s=step_s,
-        cut_bottleneck_s=cut.bottleneck_s,
-        cut_step_s=cut.pipeline_s,
+        cut_bottleneck_s=layout.bottleneck_s,
+        cut_step_s=layout.step_s,
         solve_ms=solution.solve_ms if solution else 0.0,
         settings=settings,
     )
+
+
+def _place(
+    model: ModelProfile,
+    counts: tuple[int, ...],
+    cuts: Sequence[PipelineCut],
+    owners: Sequence[ClientProfile],
+    helpers: Sequence[ClientProfile],
+    settings: PlannerSettings,
+    *,
+    explain_cut: bool,
+) -> tuple[list[Assignment], Solution | None]:
+    """The rows of the pipelines ``cuts``, all cut into ``counts``: pinned to their owners, the middle solved.
+
+    ``owners`` are every pipeline's owner (indexed by pipeline); ``explain_cut`` adds each
+    pipeline's reason for its cut to its first row.
+    """
+    partitions = profile_partitions(model, stage_specs_from_counts(counts))
+    demands = stage_demands(partitions, settings)
+    pipelines = [cut.pipeline for cut in cuts]
+    group = [owners[p] for p in pipelines]
+    owner_terms = cost_terms(demands, Slots.of(group, shared=False), settings)  # (K, P of the group)
+    problem = assignment_problem(demands, len(group), helpers, settings, pipelines=pipelines)
+    solution = solve(problem, settings) if problem.row_stage.size else None
+    rows = _rows(
+        partitions=partitions,
+        pipelines=pipelines,
+        owners=group,
+        helpers=helpers,
+        owner_terms=owner_terms,
+        problem=problem,
+        solution=solution,
+        settings=settings,
+    )
+    if explain_cut:
+        notes = {cut.pipeline: cut.why for cut in cuts}
+        rows = [replace(row, why=f"{row.why}; {notes[row.pipeline]}") if row.stage == 0 else row for row in rows]
+    return rows, solution
 
 
 def _split_clients(
@@ -195,6 +244,7 @@ def _infeasible(problem: AssignmentProblem) -> AssignmentInfeasibleError:
 def _rows(
     *,
     partitions: Sequence[PartitionProfile],
+    pipelines: Sequence[int],
     owners: Sequence[ClientProfile],
     helpers: Sequence[ClientProfile],
     owner_terms: CostTerms,
@@ -202,7 +252,7 @@ def _rows(
     solution: Solution | None,
     settings: PlannerSettings,
 ) -> list[Assignment]:
-    """Every pipeline's stages in order, pinned or solved, with estimates and reasons."""
+    """Every stage of ``pipelines`` (owned by ``owners``, in that order), pinned or solved, with estimates and reasons."""
     num_stages = len(partitions)
     middle_row = {
         (int(p), problem.stages[int(s)]): r
@@ -211,10 +261,10 @@ def _rows(
     weights = (settings.transfer_weight, settings.compute_weight)
     row_names = problem.row_names
     rows: list[Assignment] = []
-    for p, owner in enumerate(owners):
+    for column, (p, owner) in enumerate(zip(pipelines, owners, strict=True)):
         for k, part in enumerate(partitions):
             if k in (0, num_stages - 1):
-                terms, stage, client_index = owner_terms, k, p
+                terms, stage, client_index = owner_terms, k, column
                 client_id = owner.client_id
                 why = pinned_reason(owner.client_id, k, num_stages)
             else:

@@ -93,7 +93,7 @@ class PlannerSettings:
     batch_tokens: int = 4096  # tokens per training step of one pipeline (batch size x sequence length)
     micro_batches: int = 1  # micro-batches per step; each pays the link latency at every boundary
     steps_per_round: int = 1  # training steps between two weight exchanges with the server
-    num_stages: int | None = None  # stages per pipeline (>= 1; 1: the owner holds the whole model); None: the planner chooses
+    num_stages: int | None = None  # stages of every pipeline (>= 1; 1: the owner holds the whole model); None: chosen per owner
     max_step_time_s: float | None = None  # a client slower than this per step is not used for a stage
     solver: Solver = "auto"  # "cvxpy" (LP), "matching" (linear_sum_assignment) or "auto"
     matching_above: int = 50_000  # "auto" switches to matching above this many eligible pairs
@@ -168,33 +168,67 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineCut:
+    """How one data owner's pipeline is cut, and why: alone (one stage, the whole model) or split."""
+
+    pipeline: int  # index of the pipeline (= of its owner in PartitionPlan.owners)
+    owner_id: str  # the data owner driving it
+    block_counts: tuple[int, ...]  # decoder blocks per stage, first to last; one entry: the owner trains alone
+    alone_s: float | None  # est. seconds per step of the owner training alone; None: impossible, or not weighed
+    split_s: float | None  # est. seconds per step of its pipeline in the split it trains in or was weighed against; None: none
+    why: str  # one line: why this owner trains alone or split
+
+    @property
+    def num_stages(self) -> int:
+        """Stages of this pipeline."""
+        return len(self.block_counts)
+
+    def to_json(self) -> dict[str, Any]:
+        """A dict of JSON values."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["block_counts"] = list(self.block_counts)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PipelineCut:
+        """The inverse of :meth:`to_json`."""
+        _check_keys(cls, data)
+        return cls(**{**data, "block_counts": tuple(int(count) for count in data["block_counts"])})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PartitionPlan:
     """Where every stage of every pipeline runs, with the estimates behind the choice."""
 
     model_name: str  # ModelProfile.model_name
-    num_stages: int  # stages per pipeline (every pipeline is cut the same way)
-    block_counts: tuple[int, ...]  # decoder blocks per stage, first to last
+    num_stages: int  # most stages of any pipeline; the others (owners training alone) have one
+    block_counts: tuple[int, ...]  # decoder blocks per stage of every pipeline with num_stages stages
     owners: tuple[str, ...]  # one data owner per pipeline; pipeline i belongs to owners[i]
+    cuts: tuple[PipelineCut, ...]  # one per pipeline, in owners order: its stages and why
     assignments: tuple[Assignment, ...]  # ordered by pipeline, then stage
     solver: str  # what solved the assignment: "cvxpy", "matching" or "none" (nothing to assign)
     integral: bool  # the solution was 0/1 (max distance from {0, 1} below 1e-6)
     max_fractional: float  # that distance, as measured
     objective: float  # sum of the costs of the assigned (not pinned) partitions
-    bottleneck_s: float  # est. seconds per step of the slowest stage (owner: both its stages)
-    step_s: float  # est. seconds per training step, fill-drain: (sum of stages + (m - 1) * bottleneck) / m
+    bottleneck_s: float  # est. seconds per step of the slowest stage of any pipeline (owner: its stages together)
+    step_s: float  # est. seconds per step of the slowest pipeline, fill-drain: (sum of stages + (m - 1) * bottleneck) / m
     cut_bottleneck_s: float  # bottleneck_s as estimated by the cut search, before assignment
-    cut_step_s: float  # step_s as estimated by the cut search (what chose the number of stages)
+    cut_step_s: float  # step_s as estimated by the cut search (what chose the numbers of stages)
     solve_ms: float  # wall time of the assignment solve
     settings: PlannerSettings  # the settings the plan was made with
 
-    def specs(self) -> list[StageSpec]:
-        """The stage specs of the cut (the same for every pipeline)."""
+    @property
+    def stage_counts(self) -> tuple[int, ...]:
+        """Stages of each pipeline, in owners order (1: that owner trains alone)."""
+        return tuple(cut.num_stages for cut in self.cuts)
+
+    def specs(self, pipeline: int | None = None) -> list[StageSpec]:
+        """The stage specs of pipeline ``pipeline``'s cut; without it, of ``block_counts``."""
+        counts = self.block_counts if pipeline is None else self.cuts[pipeline].block_counts
         specs: list[StageSpec] = []
         start = 0
-        for index, count in enumerate(self.block_counts):
-            specs.append(
-                StageSpec(index=index, num_stages=self.num_stages, layer_start=start, layer_end=start + count)
-            )
+        for index, count in enumerate(counts):
+            specs.append(StageSpec(index=index, num_stages=len(counts), layer_start=start, layer_end=start + count))
             start += count
         return specs
 
@@ -217,6 +251,7 @@ class PartitionPlan:
         data: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["block_counts"] = list(self.block_counts)
         data["owners"] = list(self.owners)
+        data["cuts"] = [cut.to_json() for cut in self.cuts]
         data["assignments"] = [row.to_json() for row in self.assignments]
         data["settings"] = self.settings.to_json()
         return data
@@ -228,6 +263,7 @@ class PartitionPlan:
         kwargs = dict(data)
         kwargs["block_counts"] = tuple(int(count) for count in kwargs["block_counts"])
         kwargs["owners"] = tuple(str(owner) for owner in kwargs["owners"])
+        kwargs["cuts"] = tuple(PipelineCut.from_json(cut) for cut in kwargs["cuts"])
         kwargs["assignments"] = tuple(Assignment.from_json(row) for row in kwargs["assignments"])
         kwargs["settings"] = PlannerSettings.from_json(kwargs["settings"])
         plan = cls(**kwargs)
@@ -236,15 +272,28 @@ class PartitionPlan:
 
 
 def _check_plan(plan: PartitionPlan) -> None:
-    """Every pipeline has exactly one row per stage, cut as ``block_counts`` says."""
+    """Every pipeline has exactly one row per stage, cut as its ``cuts`` entry says.
+
+    A pipeline is cut as ``block_counts`` or holds the whole model in one stage.
+    """
     if len(plan.block_counts) != plan.num_stages:
         raise ValueError(
             f"plan: {len(plan.block_counts)} block counts for {plan.num_stages} stages; they must match"
         )
-    expected = [(spec.layer_start, spec.layer_end) for spec in plan.specs()]
+    if [(cut.pipeline, cut.owner_id) for cut in plan.cuts] != list(enumerate(plan.owners)):
+        raise ValueError(f"plan: cuts must name pipelines 0..{len(plan.owners) - 1} and their owners {list(plan.owners)}")
+    whole = (sum(plan.block_counts),)
     for index, owner in enumerate(plan.owners):
+        counts = plan.cuts[index].block_counts
+        if counts not in (plan.block_counts, whole):
+            raise ValueError(
+                f"plan: pipeline {index} ({owner}) is cut {list(counts)}; it must be cut "
+                f"{list(plan.block_counts)} or hold all {whole[0]} blocks in one stage"
+            )
+        expected = [(spec.layer_start, spec.layer_end) for spec in plan.specs(index)]
         rows = plan.pipeline(index)
         got = [(row.layer_start, row.layer_end) for row in rows]
-        if [row.stage for row in rows] != list(range(plan.num_stages)) or got != expected:
+        if [row.stage for row in rows] != list(range(len(counts))) or got != expected:
             raise ValueError(f"plan: pipeline {index} ({owner}) does not hold stages {expected} in order")
-
+        if rows[0].client_id != owner or rows[-1].client_id != owner:
+            raise ValueError(f"plan: pipeline {index} does not run its first and last stage on its owner {owner}")
