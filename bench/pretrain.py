@@ -43,8 +43,8 @@ moves ``2 (owners - 1) / owners * S`` each way per owner, 1.5 S each way at 4 ow
 this is the smaller, conservative figure). With full participation the ratio is exactly
 ``local_steps``; half participation over twice the rounds moves the same bytes.
 
-    python -m bench.pretrain --quick    # tiny Llama, about 2 minutes on 2 cores
-    python -m bench.pretrain            # wider Llama, all of the KJV, about 15 minutes
+    python -m bench.pretrain --quick    # 2 x 64 tiny Llama, 4 x 8 steps per owner, about 2.5 minutes on 1 core
+    python -m bench.pretrain            # 4 x 64, 12 rounds x 16 steps per owner, about 15 minutes
 
 The last line: ``ppl_centralized=... ppl_fedavg=... ppl_fednesterov=... ppl_fedadam=...
 ppl_partial=... gap_pct=... comm_reduction=...``, where the ppl are after the last round
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 import time
@@ -106,15 +105,15 @@ class PretrainSettings:
     rounds: int = 4  # rounds of full participation (partial runs twice as many)
     local_steps: int = 8  # optimizer steps per owner per round (K)
     batch_size: int = 4  # sequences per owner step (B)
-    seq_len: int = 64  # tokens per sequence (T)
+    seq_len: int = 32  # tokens per sequence (T)
     lr: float = 3e-3  # peak AdamW learning rate of every client (and of centralized and dp)
     warmup: float = 0.1  # share of a run's steps spent warming up linearly
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the run's last step
     weight_decay: float = 0.1  # AdamW's decoupled weight decay
     clip_norm: float = 1.0  # bound on the gradient norm of every step
-    max_chars_per_owner: int | None = 60_000  # KJV text per owner (None: all of its books)
+    max_chars_per_owner: int | None = 30_000  # KJV text per owner, its first books (None: all of its books)
     data: str | None = None  # a .txt file (cut into `owners` parts) or a folder of them (one owner each)
-    val_fraction: float = 0.1  # share of each owner's sequences held out (their union validates every method)
+    val_fraction: float = 0.05  # share of each owner's sequences held out (their union validates every method)
     iid: tuple[str, ...] = ("fedavg",)  # federated methods also run on the IID split
     dp_baseline: bool = True  # also train the data-parallel reference (batch owners * B)
     eval_batch_size: int = 32  # sequences per validation batch
@@ -276,46 +275,70 @@ def owner_texts(settings: PretrainSettings) -> list[list[str]]:
     return [[piece] for piece in _cut_text("\n".join(load_texts(path)), settings.owners)]
 
 
-def iid_datasets(by_book: Sequence[OwnerDataset], settings: PretrainSettings) -> list[OwnerDataset]:
-    """The same training sequences shuffled (seeded) and dealt out evenly across as many owners."""
-    sequences = torch.cat([d.train_sequences for d in by_book])  # (N_train, T)
-    order = np.random.default_rng([settings.seed, 2]).permutation(sequences.shape[0])
+def _training_set(sequences: torch.Tensor, settings: PretrainSettings) -> OwnerDataset:
+    """Training sequences (N, T) as an owner's dataset, cut to whole batches so every step trains B * T tokens."""
+    whole = sequences.shape[0] - sequences.shape[0] % settings.batch_size
+    if whole == 0:
+        raise ValueError(f"an owner has {sequences.shape[0]} training sequences, fewer than a batch; add text")
     data = DataSettings(seq_len=settings.seq_len, val_fraction=0.0, seed=settings.seed)
-    # Sequences are whole blocks of seq_len tokens, so packing their concatenation gives them back.
-    return [OwnerDataset(sequences[np.sort(part)].flatten().tolist(), settings=data)
-            for part in np.array_split(order, len(by_book))]
+    # Whole blocks of seq_len tokens: packing their concatenation gives the same blocks back.
+    return OwnerDataset(sequences[:whole].flatten().tolist(), settings=data)
+
+
+@dataclass(frozen=True, slots=True)
+class Splits:
+    """The owners' data: one validation set for every method, and two ways to deal out the training sequences."""
+
+    validation: list[OwnerDataset]  # the by-book owners' datasets; only their validation splits are used
+    book: list[OwnerDataset]  # owner k's training sequences (its books), in whole batches
+    iid: list[OwnerDataset]  # the same sequences shuffled (seeded) and dealt out evenly
+
+
+def build_splits(settings: PretrainSettings, tokenizer: Any) -> Splits:
+    """Tokenize and pack every owner's text, hold out validation, and build the by-book and IID training sets."""
+    data = DataSettings(seq_len=settings.seq_len, val_fraction=settings.val_fraction, seed=settings.seed)
+    validation = [OwnerDataset.from_texts(texts, tokenizer, settings=data) for texts in owner_texts(settings)]
+    if any(d.num_validation == 0 for d in validation):
+        raise ValueError("an owner holds out no validation sequence; raise val_fraction or add text")
+    trains = [d.train_sequences for d in validation]  # (N_k, T) each
+    everything = torch.cat(trains)
+    order = np.random.default_rng([settings.seed, 2]).permutation(everything.shape[0])
+    return Splits(
+        validation=validation,
+        book=[_training_set(t, settings) for t in trains],
+        iid=[_training_set(everything[np.sort(part)], settings) for part in np.array_split(order, len(trains))],
+    )
 
 
 # --------------------------------------------------------------------------- the methods
 
 
 class _Bench:
-    def __init__(
-        self, settings: PretrainSettings, base: PreTrainedModel, by_book: list[OwnerDataset], iid: list[OwnerDataset]
-    ) -> None:
+    def __init__(self, settings: PretrainSettings, base: PreTrainedModel, splits: Splits) -> None:
         self.s = settings
         self.base = base
-        self.splits = {"book": by_book, "iid": iid}
-        self.owners = len(by_book)
+        self.splits = splits
+        self.owners = len(splits.book)
         self.runtime = EventLoopThread()
         self.codec = get_codec("dense")
         self.method = get_method("backprop")
         self.evaluator = whole_stage(base)
         self.eval_pipeline = Pipeline([self.evaluator], self.runtime)
-        self.val_weights = [d.num_validation for d in by_book]  # every validation sequence is whole
+        self.val_weights = [d.num_validation for d in splits.validation]  # validation sequences are whole
+        self.start_ppl = self.ppl(self.eval_pipeline)  # the common random start
 
     # -- shared pieces
 
-    def ppl(self, state: dict[str, torch.Tensor] | None = None, stage: StageModule | None = None) -> float:
-        """Validation perplexity of ``state`` (loaded into the evaluator) or of ``stage``, over every owner's split."""
-        if state is not None:
-            load_trained_state(self.evaluator, state, False)
-        pipeline = self.eval_pipeline if stage is None else Pipeline([stage], self.runtime)
-        losses = [evaluate(pipeline, d, self.s.eval_batch_size)[0] for d in self.splits["book"]]
-        if stage is not None:
-            pipeline.close()
+    def ppl(self, pipeline: Pipeline) -> float:
+        """Validation perplexity of ``pipeline``'s model over every owner's validation split (token-weighted)."""
+        losses = [evaluate(pipeline, d, self.s.eval_batch_size)[0] for d in self.splits.validation]
         mean = sum(w * x for w, x in zip(self.val_weights, losses, strict=True)) / sum(self.val_weights)
         return math.exp(mean)
+
+    def global_ppl(self, state: dict[str, torch.Tensor]) -> float:
+        """:meth:`ppl` of the merged ``state``, loaded into the evaluator."""
+        load_trained_state(self.evaluator, state, False)
+        return self.ppl(self.eval_pipeline)
 
     def lr(self, step: int, total: int) -> float:
         """The run's schedule at ``step`` of ``total`` (warm-up, then cosine to lr * min_lr_ratio)."""
@@ -327,49 +350,33 @@ class _Bench:
 
     # -- one process
 
-    def centralized(self) -> Curve:
-        """One model, the owners' batches interleaved: owners * rounds * local_steps steps of B."""
+    def one_process(self, *, batches_per_step: int) -> Curve:
+        """One model on every owner's batches: ``batches_per_step`` 1 interleaves them (centralized),
+        ``owners`` concatenates one of each per step (data-parallel, batch owners * B)."""
         stage = whole_stage(self.base)
         pipeline = Pipeline([stage], self.runtime)
         optimizer = self.optimizer(stage)
-        datasets = self.splits["book"]
-        per_row = self.owners * self.s.local_steps
-        total = per_row * self.s.rounds
-        curve = Curve(ppl={0: self.ppl(stage=stage)})
-        streams = [d.stream(self.s.batch_size) for d in datasets]
+        streams = [d.stream(self.s.batch_size) for d in self.splits.book]
+        total = self.owners * self.s.rounds * self.s.local_steps // batches_per_step
+        curve = Curve(ppl={0: self.start_ppl})
+        row = self.owners * self.s.local_steps  # owner batches per table row
+        done = 0  # owner batches trained
         for step in range(total):
-            batch = next(streams[step % self.owners])
+            # (batches_per_step * B, T): owner done % owners's next batch, and the following owners'
+            batch = _concatenate([next(streams[(done + i) % self.owners]) for i in range(batches_per_step)])
             outcome = self.method.step(pipeline, batch, optimizer, lr=self.lr(step, total), clip_norm=self.s.clip_norm)
             curve.losses.append(outcome.loss)
             curve.tokens += outcome.tokens
-            if (step + 1) % per_row == 0:
-                curve.ppl[step + 1] = self.ppl(stage=stage)
-        pipeline.close()
-        return curve
-
-    def dp(self) -> Curve:
-        """Data-parallel reference: each step trains every owner's next batch at once (batch owners * B)."""
-        stage = whole_stage(self.base)
-        pipeline = Pipeline([stage], self.runtime)
-        optimizer = self.optimizer(stage)
-        total = self.s.rounds * self.s.local_steps
-        curve = Curve(ppl={0: self.ppl(stage=stage)})
-        streams = [d.stream(self.s.batch_size) for d in self.splits["book"]]
-        for step in range(total):
-            batch = _concatenate([next(s) for s in streams])  # (owners * B, T)
-            outcome = self.method.step(pipeline, batch, optimizer, lr=self.lr(step, total), clip_norm=self.s.clip_norm)
-            curve.losses.append(outcome.loss)
-            curve.tokens += outcome.tokens
-            if (step + 1) % self.s.local_steps == 0:
-                curve.ppl[(step + 1) * self.owners] = self.ppl(stage=stage)
+            done += batches_per_step
+            if done % row == 0:
+                curve.ppl[done] = self.ppl(pipeline)
         pipeline.close()
         return curve
 
     # -- federated
 
-    def federated(self, rule: AggregationSettings, fraction: float, split: str) -> Curve:
+    def federated(self, rule: AggregationSettings, fraction: float, datasets: Sequence[OwnerDataset]) -> Curve:
         """Owners train local_steps from the global model each round; ``rule`` merges the copies."""
-        datasets = self.splits[split]
         names = [f"owner-{k}" for k in range(self.owners)]
         sampled = Sampled(ParticipationSection(mode="sampled", fraction=fraction), seed=self.s.seed)
         per_round = sampled.size(self.owners)
@@ -386,7 +393,7 @@ class _Bench:
         positions = [0] * self.owners  # batches each owner has trained on so far
         aggregator = rule.build()
         global_state = trained_state(stages[0], False)
-        curve = Curve(ppl={0: self.ppl(global_state)})
+        curve = Curve(ppl={0: self.start_ppl})
         owner_steps = 0
         for r in range(rounds):
             download = len(self.codec.encode(global_state))
@@ -397,7 +404,7 @@ class _Bench:
                 first, offset = positions[k], r * self.s.local_steps
 
                 def schedule(i: int, first: int = first, offset: int = offset) -> float:
-                    return self.lr(offset + i - first, total)
+                    return self.lr(offset + i - first, total)  # batch i of the owner's stream
 
                 records = run_steps(
                     pipelines[k], datasets[k], steps=self.s.local_steps, batch_size=self.s.batch_size, start=first,
@@ -412,10 +419,20 @@ class _Bench:
             global_state = aggregator.aggregate(global_state, updates)
             owner_steps += len(turn) * self.s.local_steps
             if owner_steps % (self.owners * self.s.local_steps) == 0:
-                curve.ppl[owner_steps] = self.ppl(global_state)
+                curve.ppl[owner_steps] = self.global_ppl(global_state)
         for pipeline in pipelines:
             pipeline.close()
         return curve
+
+    def run(self, name: str) -> Curve:
+        """The method a table column names: centralized, dp, a FEDERATED name, or one with ``_iid``."""
+        if name == "centralized":
+            return self.one_process(batches_per_step=1)
+        if name == "dp":
+            return self.one_process(batches_per_step=self.owners)
+        method, _, split = name.partition("_")
+        rule, fraction = FEDERATED[method]
+        return self.federated(rule, fraction, self.splits.iid if split == "iid" else self.splits.book)
 
     def close(self) -> None:
         self.eval_pipeline.close()
@@ -442,32 +459,24 @@ def run_pretrain(
     """Pre-train every method from the same random start on the same tokens and measure."""
     say = log or (lambda _line: None)
     tokenizer = tokenizer if tokenizer is not None else gpt2_tokenizer()
-    data = DataSettings(seq_len=settings.seq_len, val_fraction=settings.val_fraction, seed=settings.seed)
-    by_book = [OwnerDataset.from_texts(texts, tokenizer, settings=data) for texts in owner_texts(settings)]
-    settings = replace(settings, owners=len(by_book))
-    iid = iid_datasets(by_book, settings)
-    say("owners (by book): " + ", ".join(f"{d.num_samples}/{d.num_validation}" for d in by_book)
-        + " train/val sequences; IID: " + ", ".join(str(d.num_samples) for d in iid))
+    splits = build_splits(settings, tokenizer)
+    settings = replace(settings, owners=len(splits.book))
+    say("owners: train sequences by book " + ", ".join(str(d.num_samples) for d in splits.book)
+        + "; IID " + ", ".join(str(d.num_samples) for d in splits.iid)
+        + "; validation " + ", ".join(str(d.num_validation) for d in splits.validation))
     config = model_config(settings, len(tokenizer), int(tokenizer.eos_token_id))
-    base = initial_model(config, settings.seed)
-    bench = _Bench(settings, base, by_book, iid)
+    bench = _Bench(settings, initial_model(config, settings.seed), splits)
     state = trained_state(bench.evaluator, False)
     model_bytes = len(bench.codec.encode(state))
     parameters = sum(t.numel() for t in state.values())
-    say(f"model: {parameters:,} trainable parameters, {model_bytes:,} bytes encoded")
+    say(f"model: {parameters:,} trainable parameters, {model_bytes:,} bytes encoded; start ppl {bench.start_ppl:.2f}")
     curves: dict[str, Curve] = {}
     started = time.perf_counter()
     try:
         for name in method_names(settings):
             began = time.perf_counter()
-            if name in ("centralized", "dp"):
-                curve = getattr(bench, name)()
-            else:
-                method, _, split = name.partition("_")
-                rule, fraction = FEDERATED[method]
-                curve = bench.federated(rule, fraction, split or "book")
+            curve = curves[name] = bench.run(name)
             curve.seconds = time.perf_counter() - began
-            curves[name] = curve
             say(f"{name}: {curve.seconds:.1f} s, ppl {curve.ppl[max(curve.ppl)]:.2f}")
     finally:
         bench.close()
@@ -482,21 +491,20 @@ def run_pretrain(
 
 
 def quick_settings() -> PretrainSettings:
-    """``--quick``: 2 x 64 tiny Llama, 4 owners, 4 rounds of 8 steps, batch 4 x 64 (about 2 minutes)."""
+    """``--quick``: 2 x 64 tiny Llama, 4 owners, 4 rounds of 8 steps, batch 4 x 32 (about 2.5 minutes)."""
     return PretrainSettings()
 
 
 def full_settings() -> PretrainSettings:
-    """The default: 4 x 128 tiny Llama on all of the KJV, 4 owners, 8 rounds of 32 steps, batch 8 x 128."""
+    """The default: 4 x 64 tiny Llama, 4 owners of 200,000 characters, 12 rounds of 16 steps, batch 4 x 32."""
     return PretrainSettings(
-        layers=4, width=128, rounds=8, local_steps=32, batch_size=8, seq_len=128, lr=2e-3,
-        max_chars_per_owner=None, iid=("fedavg", "fednesterov"),
+        layers=4, rounds=12, local_steps=16, max_chars_per_owner=200_000, val_fraction=0.02,
     )  # fmt: skip
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[PretrainSettings, int]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="tiny model, little data (about 2 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few rounds (about 2.5 minutes)")
     parser.add_argument("--model", help="'tiny' (default), 'smollm2' or a folder with config.json (fresh weights)")
     parser.add_argument("--data", help="a .txt file (cut into --owners parts) or a folder of them (one owner each)")
     parser.add_argument("--owners", type=int)
@@ -505,7 +513,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[PretrainSettings, int]:
     parser.add_argument("--layers", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
+    # One thread by default: on the shared 2-core machines a second one slows the tiny model down,
+    # and the thread count changes float rounding, so a fixed default keeps the last line reproducible.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
     settings = quick_settings() if args.quick else full_settings()
     names = {f.name for f in fields(PretrainSettings)}

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from autograd_bridge.codecs import decode_update
 from proto.messages import (
     ClientInfo,
     Command,
@@ -64,12 +65,12 @@ from .profiling import (
 from .trainer import (
     OwnerTrainer,
     Preparation,
+    Updates,
     build_owner_optimizer,
     check_train,
     load_trained_state,
     prepare_from_command,
     tie_owner_stages,
-    trained_state,
 )
 from .weights import fetch_partition
 
@@ -102,6 +103,7 @@ class ClientDaemon:
         self._command_tasks: set[asyncio.Task[None]] = set()
         self._trainers: dict[str, OwnerTrainer] = {}  # run id -> its training pipeline (data owners only)
         self._prepared: dict[str, Preparation] = {}  # run id -> how its stages train (from PrepareRun)
+        self._updates: dict[str, Updates] = {}  # run id -> what its partitions held when last loaded
         self._ca_pem = config.tls.ca.read_bytes() if config.tls.ca else None
         # One handler per command kind; each answers with the pipeline's status (Train: and its round report).
         self._handlers: dict[type, Callable[[ControlChannel, Any], Awaitable[CommandResult]]] = {
@@ -322,18 +324,21 @@ class ClientDaemon:
         if run is None:
             raise HostingError(f"run {cmd.run_id} is not hosted here")
         chunk = self.session.max_chunk_bytes if self.session else 1 << 20
-        prepared = self._prepared.get(cmd.run_id)
+        updates = self._updates.get(cmd.run_id)
+        if not (0 < cmd.density <= 1):
+            raise HostingError(f"upload density must be in (0, 1], got {cmd.density!r}")
         for index in cmd.partitions:
             stage = run.stages.get(index)
             if stage is None:
                 raise HostingError(f"partition {index} of run {cmd.run_id} is not hosted here")
             with tempfile.TemporaryDirectory(prefix="titanic-upload-") as tmp:
                 path = Path(tmp) / "stage.safetensors"
-                if prepared is None:
+                if updates is None:
                     await asyncio.to_thread(save_stage_weights, stage, path)
-                else:  # a training run: what its finetune mode trains and the optimizer state, in its codec
+                else:  # a training run: what its finetune mode trains (or its change), in the run's codec
                     optimizer = self._optimizer_for(run, index)
-                    await asyncio.to_thread(_write_update, prepared, stage, optimizer, path)
+                    data = await asyncio.to_thread(updates.encode, index, stage, optimizer, cmd)
+                    await asyncio.to_thread(path.write_bytes, data)
                 sha = await asyncio.to_thread(file_sha256, path)
                 header = WeightHeader(
                     run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha, round=cmd.round
@@ -365,6 +370,9 @@ class ClientDaemon:
         local = [run.stages[p.index] for p in run.partitions if p.local]
         run.optimizer = build_owner_optimizer(local, prepared.optimizer)  # before any Load, which may bring its state
         self._prepared[cmd.run_id] = prepared
+        updates = self._updates[cmd.run_id] = Updates(prepared)
+        for index, stage in run.stages.items():
+            updates.mark_start(index, stage)
         return run.status()
 
     def _optimizer_for(self, run: HostedRun, index: int) -> Any:
@@ -386,11 +394,12 @@ class ClientDaemon:
                 raise HostingError(f"partition {p.index} of run {cmd.run_id} is not hosted here")
             path = await fetch_partition(channel, cmd.run_id, p, self.config.cache_dir / "merged")
             try:
-                tensors = await asyncio.to_thread(prepared.codec.decode, path.read_bytes())
+                tensors = await asyncio.to_thread(decode_update, path.read_bytes())
             except ValueError as exc:
                 raise HostingError(f"partition {p.index} of run {cmd.run_id}: {exc}") from exc
             optimizer = self._optimizer_for(run, p.index)
             await asyncio.to_thread(load_trained_state, stage, tensors, prepared.finetune, optimizer)
+            self._updates[cmd.run_id].mark_start(p.index, stage)
         return run.status()
 
     async def _train(self, channel: ControlChannel, cmd: Train) -> tuple[RunStatus, RoundReport]:
@@ -430,6 +439,7 @@ class ClientDaemon:
     async def _stop_run(self, channel: ControlChannel, cmd: StopRun) -> RunStatus:
         await self._close_trainer(cmd.run_id)
         self._prepared.pop(cmd.run_id, None)
+        self._updates.pop(cmd.run_id, None)
         task = self._host_tasks.pop(cmd.run_id, None)
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -446,6 +456,7 @@ class ClientDaemon:
         for run_id in list(self._trainers):
             await self._close_trainer(run_id)
         self._prepared.clear()
+        self._updates.clear()
         runs, self.runs = self.runs, {}
         for run in runs.values():
             await run.close()
@@ -453,6 +464,4 @@ class ClientDaemon:
 
 
 
-def _write_update(prepared: Preparation, stage: Any, optimizer: Any, path: Path) -> None:
-    """Write what ``stage`` uploads after a round (its trained tensors and optimizer state) in the run's codec."""
-    path.write_bytes(prepared.codec.encode(trained_state(stage, prepared.finetune, optimizer)))
+

@@ -13,15 +13,16 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from autograd_bridge.codecs import UpdateCodec, get_codec
+from autograd_bridge.codecs import CodecSettings as CodecChoice
+from autograd_bridge.codecs import UpdateCodec, decode_update, get_codec
 from autograd_bridge.finetune import Finetune, FinetuneSettings, get_finetune
 from autograd_bridge.methods import TrainingMethod, get_method
 from autograd_bridge.optim import check_optimizer_name, check_schedule_name
-from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, Train
+from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, Train, Upload
 
 from .errors import HostingError
 
@@ -68,13 +69,23 @@ class Preparation:
     finetune: Finetune  # what the stages train and what travels
     settings: FinetuneSettings  # what the finetune mode was set up with
     optimizer: str  # every stage's optimizer (autograd_bridge.optim)
-    codec: UpdateCodec  # how partition tensors travel to and from the server
+    codec: str  # how this holder encodes its uploads (autograd_bridge.codecs); the density comes with each Upload
+    codec_choice: CodecChoice  # the codec's value dtype and top-k scope
+    error_feedback: bool  # keep what a sparse upload left out and add it to the next one
     method: TrainingMethod  # how the owner trains a step
 
     @property
-    def key(self) -> tuple[str, str, str, str, FinetuneSettings]:
+    def key(self) -> tuple[Any, ...]:
         """What must match when the same pipeline is prepared twice."""
-        return (self.finetune.name, self.optimizer, self.codec.name, self.method.name, self.settings)
+        return (self.finetune.name, self.optimizer, self.codec, self.codec_choice, self.error_feedback,
+                self.method.name, self.settings)  # fmt: skip
+
+    def upload_codec(self, density: float) -> UpdateCodec:
+        """The codec of one upload, keeping ``density`` of each tensor where it is sparse."""
+        try:
+            return get_codec(self.codec, replace(self.codec_choice, density=density))
+        except ValueError as exc:
+            raise HostingError(f"the upload cannot be encoded: {exc}") from exc
 
 
 def prepare_from_command(cmd: PrepareRun) -> Preparation:
@@ -87,11 +98,15 @@ def prepare_from_command(cmd: PrepareRun) -> Preparation:
     try:
         finetune = get_finetune(cmd.finetune)
         finetune.check(settings)
+        choice = CodecChoice(values=cmd.codec.values or "fp32", scope=cmd.codec.scope or "partition")
+        get_codec(cmd.codec.name, choice)  # an unknown codec is refused now, not at the first upload
         return Preparation(
             finetune=finetune,
             settings=settings,
             optimizer=check_optimizer_name(cmd.optimizer),
-            codec=get_codec(cmd.codec),
+            codec=cmd.codec.name,
+            codec_choice=choice,
+            error_feedback=cmd.codec.error_feedback,
             method=get_method(cmd.method),
         )
     except ValueError as exc:
@@ -261,3 +276,42 @@ def load_trained_state(stage: Any, tensors: Mapping[str, Any], finetune: Finetun
         finetune.load_tensors(stage, weights)
     except ValueError as exc:
         raise HostingError(f"partition {stage.spec.index}: {exc}") from exc
+
+
+@dataclass(slots=True)
+class Updates:
+    """What a holder uploads for its partitions: their values, or their change since it last loaded them.
+
+    A codec that sends changes (top-k) gets ``trained - start`` per tensor, ``start`` being
+    what the partition held after the last PrepareRun or LoadPartitions; the server adds the
+    mean change to its global tensors (FLoSS: the server sent ``P * mask``, the client sends
+    its sparse change, the server steps ``P`` with the mean). With error feedback each
+    partition keeps what its last sparse upload left out and adds it to the next change.
+    """
+
+    prepared: Preparation
+    starts: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> its tensors when last loaded
+    residuals: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> what sparse uploads left out
+
+    def mark_start(self, index: int, stage: Any) -> None:
+        """``stage`` (partition ``index``) now holds what the server sent: changes are measured from here."""
+        self.starts[index] = {n: t.clone() for n, t in self.prepared.finetune.trained_tensors(stage).items()}
+
+    def encode(self, index: int, stage: Any, optimizer: Any, upload: Upload) -> bytes:
+        """The bytes partition ``index`` sends for ``upload`` (round 0: its starting values, whole)."""
+        own = optimizer if upload.optimizer_state else None
+        if upload.round == 0:
+            return get_codec("dense").encode(trained_state(stage, self.prepared.finetune, own))
+        codec = self.prepared.upload_codec(upload.density)
+        if not codec.sends_changes:
+            return codec.encode(trained_state(stage, self.prepared.finetune, own))
+        from autograd_bridge.optim_state import optimizer_tensors
+
+        start, residual = self.starts[index], self.residuals.get(index, {})
+        change = {n: t - start[n] + residual[n] if n in residual else t - start[n]
+                  for n, t in self.prepared.finetune.trained_tensors(stage).items()}  # fmt: skip
+        data = codec.encode({**change, **optimizer_tensors(own, stage.named_model_parameters())})
+        if self.prepared.error_feedback:
+            sent = decode_update(data)
+            self.residuals[index] = {n: t - sent[n] for n, t in change.items()}
+        return data

@@ -252,14 +252,18 @@ class Train(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., start: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_batch_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., clip_norm: _Optional[float] = ...) -> None: ...
 
 class Upload(_message.Message):
-    __slots__ = ("run_id", "partitions", "round")
+    __slots__ = ("run_id", "partitions", "round", "density", "optimizer_state")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     partitions: _containers.RepeatedScalarFieldContainer[int]
     round: int
-    def __init__(self, run_id: _Optional[str] = ..., partitions: _Optional[_Iterable[int]] = ..., round: _Optional[int] = ...) -> None: ...
+    density: float
+    optimizer_state: bool
+    def __init__(self, run_id: _Optional[str] = ..., partitions: _Optional[_Iterable[int]] = ..., round: _Optional[int] = ..., density: _Optional[float] = ..., optimizer_state: _Optional[bool] = ...) -> None: ...
 
 class StopRun(_message.Message):
     __slots__ = ("run_id", "reason")
@@ -279,6 +283,18 @@ class LoraSettings(_message.Message):
     targets: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class CodecSettings(_message.Message):
+    __slots__ = ("name", "values", "scope", "error_feedback")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: str
+    scope: str
+    error_feedback: bool
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[str] = ..., scope: _Optional[str] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
+
 class PrepareRun(_message.Message):
     __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -293,9 +309,9 @@ class PrepareRun(_message.Message):
     optimizer: str
     lora: LoraSettings
     seed: int
-    codec: str
+    codec: CodecSettings
     method: str
-    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
 
 class LoadPartitions(_message.Message):
     __slots__ = ("run_id", "partitions", "round")

@@ -283,7 +283,9 @@ class Upload:
 
     run_id: str
     partitions: tuple[int, ...]
-    round: int = 0
+    round: int = 0  # 0: the starting state (values, whole); else the round's update
+    density: float = 1.0  # share of each tensor's entries a sparse codec keeps
+    optimizer_state: bool = True  # also send the optimizer's state for the partitions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -304,6 +306,16 @@ class LoraSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CodecSettings:
+    """How a holder encodes what it uploads (autograd_bridge.codecs)."""
+
+    name: str = "dense"  # a member of autograd_bridge.codecs.CODECS
+    values: str = "fp32"  # the dtype sparse values travel in
+    scope: str = "partition"  # top-k per "partition" (its tensors ranked together) or per "tensor"
+    error_feedback: bool = False  # keep what a sparse upload left out and add it to the next one
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PrepareRun:
     """Before a training run's first round: how a pipeline's stages train."""
 
@@ -312,7 +324,7 @@ class PrepareRun:
     optimizer: str = "adamw"  # every stage's optimizer (autograd_bridge.optim)
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0  # adapters of partition k start from seed * 1000 + k on every copy
-    codec: str = "dense"  # how partition tensors travel to and from the server (autograd_bridge.codecs)
+    codec: CodecSettings = field(default_factory=CodecSettings)  # how this holder encodes its uploads
     method: str = "backprop"  # the training method (autograd_bridge.methods)
 
 

@@ -14,6 +14,7 @@ from proto import control_pb2 as pb
 from .messages import (
     AllowedPeer,
     ClientInfo,
+    CodecSettings,
     Command,
     CommandBody,
     CommandState,
@@ -341,17 +342,21 @@ _TRAIN_FIELDS = (
 
 def _prepare_to_proto(body: PrepareRun) -> pb.PrepareRun:
     lora = pb.LoraSettings(r=body.lora.r, alpha=body.lora.alpha, targets=list(body.lora.targets))
+    c = body.codec
+    codec = pb.CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
     return pb.PrepareRun(
         run_id=body.run_id, finetune=body.finetune, optimizer=body.optimizer, lora=lora, seed=body.seed,
-        codec=body.codec, method=body.method,
+        codec=codec, method=body.method,
     )  # fmt: skip
 
 
 def _prepare_from_proto(msg: pb.PrepareRun) -> PrepareRun:
     lora = LoraSettings(r=msg.lora.r, alpha=msg.lora.alpha, targets=tuple(msg.lora.targets))
+    c = msg.codec
+    codec = CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
     return PrepareRun(
         run_id=msg.run_id, finetune=msg.finetune, optimizer=msg.optimizer, lora=lora, seed=msg.seed,
-        codec=msg.codec, method=msg.method,
+        codec=codec, method=msg.method,
     )  # fmt: skip
 
 
@@ -376,7 +381,9 @@ def command_to_proto(command: Command) -> pb.Command:
     elif isinstance(body, Train):
         msg.train.CopyFrom(pb.Train(**{name: getattr(body, name) for name in _TRAIN_FIELDS}))
     elif isinstance(body, Upload):
-        msg.upload.CopyFrom(pb.Upload(run_id=body.run_id, partitions=list(body.partitions), round=body.round))
+        upload = pb.Upload(run_id=body.run_id, partitions=list(body.partitions), round=body.round, density=body.density,
+                           optimizer_state=body.optimizer_state)  # fmt: skip
+        msg.upload.CopyFrom(upload)
     elif isinstance(body, StopRun):
         msg.stop.CopyFrom(pb.StopRun(run_id=body.run_id, reason=body.reason))
     elif isinstance(body, PrepareRun):
@@ -413,7 +420,9 @@ def command_from_proto(msg: pb.Command) -> Command:
     elif kind == "train":
         body = Train(**{name: getattr(msg.train, name) for name in _TRAIN_FIELDS})
     elif kind == "upload":
-        body = Upload(run_id=msg.upload.run_id, partitions=tuple(msg.upload.partitions), round=msg.upload.round)
+        u = msg.upload
+        body = Upload(run_id=u.run_id, partitions=tuple(u.partitions), round=u.round, density=u.density or 1.0,
+                      optimizer_state=u.optimizer_state)  # fmt: skip
     elif kind == "stop":
         body = StopRun(run_id=msg.stop.run_id, reason=msg.stop.reason)
     elif kind == "prepare":

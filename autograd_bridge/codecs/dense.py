@@ -4,23 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 from torch import Tensor
+
+from .container import decode_update, pack
+from .settings import CodecSettings
 
 
 class DenseCodec:
-    """safetensors bytes of the tensors as they are."""
+    """safetensors bytes of the tensors as they are, tagged ``titanic_codec = "dense"``.
+
+    The tensor bytes are those of a plain ``safetensors.torch.save``; the tag only adds a
+    metadata entry to the header, which any safetensors reader ignores, and bytes without
+    it (written before codecs tagged them) still decode as dense.
+    """
 
     name = "dense"
+    sends_changes = False
+
+    def __init__(self, settings: CodecSettings | None = None) -> None:
+        # Dense sends everything in its own dtype: the settings are the top-k codec's.
+        self.settings = settings or CodecSettings()
 
     def encode(self, tensors: Mapping[str, Tensor]) -> bytes:
         """A safetensors file of ``tensors`` (contiguous, on the CPU)."""
-        return save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+        return pack({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, self.name)
 
     def decode(self, data: bytes) -> dict[str, Tensor]:
-        """The tensors of a safetensors file."""
-        try:
-            return load(data)
-        except (SafetensorError, ValueError) as exc:
-            raise ValueError(f"not a dense (safetensors) update: {exc}") from exc
+        """The tensors of any codec's bytes (see :func:`decode_update`)."""
+        return decode_update(data)

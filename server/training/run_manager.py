@@ -42,8 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autograd_bridge.codecs import decode_update
 from proto.messages import (
     CommandState,
+    DeviceProfile,
     LoadPartitions,
     PartitionAssignment,
     StatusReport,
@@ -54,6 +56,7 @@ from server.control.state import Deployment, PlanRow
 from server.errors import ServerError
 from server.training.aggregation import ClientUpdate
 from server.training.checkpoints import CheckpointStore, from_peft_names, to_peft_names
+from server.training.communication import elements_of
 from server.training.global_model import PartitionTensors, optimizer_state_for, partition_names
 from server.training.reports import history_entry, per_round
 from server.training.rounds import (
@@ -132,8 +135,10 @@ class RunManager:
             raise ValueError(f"run {busy[0]} is still active; stop it first (titanic-server runs stop {busy[0]})")
         seams = seams_for(spec)
         machine = RoundMachine(
-            rounds=spec.rounds, participation=seams.participation, snapshot_first=seams.aggregator.steps_from_start
-        )
+            rounds=spec.rounds, participation=seams.participation,
+            # The starting state: a server optimizer steps from it, and changes (a sparse codec) add to it.
+            snapshot_first=seams.aggregator.steps_from_start or seams.communication.sends_changes,
+        )  # fmt: skip
         record = RunRecord(
             run_id=resume or self._new_id(), spec=spec, machine=machine, seams=seams, created_at=time.time()
         )
@@ -269,7 +274,7 @@ class RunManager:
                 body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work, model=self.model_name)
                 self._send(record, "train", action.client_id, action.bridge_run, body)
             elif isinstance(action, SendUpload):
-                body = Upload(run_id=action.bridge_run, partitions=action.partitions, round=action.round)
+                body = self._upload_command(record, action)
                 self._send(record, "upload", action.client_id, action.bridge_run, body)
             elif isinstance(action, SendLoad):
                 try:
@@ -340,6 +345,21 @@ class RunManager:
 
     # -- merging, distributing, checkpointing ----------------------------------------------
 
+    def _upload_command(self, record: RunRecord, action: SendUpload) -> Upload:
+        """Ask a holder for its partitions' update, as dense as its link allows, with its optimizer state when needed."""
+        seams = record.seams
+        pipeline = record.partitions[action.bridge_run]
+        elements = elements_of({n: record.global_state[n] for i in action.partitions
+                                for n in partition_names(record.global_state, pipeline[i])})  # fmt: skip
+        density = seams.communication.density(action.client_id, "upload", elements, self._profile(action.client_id))
+        with_state = record.spec.communication.optimizer_state or seams.participation.shared_optimizer
+        return Upload(run_id=action.bridge_run, partitions=action.partitions, round=action.round, density=density,
+                      optimizer_state=with_state)  # fmt: skip
+
+    def _profile(self, client_id: str) -> DeviceProfile | None:
+        client = self.state.get_client(client_id)
+        return client.profile if client is not None else None
+
     def _load_command(self, record: RunRecord, action: SendLoad) -> LoadPartitions:
         """Store the global version of the holder's partitions (codec bytes) and name it in a LoadPartitions."""
         seams = record.seams
@@ -353,8 +373,9 @@ class RunManager:
                     continue  # no decoder block, and none of its own tensors trains in this mode: nothing to load
                 raise ValueError(f"the global state has no tensors of partition {index}")
             tensors = {n: record.global_state[n] for n in names}
+            codec = seams.communication.download_codec(action.client_id, elements_of(tensors), self._profile(action.client_id))
             tensors.update(self._optimizer_to_load(record, action.bridge_run, index))
-            data = seams.codec.encode(tensors)
+            data = codec.encode(tensors)
             path = self._scratch / f"{record.run_id}-{action.bridge_run}-p{index}.bin"
             path.write_bytes(data)
             stored = self.handler.weights.add(action.bridge_run, index, path, clients=[action.client_id])
@@ -424,7 +445,7 @@ class RunManager:
                         raise ValueError(f"{client_id} reported its upload of partition {partition} but none arrived")
                     data = Path(path).read_bytes()
                     sizes[client_id] = sizes.get(client_id, 0) + len(data)
-                    weights, state = split_optimizer_tensors(record.seams.codec.decode(data))
+                    weights, state = split_optimizer_tensors(decode_update(data))
                     tensors.update(weights)
                     optimizer.update(state)
             out[bridge_run] = _PipelineUpload(tensors=tensors, optimizer=optimizer, sizes=sizes)
@@ -466,10 +487,12 @@ class RunManager:
     def _merge_and_save(self, record: RunRecord, action: Merge, uploads: Mapping[str, _PipelineUpload]) -> Path | None:
         for run, upload in uploads.items():
             record.optimizers[self._optimizer_key(record, run)] = upload.optimizer
-        reference = self._reference(record, uploads[action.bridge_runs[0]].tensors)
+        changes = record.seams.communication.sends_changes  # the uploads hold changes since the global state
+        reference = record.global_state if changes else self._reference(record, uploads[action.bridge_runs[0]].tensors)
+        # All owners weigh the same when none reports samples (FedAvg needs some weight).
+        weights = {run: max(action.weights.get(run, 0), 0) or 1 for run in action.bridge_runs}
         updates = [
-            # All owners weigh the same when none reports samples (FedAvg needs some weight).
-            ClientUpdate(state=uploads[run].tensors, num_samples=max(action.weights.get(run, 0), 0) or 1, client_id=run)
+            ClientUpdate(state=uploads[run].tensors, num_samples=weights[run], client_id=run, delta=changes)
             for run in action.bridge_runs
         ]
         previous = record.global_state

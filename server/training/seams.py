@@ -7,7 +7,7 @@ asked for its name. Each comes from its registry by the name in the run file::
     participation  server.training.participation.PARTICIPATIONS   [participation] mode (or case)
     local work     server.training.local_work.LOCAL_WORK           [local_work] mode
     finetune       autograd_bridge.finetune.FINETUNES              [finetune] mode
-    codec          autograd_bridge.codecs.CODECS                   [communication] codec
+    communication  autograd_bridge.codecs.CODECS                   [communication] codec, densities
     aggregator     server.training.aggregation.AGGREGATORS         [aggregation] rule
 
 (The training method, ``[training] method``, runs on the owners only: the server passes its
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autograd_bridge.codecs import UpdateCodec, get_codec
 from autograd_bridge.finetune import Finetune, get_finetune
 from server.training.aggregation import Aggregator
+from server.training.communication import Communication
 from server.training.local_work import LocalWork, build_local_work
 from server.training.participation import Participation, build_participation
 from server.training.spec import RunSpec, aggregation_settings
@@ -35,7 +35,7 @@ class RunSeams:
     participation: Participation  # who trains in each turn; whose optimizer state travels
     local_work: LocalWork  # how much each owner trains per round
     finetune: Finetune  # what travels, and whether checkpoints are adapters
-    codec: UpdateCodec  # how uploads and LoadPartitions files are encoded
+    communication: Communication  # codecs and each client's densities
     aggregator: Aggregator  # how copies merge (a server optimizer keeps its moments here)
 
 
@@ -45,6 +45,6 @@ def seams_for(spec: RunSpec) -> RunSeams:
         participation=build_participation(spec.participation, seed=spec.seed),
         local_work=build_local_work(spec.local_work),
         finetune=get_finetune(spec.finetune.mode),
-        codec=get_codec(spec.communication.codec),
+        communication=Communication(spec.communication),
         aggregator=aggregation_settings(spec).build(),
     )

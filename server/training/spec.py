@@ -51,8 +51,16 @@ stays complete and true). The model and its stages come from the server's ``[mod
     server_beta2 = 0.99    # second-moment decay of fedadam and fedyogi, in [0, 1)
     server_tau = 0.001     # adaptivity of those three, > 0: the step divides by sqrt(v) + tau, and v starts at tau^2
 
-    [communication]        # how tensors travel between the server and the clients
-    codec = "dense"        # partition tensors and uploads (autograd_bridge.codecs)
+    [communication]        # how tensors travel between the server and the clients (server.training.communication)
+    codec = "dense"        # dense: every tensor whole | topk: the largest entries by magnitude (FLoSS)
+    upload_density = 1.0   # share of entries a sparse upload keeps (holders send their change since they loaded), in (0, 1]
+    download_density = 1.0 # share of each global tensor a sparse download keeps (the rest arrives as zeros), in (0, 1]
+    values = "fp32"        # the dtype sparse values travel in: fp32 | fp16 | bf16
+    scope = "partition"    # top-k over a partition's tensors ranked together (as FLASC), or per "tensor"
+    error_feedback = false # holders keep what a sparse upload left out and add it to the next (not in FLoSS)
+    optimizer_state = true # uploads carry the optimizer state for an exact resume (always when it travels between owners)
+    budget_s = 0.0         # > 0: seconds per round each direction may take; densities then follow each client's links
+    clients = {}           # per client: [communication.clients.NAME] upload_density, download_density
 
     [evaluation]           # the validation each owner runs after every round
     val_fraction = 0.1     # share of each owner's sequences held out, in (0, 1), so owners can report perplexity
@@ -99,7 +107,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autograd_bridge.config import read_toml, section_from_mapping
-from proto.messages import LoraSettings, PrepareRun, Train
+from proto.messages import CodecSettings, LoraSettings, PrepareRun, Train
 from server.training.local_work import LOCAL_WORK
 from server.training.participation import CASES, PARTICIPATIONS
 
@@ -122,6 +130,15 @@ def _is_number(value: object) -> bool:
 def _check_count(where: str, name: str, value: object, least: int = 1) -> None:
     if not _is_int(value) or value < least:  # type: ignore[operator]
         raise ValueError(f"{where}{name} must be an integer >= {least}, got {value!r}")
+
+
+def _check_density(what: str, value: object) -> None:
+    from autograd_bridge.codecs import MIN_DENSITY
+
+    if not (_is_number(value) and MIN_DENSITY <= value <= 1):  # type: ignore[operator]
+        raise ValueError(
+            f"{what} must be a share of entries in [{MIN_DENSITY:g}, 1] (1: dense, 0.01: one in a hundred), got {value!r}"
+        )
 
 
 def _check_member(what: str, value: object, known: Mapping[str, object]) -> None:
@@ -283,11 +300,39 @@ class CommunicationSection:
     """``[communication]``: how tensors travel between the server and the clients."""
 
     codec: str = "dense"  # a name in autograd_bridge.codecs.CODECS: partition tensors and uploads
+    upload_density: float = 1.0  # share of entries a sparse codec keeps in each upload, in (0, 1]
+    download_density: float = 1.0  # share of each global tensor a sparse codec sends to a pipeline, in (0, 1]
+    values: str = "fp32"  # the dtype sparse values travel in: fp32 | fp16 | bf16
+    scope: str = "partition"  # top-k over all of a partition's tensors ranked together (FLASC), or per tensor
+    error_feedback: bool = False  # holders keep what a sparse upload left out and add it to the next one
+    optimizer_state: bool = True  # uploads carry the optimizer state (exact resume); always when it travels between owners
+    budget_s: float = 0.0  # > 0: per-round seconds each direction may take; densities follow each client's measured links
+    clients: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)  # name -> its own densities
 
     def __post_init__(self) -> None:
         from autograd_bridge.codecs import CODECS
 
         _check_member("[communication] codec", self.codec, CODECS)
+        for name in ("upload_density", "download_density"):
+            _check_density(f"[communication] {name}", getattr(self, name))
+        if self.values not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"[communication] values must be fp32, fp16 or bf16, got {self.values!r}")
+        if self.scope not in ("tensor", "partition"):
+            raise ValueError(f"[communication] scope must be 'tensor' or 'partition', got {self.scope!r}")
+        for name in ("error_feedback", "optimizer_state"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"[communication] {name} must be true or false, got {getattr(self, name)!r}")
+        if not (_is_number(self.budget_s) and math.isfinite(self.budget_s) and self.budget_s >= 0):
+            raise ValueError(f"[communication] budget_s must be a finite number of seconds >= 0 (0: off), got {self.budget_s!r}")
+        if not isinstance(self.clients, Mapping):
+            raise ValueError("[communication.clients] must be a table of tables: [communication.clients.NAME]")
+        for client, values in self.clients.items():
+            if not isinstance(values, Mapping) or not set(values) <= {"upload_density", "download_density"}:
+                raise ValueError(
+                    f"[communication.clients.{client}] takes upload_density and download_density only, got {values!r}"
+                )
+            for name, value in values.items():
+                _check_density(f"[communication.clients.{client}] {name}", value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -503,7 +548,8 @@ def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
         optimizer=spec.training.optimizer,
         lora=LoraSettings(r=spec.finetune.r, alpha=spec.finetune.alpha, targets=spec.finetune.targets),
         seed=spec.seed,
-        codec=spec.communication.codec,
+        codec=CodecSettings(name=spec.communication.codec, values=spec.communication.values,
+                            scope=spec.communication.scope, error_feedback=spec.communication.error_feedback),
         method=spec.training.method,
     )
 

@@ -8,7 +8,7 @@ import pytest
 
 from client.errors import HostingError
 from client.trainer import check_train, prepare_from_command
-from proto.messages import LoraSettings, PrepareRun, Train
+from proto.messages import CodecSettings, LoraSettings, PrepareRun, Train
 
 GOOD = Train(
     run_id="p", round=2, steps=3, start=3, batch_size=4, seq_len=32, micro_batches=1, lr=1e-3,
@@ -55,7 +55,7 @@ def test_prepare_settings_carry_the_run_optimizer() -> None:
     ("change", "message"),
     [
         ({"finetune": "prefix"}, "finetune mode must be one of full, lora"),
-        ({"codec": "zip"}, "codec must be one of dense"),
+        ({"codec": CodecSettings(name="zip")}, "codec must be one of dense, topk"),
         ({"method": "telepathy"}, "training method must be one of backprop"),
         ({"finetune": "lora", "lora": LoraSettings(r=0)}, "lora_r >= 1"),
         ({"finetune": "lora", "lora": LoraSettings(targets=("",))}, "module names"),
@@ -70,7 +70,7 @@ def test_prepare_refuses_unknown_members_and_bad_lora(change: dict[str, object],
 def test_prepare_resolves_one_object_per_seam() -> None:
     """A LoRA PrepareRun gives the lora finetune, the dense codec and backprop."""
     prepared = prepare_from_command(PrepareRun(run_id="p", finetune="lora", lora=LoraSettings(r=4, alpha=8), seed=3))
-    assert (prepared.finetune.name, prepared.codec.name, prepared.method.name) == ("lora", "dense", "backprop")
+    assert (prepared.finetune.name, prepared.codec, prepared.method.name) == ("lora", "dense", "backprop")
     assert prepared.finetune.adapter and prepared.settings.lora_r == 4 and prepared.settings.seed == 3
 
 

@@ -40,9 +40,11 @@ def test_host_command_reaches_client_intact() -> None:
         m.Train(run_id="r", round=3, steps=1000, start=2000, batch_size=4, seq_len=64, micro_batches=2, lr=1e-3,
                 seed=7, val_fraction=0.2, eval_batch_size=16, tokenizer="/models/t", method="backprop"),
         m.Upload(run_id="r", partitions=(1, 2), round=4),
+        m.Upload(run_id="r", partitions=(0,), round=2, density=0.05, optimizer_state=False),
         m.StopRun(run_id="r", reason="replaced"),
         m.PrepareRun(run_id="r", finetune="lora", optimizer="sgd", lora=m.LoraSettings(r=4, alpha=8, targets=("q_proj",)),
-                     seed=5, codec="dense", method="backprop"),
+                     seed=5, codec=m.CodecSettings(name="topk", values="bf16", scope="partition", error_feedback=True),
+                     method="backprop"),
         m.LoadPartitions(run_id="r", partitions=(
             m.PartitionAssignment(index=0, num_stages=1, layer_start=0, layer_end=4, weights_sha256="ef" * 32, weights_bytes=9, local=True),
         ), round=2),

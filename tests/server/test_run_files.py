@@ -119,7 +119,7 @@ def test_a_key_set_twice_is_refused() -> None:
         ({"local_work": {"steps": 0}}, r"\[local_work\] steps must be an integer >= 1"),
         ({"finetune": {"mode": "heads"}}, r"\[finetune\] mode must be one of full, lora"),
         ({"finetune": {"r": 0}}, r"\[finetune\] r must be an integer >= 1"),
-        ({"communication": {"codec": "zip"}}, r"\[communication\] codec must be one of dense"),
+        ({"communication": {"codec": "zip"}}, r"\[communication\] codec must be one of dense, topk"),
         ({"training": {"method": "guess"}}, r"\[training\] method must be one of backprop"),
         ({"training": {"seq_len": 1}}, r"\[training\] seq_len must be an integer >= 2"),
         ({"evaluation": {"eval_batch_size": 0}}, r"\[evaluation\] eval_batch_size"),
@@ -162,7 +162,7 @@ def test_prepare_commands_carry_the_chosen_members() -> None:
     """PrepareRun names the run's finetune mode, optimizer, codec and method, with the LoRA settings."""
     spec = spec_from_mapping({"finetune": {"mode": "lora", "r": 4, "alpha": 8}, "optimizer": "sgd", "seed": 3})
     command = prepare_command(spec, "plan-1-p0")
-    assert (command.run_id, command.finetune, command.optimizer, command.codec, command.method) == (
+    assert (command.run_id, command.finetune, command.optimizer, command.codec.name, command.method) == (
         "plan-1-p0", "lora", "sgd", "dense", "backprop"
     )
     assert (command.lora.r, command.lora.alpha, command.seed) == (4, 8, 3)

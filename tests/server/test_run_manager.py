@@ -182,7 +182,7 @@ async def test_a_one_stage_and_a_three_stage_pipeline_train_in_parallel(handler:
     record, clients = await run(handler, model, tmp_path, {"case": 3, "rounds": 2, "steps_per_round": 2})
     assert record.machine.phase == Phase.DONE, record.machine.error
     prepares = [body for _, body in clients.sent if isinstance(body, PrepareRun)]
-    assert len(prepares) == 3 and all((p.finetune, p.codec, p.optimizer) == ("full", "dense", "adamw") for p in prepares)
+    assert len(prepares) == 3 and all((p.finetune, p.codec.name, p.optimizer) == ("full", "dense", "adamw") for p in prepares)
     trains = sorted((b.run_id, b.round, b.steps, b.start) for _, b in clients.sent if isinstance(b, Train))
     assert trains == [("plan-1-p0", 1, 2, 0), ("plan-1-p0", 2, 2, 2), ("plan-1-p1", 1, 2, 0), ("plan-1-p1", 2, 2, 2)]
     history = record.machine.history
