@@ -154,9 +154,22 @@ def run_table(run: Mapping[str, Any]) -> str:
                      f"{step:.3f}" if isinstance(step, int | float) else "-", " ".join(f"{x:.3f}" for x in stages) or "-"])
     headers = ["round", "owner", "first loss", "last loss", "val loss", "val ppl", "samples", "step s", "s/step per stage"]
     table = format_table(headers, rows)
-    out = head + "\n" + table + "\n\n" + ppl_table(run.get("per_round", []))
-    signals = signals_table(run)
-    return out + "\n\n" + signals if signals else out
+    parts = [head + "\n" + table, ppl_table(run.get("per_round", [])), signals_table(run), traffic_table(run)]
+    return "\n\n".join(part for part in parts if part)
+
+
+def traffic_table(run: Mapping[str, Any]) -> str:
+    """Bytes each client uploaded to and downloaded from the server per round (encoded: what crossed the network)."""
+    rows = [[t.get("round", 0), t.get("client", ""), _bytes(t.get("uploaded", 0)), _bytes(t.get("downloaded", 0))]
+            for t in run.get("traffic", [])]  # fmt: skip
+    return format_table(["round", "client", "uploaded", "downloaded"], rows) if rows else ""
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def signals_table(run: Mapping[str, Any]) -> str:

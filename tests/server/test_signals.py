@@ -43,3 +43,11 @@ def test_training_perplexity_before_and_after_each_merge() -> None:
            "signals": [{"round": 1, "update": {"total": 0.5}, "model": {"total": 12.0}}]}  # fmt: skip
     shown = run_table(run)
     assert "train ppl before->after merge" in shown and "a 7.39->12.18" in shown and "0.5" in shown and "12" in shown
+
+
+def test_runs_show_prints_the_bytes_each_client_moved() -> None:
+    """The traffic table: per round and client, encoded bytes up and down."""
+    run = {"run_id": "run-1", "state": "done", "history": [], "per_round": [],
+           "traffic": [{"round": 1, "client": "alice", "uploaded": 1500, "downloaded": 2_500_000}]}  # fmt: skip
+    shown = run_table(run)
+    assert "uploaded" in shown and "alice" in shown and "1.50 kB" in shown and "2.50 MB" in shown

@@ -525,6 +525,7 @@ def test_floss_sparse_changes_step_fedadam(tmp_path: Path, model_dir: Path, owne
         snapshots = [s for s, _ in (uploads(r, 0) for r in runs) if s]
         assert len(snapshots) == 1, "the first pipeline uploads the starting adapters, whole"
         reference = snapshots[0]
+        sent = sum(f.stat().st_size for r in runs for f in (c.state_dir / "weights" / "uploads" / r).glob("p*-r1-*"))
         fedadam = FedAdam(lr=0.02)
         for round_, folder in enumerate(run["checkpoints"], start=1):
             merged = from_peft_names(load_file(Path(folder) / "adapter_model.safetensors"))
@@ -542,6 +543,7 @@ def test_floss_sparse_changes_step_fedadam(tmp_path: Path, model_dir: Path, owne
     downloaded = {r: sum(t["downloaded"] for t in run["traffic"] if t["round"] == r) for r in (1, 2)}
     dense = sum(t.numel() * 4 for t in snapshots[0].values())  # the whole adapters, fp32: what round 0 sent
     assert uploaded[0] >= dense and downloaded[1] == 0 and downloaded[2] > 0  # round 1 starts from the snapshot
+    assert uploaded[1] == sent  # the bytes counted are the bytes that arrived
     # Two pipelines each send a quarter (bob's ends a tenth) of their entries: well below their dense adapters,
     # file headers included (measured 0.40 of dense on this tiny model), and downloads keep half.
     assert 0 < uploaded[1] < 0.5 * (2 * dense) and downloaded[2] < 0.8 * (2 * dense)
