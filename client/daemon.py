@@ -14,12 +14,15 @@ unreachable server or an ended session reconnects, and a failed command is repor
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import platform
 import random
 import socket
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -34,11 +37,13 @@ from proto.messages import (
     HostRun,
     LoadPartitions,
     PrepareRun,
+    RoundProgress,
     RoundReport,
     RunState,
     RunStatus,
     Session,
     StatusReport,
+    StepRecord,
     StopRun,
     Train,
     Upload,
@@ -75,6 +80,9 @@ from .trainer import (
 from .weights import fetch_partition
 
 log = logging.getLogger(__name__)
+
+_COMMAND_ID: contextvars.ContextVar[int] = contextvars.ContextVar("command_id")
+_PROGRESS_EVERY_S = 0.5  # a training owner reports its new step losses at most this often
 
 CommandResult = RunStatus | None | tuple[RunStatus, RoundReport]
 
@@ -242,6 +250,7 @@ class ClientDaemon:
     # -- commands ------------------------------------------------------------------------
 
     async def _execute(self, channel: ControlChannel, command: Command) -> None:
+        _COMMAND_ID.set(command.command_id)  # this task's command, for the progress a handler reports
         body = command.body
         try:
             handler = self._handlers.get(type(body))
@@ -424,7 +433,9 @@ class ClientDaemon:
                     OwnerTrainer, cmd.run_id, run.stages, run.peers, data, settings, run.optimizer, prepared.method
                 )
                 self._trainers[cmd.run_id] = trainer
-            report = await asyncio.to_thread(trainer.train_round, settings)
+            progress = _ProgressReporter(channel, _COMMAND_ID.get(), settings, asyncio.get_running_loop())
+            report = await asyncio.to_thread(trainer.train_round, settings, progress.step_done)
+            await progress.flush()
         finally:
             if run.state == RunState.TRAINING:
                 run.state = RunState.CONNECTED
@@ -462,6 +473,44 @@ class ClientDaemon:
             await run.close()
 
 
+class _ProgressReporter:
+    """Sends a Train command's step losses to the server while the round trains (from the training thread)."""
 
+    def __init__(self, channel: ControlChannel, command_id: int, settings: Train, loop: asyncio.AbstractEventLoop) -> None:
+        self.channel, self.command_id, self.settings, self.loop = channel, command_id, settings, loop
+        self.began = time.perf_counter()
+        self.last_sent = self.began
+        self.pending: list[float] = []  # losses not reported yet
+        self.first = 0  # the step of pending[0]
+        self.tokens = 0
+        self.sending: concurrent.futures.Future[None] | None = None
 
+    def step_done(self, step: int, record: StepRecord) -> None:
+        """Called after every step, on the training thread; sends at most every _PROGRESS_EVERY_S."""
+        if not self.pending:
+            self.first = step
+        self.pending.append(record.loss)
+        self.tokens += record.tokens
+        now = time.perf_counter()
+        if now - self.last_sent >= _PROGRESS_EVERY_S and (self.sending is None or self.sending.done()):
+            self.last_sent = now
+            self.sending = asyncio.run_coroutine_threadsafe(self._send(self._take()), self.loop)
 
+    def _take(self) -> RoundProgress:
+        s = self.settings
+        progress = RoundProgress(round=s.round, first_step=self.first, losses=tuple(self.pending), steps=s.steps,
+                                 tokens=self.tokens, seconds=time.perf_counter() - self.began)  # fmt: skip
+        self.pending = []
+        return progress
+
+    async def _send(self, progress: RoundProgress) -> None:
+        report = StatusReport(command_id=self.command_id, state=CommandState.ACCEPTED, progress=progress)
+        with contextlib.suppress(ClientError):  # progress is a courtesy: the round report carries every step anyway
+            await self.channel.report_status(report)
+
+    async def flush(self) -> None:
+        """Send what is left once the round is done, so the live curve is complete before the report arrives."""
+        if self.sending is not None:
+            await asyncio.wrap_future(self.sending)
+        if self.pending:
+            await self._send(self._take())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from autograd_bridge.codecs import UpdateCodec, decode_update, get_codec
 from autograd_bridge.finetune import Finetune, FinetuneSettings, get_finetune
 from autograd_bridge.methods import TrainingMethod, get_method
 from autograd_bridge.optim import check_optimizer_name, check_schedule_name
-from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, Train, Upload
+from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, StepRecord, Train, Upload
 
 from .errors import HostingError
 
@@ -165,8 +165,11 @@ class OwnerTrainer:
         # so that a handed-over optimizer state can be loaded before round 1.
         self.optimizer: Any = optimizer
 
-    def train_round(self, settings: Train) -> RoundReport:
-        """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking)."""
+    def train_round(self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None) -> RoundReport:
+        """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking).
+
+        ``on_step(i, record)`` is called after step ``i`` (0-based, within the round) of the round.
+        """
         from functools import partial
 
         from autograd_bridge.optim import lr_at
@@ -191,6 +194,7 @@ class OwnerTrainer:
             peers=self.clients,
             schedule=schedule,
             clip_norm=settings.clip_norm or None,
+            on_step=on_step,
         )
         # Per stage, the owner's wait per step (transfers + the host's compute), before evaluation adds none.
         stage_seconds = tuple(self.pipeline.stage_seconds())

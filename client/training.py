@@ -57,13 +57,14 @@ def run_steps(
     peers: Sequence[Any] = (),
     schedule: Callable[[int], float] | None = None,
     clip_norm: float | None = None,
+    on_step: Callable[[int, StepRecord], None] | None = None,
 ) -> list[StepRecord]:
     """Run ``steps`` optimizer steps on batches ``start, start + 1, ...`` of ``dataset.stream``.
 
     ``method`` (backprop when None) trains each batch through ``pipeline`` and steps
     ``local_optimizer`` (the owner's stages) and every host's optimizer, at ``schedule(i)``
     for batch ``i`` of the stream when given, else at ``lr``; ``clip_norm`` bounds the joint
-    gradient norm of every stage.
+    gradient norm of every stage. ``on_step(i, record)`` follows step ``i`` of this call.
     Each record holds the step's mean token loss (before its update), its tokens, its wall
     time, and the bridge bytes to and from each of ``peers`` (StageClients) during it.
     """
@@ -86,6 +87,8 @@ def run_steps(
             grad_norm=outcome.grad_norm or 0.0, output_norm=outcome.output_norm,
         )  # fmt: skip
         records.append(record)
+        if on_step is not None:
+            on_step(len(records) - 1, record)
     return records
 
 

@@ -401,19 +401,37 @@ class RoundReport(_message.Message):
     step_seconds: float
     def __init__(self, round: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., samples: _Optional[int] = ..., data_samples: _Optional[int] = ..., seconds: _Optional[float] = ..., stage_seconds: _Optional[_Iterable[float]] = ..., step_seconds: _Optional[float] = ...) -> None: ...
 
+class RoundProgress(_message.Message):
+    __slots__ = ("round", "first_step", "losses", "steps", "tokens", "seconds")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    first_step: int
+    losses: _containers.RepeatedScalarFieldContainer[float]
+    steps: int
+    tokens: int
+    seconds: float
+    def __init__(self, round: _Optional[int] = ..., first_step: _Optional[int] = ..., losses: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class StatusReport(_message.Message):
-    __slots__ = ("command_id", "state", "message", "run", "round_report")
+    __slots__ = ("command_id", "state", "message", "run", "round_report", "progress")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     ROUND_REPORT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     state: CommandState
     message: str
     run: RunStatus
     round_report: RoundReport
-    def __init__(self, command_id: _Optional[int] = ..., state: _Optional[_Union[CommandState, str]] = ..., message: _Optional[str] = ..., run: _Optional[_Union[RunStatus, _Mapping]] = ..., round_report: _Optional[_Union[RoundReport, _Mapping]] = ...) -> None: ...
+    progress: RoundProgress
+    def __init__(self, command_id: _Optional[int] = ..., state: _Optional[_Union[CommandState, str]] = ..., message: _Optional[str] = ..., run: _Optional[_Union[RunStatus, _Mapping]] = ..., round_report: _Optional[_Union[RoundReport, _Mapping]] = ..., progress: _Optional[_Union[RoundProgress, _Mapping]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)

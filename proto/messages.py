@@ -191,6 +191,18 @@ class RoundReport:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RoundProgress:
+    """How far a Train command got (sent with ACCEPTED while the round trains)."""
+
+    round: int
+    first_step: int  # the step (0-based, within the round) of losses[0]
+    losses: tuple[float, ...]  # the losses of the steps since the last progress report
+    steps: int  # steps the round has in all
+    tokens: int = 0  # target tokens trained so far this round
+    seconds: float = 0.0  # since the round began
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StatusReport:
     """A client's progress on one command."""
 
@@ -199,6 +211,7 @@ class StatusReport:
     message: str = ""
     run: RunStatus | None = None
     round_report: RoundReport | None = None  # a finished Train command
+    progress: RoundProgress | None = None  # a Train command under way
 
 
 # ------------------------------------------------------------------------------ commands

@@ -31,6 +31,7 @@ from .messages import (
     PrepareRun,
     ProbeResult,
     Registration,
+    RoundProgress,
     RoundReport,
     RunState,
     RunStatus,
@@ -289,6 +290,10 @@ def status_report_to_proto(report: StatusReport) -> pb.StatusReport:
         msg.run.CopyFrom(run_status_to_proto(report.run))
     if report.round_report is not None:
         msg.round_report.CopyFrom(round_report_to_proto(report.round_report))
+    if report.progress is not None:
+        p = report.progress
+        msg.progress.CopyFrom(pb.RoundProgress(round=p.round, first_step=p.first_step, losses=list(p.losses),
+                                               steps=p.steps, tokens=p.tokens, seconds=p.seconds))  # fmt: skip
     return msg
 
 
@@ -303,7 +308,13 @@ def status_report_from_proto(msg: pb.StatusReport) -> StatusReport:
         message=msg.message,
         run=run_status_from_proto(msg.run) if msg.HasField("run") else None,
         round_report=round_report_from_proto(msg.round_report) if msg.HasField("round_report") else None,
+        progress=_progress_from_proto(msg.progress) if msg.HasField("progress") else None,
     )
+
+
+def _progress_from_proto(msg: pb.RoundProgress) -> RoundProgress:
+    return RoundProgress(round=msg.round, first_step=msg.first_step, losses=tuple(msg.losses), steps=msg.steps,
+                         tokens=msg.tokens, seconds=msg.seconds)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ commands

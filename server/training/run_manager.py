@@ -225,7 +225,11 @@ class RunManager:
             if entry is None:
                 continue
             kind, expected, bridge_run = entry
-            if client_id != expected or report.state == CommandState.ACCEPTED:
+            if client_id != expected:
+                return
+            if report.state == CommandState.ACCEPTED:
+                if kind == "train" and report.progress is not None:
+                    record.follow_progress(client_id, report.progress)
                 return
             del record.commands[report.command_id]
             if report.state == CommandState.FAILED:

@@ -11,9 +11,12 @@ every change it makes.
 from __future__ import annotations
 
 import abc
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from proto.messages import RoundProgress
 from server.training.reports import per_round
 
 if TYPE_CHECKING:
@@ -54,6 +57,24 @@ class RunRecord:
     # One entry per merge: round, pipelines, and per layer the update's and the model's norms
     # (server.training.signals.layer_norms), Photon's divergence signals.
     signals: list[dict[str, Any]] = field(default_factory=list)
+    # Owner -> the round it trains now, step by step as its progress reports come (for live views).
+    live: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def follow_progress(self, owner: str, progress: RoundProgress) -> None:
+        """Add an owner's progress report (network input: a report that does not fit is ignored, not trusted)."""
+        now = self.live.get(owner)
+        if now is None or now["round"] != progress.round:
+            now = self.live[owner] = {"round": progress.round, "steps": progress.steps, "losses": [], "tokens": 0,
+                                      "seconds": 0.0}  # fmt: skip
+        fits = (
+            progress.first_step == len(now["losses"]) and progress.steps == now["steps"]
+            and len(now["losses"]) + len(progress.losses) <= progress.steps
+            and all(math.isfinite(x) for x in progress.losses) and math.isfinite(progress.seconds) and progress.seconds >= 0
+        )  # fmt: skip
+        if not fits:
+            return
+        now["losses"].extend(float(x) for x in progress.losses)
+        now["tokens"], now["seconds"] = int(progress.tokens), float(progress.seconds)
 
     def count_bytes(self, round: int, client_id: str, direction: str, size: int) -> None:
         """Add ``size`` bytes ``direction`` ("uploaded" or "downloaded") to ``client_id``'s traffic in ``round``."""
@@ -87,10 +108,19 @@ class RunRecord:
             "per_round": per_round(m.history),
             "traffic": self.traffic_json(),
             "signals": list(self.signals),
+            "live": {owner: _live_json(now) for owner, now in self.live.items()},
             "checkpoints": list(self.checkpoints),
             "created_at": self.created_at,
             "spec": self.spec.to_json(),
         }
+
+
+def _live_json(now: Mapping[str, Any]) -> dict[str, Any]:
+    """An owner's round in progress, with its rate and the time left at that rate."""
+    done, seconds = len(now["losses"]), now["seconds"]
+    rate = now["tokens"] / seconds if seconds > 0 else 0.0
+    left = (now["steps"] - done) * seconds / done if done else None
+    return {**now, "losses": list(now["losses"]), "done": done, "tokens_per_s": rate, "eta_s": left}
 
 
 class RunStore(abc.ABC):

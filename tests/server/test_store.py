@@ -65,3 +65,21 @@ def test_a_record_keeps_its_traffic(store: RunStore) -> None:
     got = store.get("run-1")
     assert got is not None
     assert got.traffic_json() == [{"round": 1, "client": "alice", "uploaded": 15, "downloaded": 7}]
+
+
+def test_progress_reports_build_the_live_round_and_bad_ones_are_ignored() -> None:
+    """Step losses arrive in order and extend the owner's live curve; gaps, overflow and NaN are not taken."""
+    from proto.messages import RoundProgress
+    from server.training.store import RunRecord
+
+    record = RunRecord.__new__(RunRecord)
+    record.live = {}
+    record.follow_progress("alice", RoundProgress(round=2, first_step=0, losses=(3.0, 2.5), steps=4, tokens=64, seconds=1.0))
+    record.follow_progress("alice", RoundProgress(round=2, first_step=5, losses=(1.0,), steps=4, tokens=96, seconds=1.5))
+    record.follow_progress("alice", RoundProgress(round=2, first_step=2, losses=(float("nan"),), steps=4, tokens=96, seconds=1.5))
+    record.follow_progress("alice", RoundProgress(round=2, first_step=2, losses=(2.0, 1.0, 0.5), steps=4, tokens=96, seconds=1.5))
+    assert record.live["alice"]["losses"] == [3.0, 2.5]
+    record.follow_progress("alice", RoundProgress(round=2, first_step=2, losses=(2.0,), steps=4, tokens=96, seconds=1.5))
+    assert record.live["alice"]["losses"] == [3.0, 2.5, 2.0] and record.live["alice"]["tokens"] == 96
+    record.follow_progress("alice", RoundProgress(round=3, first_step=0, losses=(1.5,), steps=4, tokens=32, seconds=0.5))
+    assert record.live["alice"]["round"] == 3 and record.live["alice"]["losses"] == [1.5]

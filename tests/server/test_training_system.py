@@ -415,6 +415,9 @@ def test_a_round_of_a_thousand_steps_reports_every_step(tmp_path: Path, model_di
     # The helper hosts the middle stage: activations went to it and gradients came back every step.
     assert set(entry["bytes_sent"]) == {"1"} and entry["bytes_sent"]["1"] > 0 and entry["bytes_received"]["1"] > 0
     assert entry["samples"] == steps and entry["ppl"] > 0 and run["run_id"] in shown
+    # While the round trained, the owner's progress reports drew the same curve step by step.
+    live = run["live"]["owner"]
+    assert live["round"] == 1 and live["done"] == steps and live["losses"] == entry["losses"]
 
 
 @pytest.mark.slow
