@@ -138,6 +138,7 @@ class FlossSettings:
     lr: float = 2e-3  # local AdamW learning rate (weight decay 0; a fresh optimizer each round)
     lora_r: int = 8  # adapter rank of the baseline (the r/4 method uses lora_r // 4)
     lora_alpha: int = 16  # adapter scale numerator at rank lora_r (scale alpha / r)
+    lora_targets: tuple[str, ...] = ()  # module names LoRA adapts; empty: the family's default (q_proj, v_proj)
     server: AggregationSettings = SERVER_STEP  # the server's step on the mean change
     values: str = "fp32"  # dtype of the top-k values on the wire
     methods: tuple[Method, ...] = field(default_factory=default_methods)
@@ -312,7 +313,8 @@ class _Bench:
     def _adapted(self, method: Method) -> tuple[StageModule, FinetuneSettings]:
         """A fresh copy of the base model as one stage with the method's (seeded) starting adapters."""
         rank = self.s.lora_r // method.rank_divisor
-        lora = FinetuneSettings(lora_r=rank, lora_alpha=self.s.lora_alpha * rank // self.s.lora_r, seed=self.s.seed)
+        alpha = self.s.lora_alpha * rank // self.s.lora_r
+        lora = FinetuneSettings(lora_r=rank, lora_alpha=alpha, lora_targets=self.s.lora_targets, seed=self.s.seed)
         stage = whole_stage(self.base)
         self.finetune.prepare({0: stage}, lora)
         return stage, lora

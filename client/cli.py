@@ -3,6 +3,7 @@
 ::
 
     titanic-client run --server HOST:PORT --token TOKEN [--data PATH] [--config client.toml] ...
+                       [--log-format json]     logs as JSON lines (default: text)
     titanic-client profile [--quick] [--json]
 
 ``run`` exits with status 0 after SIGTERM or SIGINT (it tells the server it leaves, and stops
@@ -16,13 +17,14 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from autograd_bridge.logs import configure_logging
 
 from .config import ClientConfig, DeclaredProfile, load_config
 
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reconnect-initial", type=float, help="first wait before reconnecting, seconds")
     run.add_argument("--reconnect-max", type=float, help="longest wait before reconnecting, seconds")
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="json: one JSON object per line (time, level, logger, message, exception)")
 
     profile = commands.add_parser("profile", help="measure this device's compute and memory, and print them")
     profile.add_argument("--quick", action="store_true", help="tiny, fast measurement")
@@ -151,9 +155,7 @@ def _import_training_stack() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
     _import_training_stack()
     return asyncio.run(_run_until_signalled(config))

@@ -3,6 +3,7 @@
 ::
 
     titanic-server run [--config server.toml] [flags]     serve until SIGTERM
+                   [--log-format json]                    logs as JSON lines (default: text)
     titanic-server status  [--json]                       the server at a glance
     titanic-server clients [--json]                       clients and their measured profiles
     titanic-server plan    [--json]                       the plan: partition, blocks, client, why
@@ -10,11 +11,13 @@
     titanic-server runs start FILE [--rounds N ...]       start a run described by a TOML file
                    [--resume RUN_ID]                      ... or continue RUN_ID from its last checkpoint
     titanic-server runs show ID | stop ID                 one run's progress per round; stop it
+                   [--follow]                             show: its rounds and steps live until it ends
     titanic-server demo [--tiny]                          a server + 4 clients on loopback, parallel, LoRA
 
 The admin commands talk to the admin API at ``--admin`` (default ``http://127.0.0.1:8750``)
 with the bearer token from ``--token``, ``$TITANIC_ADMIN_TOKEN``, or the file
 ``<state dir>/admin_token`` the server writes when no token is configured.
+``runs show ID --follow`` exits with status 0 when the run is done, and 1 when it failed or was stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import ssl
 import sys
@@ -33,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from autograd_bridge.logs import configure_logging
 from server.config import (
     AuthSettings,
     ControlSettings,
@@ -43,7 +46,7 @@ from server.config import (
     TlsSettings,
     load_config,
 )
-from server.observe.tables import clients_table, plan_table, run_table, runs_table, status_table
+from server.observe.tables import clients_table, follow_run, plan_table, run_table, runs_table, status_table
 
 DEFAULT_ADMIN = f"http://127.0.0.1:{ListenSettings().admin_port}"
 
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before a client is lost")
     run.add_argument("--settle", type=float, help="seconds without client changes before replanning")
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="json: one JSON object per line (time, level, logger, message, exception)")
 
     for name, text in (
         ("status", "the server at a glance"),
@@ -90,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("action", nargs="?", default="list", choices=("list", "start", "show", "stop"))
             sub.add_argument("target", nargs="?", help="start: the run's TOML file; show, stop: the run id")
             sub.add_argument("--resume", metavar="RUN_ID", help="start: continue this run from its last checkpoint")
+            sub.add_argument("--follow", action="store_true",
+                             help="show: its rounds and each owner's steps live (polls twice a second) until it ends")
             for flag, kind in RUN_FLAGS.items():
                 sub.add_argument(f"--{flag.replace('_', '-')}", dest=f"run_{flag}", type=kind, help=f"override {flag}")
     demo = commands.add_parser("demo", help="the training demo (titanic-testbed demo): server + 4 clients here")
@@ -155,12 +162,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(server=server, auth=auth, tls=tls, control=control, model=model, planning=planning)
 
 
+# client/cli.py has the same two: the server and the client import nothing from each other.
 def _run(args: argparse.Namespace) -> int:
     from server.app import ServerApp, serve
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
     model = plan = None
     if config.model is not None:
@@ -237,6 +243,8 @@ def _runs(args: argparse.Namespace) -> int:
     if args.action in ("show", "stop", "start") and not args.target:
         what = "the run's TOML file" if args.action == "start" else "the run id"
         raise ValueError(f"runs {args.action} needs {what}")
+    if args.follow and args.action != "show":
+        raise ValueError("--follow goes with runs show ID")
     if args.action == "start":
         overrides = {flag: getattr(args, f"run_{flag}") for flag in RUN_FLAGS}
         spec = load_run_spec(args.target, overrides)
@@ -246,6 +254,12 @@ def _runs(args: argparse.Namespace) -> int:
         body = admin_post(args.admin, "/v1/runs", token, request, ca=args.ca)
     elif args.action == "stop":
         body = admin_post(args.admin, f"/v1/runs/{args.target}/stop", token, {}, ca=args.ca)
+    elif args.action == "show" and args.follow:
+        try:  # the progress goes to stderr when stdout is for JSON
+            body = follow_run(lambda: admin_get(args.admin, f"/v1/runs/{args.target}", token, ca=args.ca),
+                              sys.stderr if args.json else sys.stdout)
+        except KeyboardInterrupt:
+            return 130
     elif args.action == "show":
         body = admin_get(args.admin, f"/v1/runs/{args.target}", token, ca=args.ca)
     else:
@@ -254,7 +268,7 @@ def _runs(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2, sort_keys=True))
     else:
         print(runs_table(body) if args.action == "list" else run_table(body))
-    return 0
+    return 1 if args.follow and body["state"] != "done" else 0
 
 
 def _admin(args: argparse.Namespace) -> int:

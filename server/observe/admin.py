@@ -1,6 +1,8 @@
 """The admin HTTP API (aiohttp): what the operator and ``titanic-server status|clients|plan|runs`` see.
 
-Every route needs ``Authorization: Bearer <admin token>``; without it the answer is 401.
+Every route needs ``Authorization: Bearer <admin token>``; without it the answer is 401. The dashboard
+(:mod:`server.observe.dashboard`: ``/``, its login and ``GET /v1/events``) trades the token for a
+session cookie, which GET routes accept as well.
 
 =================  ============================================================
 GET /v1/status     version, uptime, addresses, clients by status, the plan's state
@@ -12,6 +14,8 @@ POST /v1/runs      start a run: body ``{"spec": {...}}`` (the run file's setting
                    ``"resume": "<run id>"`` to continue that run from its last checkpoint
 GET /v1/runs/ID    one run: state, round, per-round losses and validation perplexity
 POST /v1/runs/ID/stop  stop a run (it keeps its checkpoints)
+GET /v1/events     the dashboard's live snapshots (server-sent events)
+GET /metrics       the same facts for Prometheus (:mod:`server.observe.metrics`)
 =================  ============================================================
 """
 
@@ -29,6 +33,8 @@ from aiohttp.typedefs import Middleware
 
 from server import __version__
 from server.control.state import ClientRecord, ControlState, Deployment
+from server.observe.dashboard import Dashboard, dashboard_snapshot
+from server.observe.metrics import metrics_handler, metrics_registry
 from server.observe.tables import plan_table
 from server.training.run_manager import RunManager, spec_and_resume
 
@@ -87,13 +93,13 @@ def deployment_json(deployment: Deployment | None) -> dict[str, Any]:
     }
 
 
-def _require_token(token: str) -> Middleware:
+def _require_token(token: str, dashboard: Dashboard) -> Middleware:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         presented = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(presented, expected):
+        if not hmac.compare_digest(presented, expected) and not dashboard.admits(request):
             return web.json_response(
                 {"error": "missing or wrong admin token; send 'Authorization: Bearer <token>'"},
                 status=401,
@@ -109,21 +115,31 @@ def admin_app(context: AdminContext, *, token: str) -> web.Application:
     if not token:
         raise ValueError("the admin API needs a token")
 
-    async def status(request: web.Request) -> web.Response:
+    def status_json() -> dict[str, Any]:
         clients = context.state.list_clients()
-        deployment = context.state.get_deployment()
-        plan = deployment_json(deployment)
-        return web.json_response(
-            {
-                "version": __version__,
-                "uptime_s": time.monotonic() - context.started_at,
-                "control_address": context.control_address,
-                "tls": context.tls,
-                "model": context.model,
-                "clients": dict(Counter(str(c.status) for c in clients)),
-                "plan": {k: plan[k] for k in ("generation", "plan_id", "state", "error")},
-            }
+        plan = deployment_json(context.state.get_deployment())
+        return {
+            "version": __version__,
+            "uptime_s": time.monotonic() - context.started_at,
+            "control_address": context.control_address,
+            "tls": context.tls,
+            "model": context.model,
+            "clients": dict(Counter(str(c.status) for c in clients)),
+            "plan": {k: plan[k] for k in ("generation", "plan_id", "state", "error")},
+        }
+
+    def snapshot(run_id: str | None) -> dict[str, Any]:
+        now = context.clock()
+        return dashboard_snapshot(
+            status=status_json(),
+            clients=[client_json(c, now) for c in context.state.list_clients()],
+            plan=deployment_json(context.state.get_deployment()),
+            runs=[r.to_json() for r in context.runs.list_runs()] if context.runs else [],
+            run_id=run_id,
         )
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(status_json())
 
     async def clients(request: web.Request) -> web.Response:
         now = context.clock()
@@ -168,7 +184,9 @@ def admin_app(context: AdminContext, *, token: str) -> web.Application:
             return web.json_response({"error": f"no run {run_id!r}; see GET /v1/runs"}, status=404)
         return web.json_response(context.runs.stop(run_id).to_json())
 
-    app = web.Application(middlewares=[_require_token(token)])
+    dashboard = Dashboard(token=token, snapshot=snapshot, secure_cookie=context.tls)
+    app = web.Application(middlewares=[_require_token(token, dashboard)])
+    dashboard.mount(app)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/clients", clients)
     app.router.add_get("/v1/plan", plan)
@@ -176,4 +194,5 @@ def admin_app(context: AdminContext, *, token: str) -> web.Application:
     app.router.add_post("/v1/runs", start_run)
     app.router.add_get("/v1/runs/{run_id}", show_run)
     app.router.add_post("/v1/runs/{run_id}/stop", stop_run)
+    app.router.add_get("/metrics", metrics_handler(metrics_registry(context.state, context.runs, clock=context.clock)))
     return app

@@ -1,13 +1,18 @@
-"""Aligned plain-text tables for the admin CLI, and the views of clients and plans it prints.
+"""Aligned plain-text tables for the admin CLI, the views of clients and plans it prints, and a run's live progress.
 
 The admin API answers JSON (see :mod:`server.observe.admin`); these functions turn the same JSON into
 tables, so ``titanic-server plan`` and ``titanic-server plan --json`` show the same facts.
+:func:`follow_run` polls a run's JSON and shows its rounds and each owner's steps (rich progress bars).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -202,3 +207,113 @@ def ppl_table(per_round: Sequence[Mapping[str, Any]]) -> str:
         rows.append([r.get("round", 0), *(f"{r['owners'][o]:.3f}" if o in r.get("owners", {}) else "-" for o in owners),
                      f"{ppl:.3f}" if isinstance(ppl, float) else "-"])
     return format_table(["round", *(f"ppl {o}" for o in owners), "ppl (weighted)"], rows)
+
+
+ENDED = ("done", "failed", "stopped")  # a run in one of these states changes no more
+
+
+def follow_run(
+    fetch: Callable[[], Mapping[str, Any]], out: TextIO, *, interval_s: float = 0.5, line_every_s: float = 5.0
+) -> Mapping[str, Any]:
+    """Show the progress of the run ``fetch`` returns (``/v1/runs/ID``) on ``out`` until it ends; returns its last JSON.
+
+    A bar for the run's rounds, and one per owner for the steps of its round with its loss,
+    rate and time left. On a terminal the bars are redrawn in place; elsewhere (a pipe, a log)
+    a row is printed as a line when its round or state changes, when its round completes, and
+    else at most every ``line_every_s``. Exceptions from ``fetch`` end the display and propagate.
+    """
+    console = Console(file=out, highlight=False)
+    if not console.is_terminal:
+        console.width = 120  # lines in a file are not cut to a guessed terminal width
+    view = _RunView(console, line_every_s)
+    with view:
+        while True:
+            run = fetch()
+            view.show(run)
+            if run.get("state") in ENDED:
+                return run
+            time.sleep(interval_s)
+
+
+class _RunView:
+    """The rows of :func:`progress_rows` as rich progress bars, or as lines when ``console`` is not a terminal."""
+
+    def __init__(self, console: Console, line_every_s: float) -> None:
+        self.live = console.is_terminal
+        self.progress = Progress(
+            TextColumn("{task.description}", markup=False),
+            BarColumn(bar_width=24),
+            TextColumn("{task.completed:>4.0f}/{task.total:.0f} {task.fields[unit]}", markup=False),
+            TextColumn("{task.fields[detail]}", markup=False),
+            console=console, auto_refresh=False,
+        )  # fmt: skip
+        self.tasks: dict[str, TaskID] = {}
+        self.printed: dict[str, tuple[str, float, float]] = {}  # row key -> (description, completed, when printed)
+        self.line_every_s = line_every_s
+
+    def __enter__(self) -> _RunView:
+        if self.live:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.progress.stop()  # leaves the last bars on screen
+
+    def show(self, run: Mapping[str, Any]) -> None:
+        for key, row in progress_rows(run):
+            task = self.tasks.get(key)
+            if task is None:
+                task = self.tasks[key] = self.progress.add_task(**row)
+            else:
+                self.progress.update(task, **row)
+            if not self.live:
+                self._line(key, task, row)
+        if self.live:
+            self.progress.refresh()
+
+    def _line(self, key: str, task: TaskID, row: Mapping[str, Any]) -> None:
+        description, completed, total = row["description"], row["completed"], row["total"]
+        last = self.printed.get(key)
+        now = time.monotonic()
+        due = last is None or last[0] != description or (
+            last[1] != completed and (completed >= total or now - last[2] >= self.line_every_s)
+        )  # fmt: skip
+        if due:
+            self.printed[key] = (description, completed, now)
+            self.progress.console.print(self.progress.make_tasks_table(t for t in self.progress.tasks if t.id == task))
+
+
+def progress_rows(run: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows :func:`follow_run` shows, each a key and the fields of its bar: the run's, then each owner's."""
+    rounds = int(run.get("rounds", 0))
+    lefts = []
+    owners = []
+    for owner, now in sorted(run.get("live", {}).items()):
+        done, steps, eta = int(now.get("done", 0)), int(now.get("steps", 0)), now.get("eta_s")
+        facts = []
+        if now.get("losses"):
+            facts.append(f"loss {now['losses'][-1]:.4f}")
+        if done:
+            facts.append(_si(float(now.get("tokens_per_s", 0.0)), "tok/s"))
+        if eta is not None:
+            facts.append(f"{_duration(eta)} left")
+            round_s = steps * float(now.get("seconds", 0.0)) / done
+            lefts.append(eta + max(0, rounds - int(now["round"])) * round_s)
+        owners.append((f"owner:{owner}", {"description": f"  {owner} round {now['round']}/{rounds}", "completed": done,
+                                          "total": steps, "unit": "steps", "detail": "  ".join(facts)}))  # fmt: skip
+    detail = run.get("error") or ""
+    if lefts and run.get("state") not in ENDED:
+        # Rounds left at each owner's rate: owners in turn add up, owners in parallel overlap.
+        left = sum(lefts) if run.get("participation") == "sequential" else max(lefts)
+        detail = f"about {_duration(left)} left (training only)"
+    yield "run", {"description": f"{run.get('run_id', '')} {run.get('state', '')}", "total": rounds, "unit": "rounds",
+                  "completed": len(run.get("checkpoints", [])), "detail": detail}  # fmt: skip
+    yield from owners
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as h:mm:ss, or m:ss under an hour."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -169,10 +169,13 @@ class Coordinator:
             owners = [c.client_id for c in ready if c.info.has_data]
             if self.model is None or self.plan is None:
                 return self._fail(current, ready, "no model is configured; set [model] path (or --model)")
+            began = time.perf_counter()
             try:
                 outcome = await asyncio.to_thread(self.plan, ready, owners)
             except PlanningError as exc:
                 return self._fail(current, ready, str(exc))
+            # How long planning took (profiles, cuts and the solve): a fact of the plan, and a metric.
+            outcome = replace(outcome, summary={**outcome.summary, "plan_s": round(time.perf_counter() - began, 6)})
             if current is not None and self._still_valid(current, outcome):
                 return current
             try:

@@ -1,0 +1,232 @@
+"""The dashboard in a real browser: Debian's chromium, headless, driven by selenium, during a real run.
+
+One federation serves the whole module: a ``titanic-server run`` process, two data owners and a
+helper (``titanic-client run`` processes) train a tiny Llama for a few rounds while the page is
+open. The page's text is compared with the admin API's JSON, and it must change as the run goes
+on without the page being loaded again.
+
+Set ``TITANIC_DASHBOARD_SCREENSHOT=docs/dashboard.png`` to also write the README's screenshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .support import ADMIN_TOKEN, admin, client_args, processes, spawn, start_server, wait_until
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 3
+STEPS = 6
+OWNERS = ("alice", "bob")
+HELPER = "helper0"
+HELPER_FLAGS = ["--device", "cpu", "--capacity", "2", "--declare-flops-per-s", "5e10",
+                "--declare-upload-bytes-per-s", "1e8", "--declare-download-bytes-per-s", "1e8", "--declare-rtt-s", "0.001"]  # fmt: skip
+UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+@dataclass
+class Federation:
+    """The running server (its admin URL) and the run the module watches."""
+
+    admin_url: str
+    run_id: str
+
+    def run(self) -> dict[str, Any]:
+        result: dict[str, Any] = admin(self.admin_url, f"/v1/runs/{self.run_id}")
+        return result
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """A server, two owners and a helper, with a LoRA run of ``ROUNDS`` rounds of ``STEPS`` steps started."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autograd_bridge.models import gpt2_tokenizer, save_pretrained_dir, tiny_config
+    from testbed.demo_data import write_owner_splits
+
+    root = tmp_path_factory.mktemp("federation")
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    save_pretrained_dir(AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer))), tokenizer, root / "model")
+    splits = write_owner_splits(root / "data", len(OWNERS), max_chars_per_owner=10_000)
+    spec = {  # a run file's sections, as `titanic-server runs start` sends them
+        "rounds": ROUNDS, "seed": 3, "tokenizer": str(root / "model"), "participation": {"mode": "parallel"},
+        "local_work": {"steps": STEPS}, "training": {"batch_size": 2, "seq_len": 32, "lr": 1e-2},
+        "finetune": {"mode": "lora", "r": 4}, "evaluation": {"val_fraction": 0.2},
+    }  # fmt: skip
+    with processes() as started:
+        server, control, admin_url = start_server(
+            root / "state", "--model", str(root / "model"), "--stages", "3",
+            "--heartbeat-interval", "0.4", "--heartbeat-timeout", "5", "--settle", "0.5",
+        )  # fmt: skip
+        started.append(server)
+        for owner, split in zip(OWNERS, splits, strict=True):
+            started.append(spawn(owner, "client.cli", *client_args(control, owner, root / owner, "--data", str(split.path))))
+        started.append(spawn(HELPER, "client.cli", *client_args(control, HELPER, root / HELPER, *HELPER_FLAGS)))
+        wait_until(lambda: admin(admin_url, "/v1/plan")["state"] == "connected", 120, "a connected plan")
+        request = urllib.request.Request(
+            admin_url + "/v1/runs",
+            data=json.dumps({"spec": spec}).encode(),
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            run_id = json.load(answer)["run_id"]
+        yield Federation(admin_url=admin_url, run_id=run_id)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless chromium under selenium, with the system's chromedriver (nothing is downloaded)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver (apt-get install; .ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1500,1800"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    try:
+        yield session
+    finally:
+        session.quit()
+
+
+def log_in(browser: Any, url: str, token: str) -> None:
+    """Fill the login form at ``url`` with ``token`` and submit it."""
+    from selenium.webdriver.common.by import By
+
+    browser.delete_all_cookies()
+    browser.get(url + "/")
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.ID, "sign-in").click()
+
+
+def page_waits_for(browser: Any, script: str, what: str, timeout_s: float = 90) -> Any:
+    """Poll ``script`` (JavaScript returning a value) in the page until it is truthy; returns it."""
+    return wait_until(lambda: browser.execute_script(script), timeout_s, what, interval_s=0.2)
+
+
+def cell(browser: Any, css: str) -> Any:
+    """The page's element that ``css`` selects."""
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.CSS_SELECTOR, css)
+
+
+def in_bytes(text: str) -> float:
+    """``"73.6 MiB"`` -> bytes (as the page rounds them)."""
+    number, unit = text.split()
+    return float(number) * UNITS[unit]
+
+
+def progress(browser: Any) -> tuple[int, ...]:
+    """The run's round and each owner's round and steps done, as the page shows them now."""
+    values = browser.execute_script(
+        "return [Number(document.getElementById('round-text').dataset.round || 0),"
+        " ...[...document.querySelectorAll('#owners-progress .owner')].flatMap("
+        "   (e) => [Number(e.dataset.round), Number(e.dataset.done)])]"
+    )
+    return tuple(int(v) for v in values)
+
+
+def test_the_dashboard_shows_the_run_live_and_its_numbers_match_the_api(
+    federation: Federation, browser: Any, tmp_path: Path
+) -> None:
+    """Every panel shows the admin API's numbers, and step progress moves while the page stays loaded."""
+    url = federation.admin_url
+    log_in(browser, url, ADMIN_TOKEN)
+    page_waits_for(browser, "return window.dashboardUpdates > 0", "the first snapshot")
+    load_id = browser.execute_script("return window.dashboardLoadId")
+
+    # Live: step progress (or the round) changes with no navigation.
+    page_waits_for(browser, "return document.querySelectorAll('#owners-progress .owner').length", "step progress")
+    before = progress(browser)
+    wait_until(lambda: progress(browser) != before, 60, f"the page's progress to move from {before}", interval_s=0.2)
+    assert browser.execute_script("return window.dashboardLoadId") == load_id
+    assert browser.execute_script("return performance.getEntriesByType('navigation').length") == 1
+
+    # Clients: names, status (live) and the helper's declared fields, as /v1/clients has them.
+    clients = admin(url, "/v1/clients")
+    assert {c["client_id"] for c in clients} == {*OWNERS, HELPER}
+    for c in clients:
+        row = cell(browser, f'#clients tr[data-client="{c["client_id"]}"]')
+        status = cell(browser, f'#clients tr[data-client="{c["client_id"]}"] td.status').text
+        assert row.text.startswith(c["client_id"]) and status == f"live {c['status']}", status
+        kind = cell(browser, f'#clients tr[data-client="{c["client_id"]}"] td.profile-kind')
+        assert set(kind.get_attribute("title").split(", ")) - {""} == set(c["profile"]["declared"])
+    assert cell(browser, f'#clients tr[data-client="{HELPER}"] td.profile-kind').text.startswith("declared: compute")
+
+    # The plan: who holds each stage of each pipeline.
+    plan = admin(url, "/v1/plan")
+    assert len(plan["rows"]) == 3 * len(OWNERS)
+    for row in plan["rows"]:
+        box = cell(browser, f'#pipelines .stage[data-pipeline="{row["pipeline"]}"][data-partition="{row["partition"]}"]')
+        assert box.text.splitlines()[0] == row["client_id"]
+
+    # A screenshot once a round is merged and the next one trains.
+    wait_until(lambda: progress(browser)[0] >= 2 and max(progress(browser)[2::2], default=0) >= 2, 90,
+               "round 2 training on the page", interval_s=0.2)  # fmt: skip
+    browser.save_screenshot(str(tmp_path / "dashboard.png"))
+    if target := os.environ.get("TITANIC_DASHBOARD_SCREENSHOT"):
+        shutil.copyfile(tmp_path / "dashboard.png", target)
+
+    # When the run is done, the page's numbers are the API's.
+    run = wait_until(lambda: (r := federation.run())["state"] == "done" and r, 120, "the run to finish", interval_s=0.5)
+    page_waits_for(browser, "return document.getElementById('run-state').textContent === 'done'", "the page to say done")
+    assert browser.execute_script("return window.dashboardLoadId") == load_id
+    assert cell(browser, "#round-text").text.startswith(f"round {ROUNDS} / {ROUNDS}")
+    for entry in run["per_round"]:
+        for owner, value in entry["owners"].items():
+            shown = cell(browser, f'#ppl-table td.ppl[data-owner="{owner}"][data-round="{entry["round"]}"]').text
+            assert float(shown) == pytest.approx(value, abs=0.0051), (owner, entry["round"])
+        weighted = cell(browser, f'#ppl-table td.ppl[data-owner=""][data-round="{entry["round"]}"]').text
+        assert float(weighted) == pytest.approx(entry["ppl"], abs=0.0051)
+    assert {t["client"] for t in run["traffic"]} == {*OWNERS, HELPER}
+    for t in run["traffic"]:
+        shown = cell(browser, f'#traffic-table td.traffic[data-client="{t["client"]}"][data-round="{t["round"]}"]')
+        up, down = (line.split(" ", 1)[1] for line in shown.text.splitlines())
+        assert int(shown.get_attribute("data-uploaded")) == t["uploaded"]
+        assert in_bytes(up) == pytest.approx(t["uploaded"], rel=0.01, abs=0.51)
+        assert in_bytes(down) == pytest.approx(t["downloaded"], rel=0.01, abs=0.51)
+    # The loss curves are the owners' losses step by step, every round in a row.
+    plot = browser.execute_script("const p = charts['loss-chart'].plot; return [p.series.map((s) => s.label), p.data]")
+    labels, data = plot
+    for owner in OWNERS:
+        want = [x for h in sorted(run["history"], key=lambda h: h["round"]) if h["owner"] == owner for x in h["losses"]]
+        assert len(want) == ROUNDS * STEPS and data[labels.index(owner)] == pytest.approx(want)
+    # Measured stage times are the latest round's, per pipeline.
+    latest = {h["bridge_run"]: h for h in run["history"] if h["round"] == ROUNDS}
+    for row in plan["rows"]:
+        shown = cell(browser, f'#pipelines .stage[data-pipeline="{row["pipeline"]}"][data-partition="{row["partition"]}"] .measured')
+        assert float(shown.get_attribute("data-seconds")) == pytest.approx(latest[row["run_id"]]["stage_seconds"][row["partition"]])
+    # No idle ratio in these round reports: the panel says so rather than inventing one.
+    assert "Not reported" in cell(browser, "#idle").text
+
+
+def test_a_wrong_token_sees_nothing(federation: Federation, browser: Any) -> None:
+    """A wrong token gets the login form again with no data in the page, and the API refuses a forged cookie."""
+    url = federation.admin_url
+    log_in(browser, url, "not-the-token")
+    source = browser.page_source
+    assert "not the admin token" in source and 'name="token"' in source
+    assert not any(name in source for name in (*OWNERS, HELPER)) and "clients-panel" not in source
+    assert not browser.get_cookies()
+    request = urllib.request.Request(url + "/v1/clients", headers={"Cookie": "titanic_session=forged"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
