@@ -44,7 +44,7 @@ this is the smaller, conservative figure). With full participation the ratio is 
 ``local_steps``; half participation over twice the rounds moves the same bytes.
 
     python -m bench.pretrain --quick    # 2 x 64 tiny Llama, 4 x 8 steps per owner, about 2.5 minutes on 1 core
-    python -m bench.pretrain            # 4 x 64, 12 rounds x 16 steps per owner, about 15 minutes
+    python -m bench.pretrain            # 4 x 64, 12 rounds x 16 steps per owner, 15-20 minutes
 
 The last line: ``ppl_centralized=... ppl_fedavg=... ppl_fednesterov=... ppl_fedadam=...
 ppl_partial=... gap_pct=... comm_reduction=...``, where the ppl are after the last round
