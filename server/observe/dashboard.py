@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 SESSION_COOKIE = "titanic_session"
@@ -207,6 +210,7 @@ class Dashboard:
         form = await request.post()
         presented = form.get("token", "")
         if not isinstance(presented, str) or not hmac.compare_digest(presented.strip().encode(), self._token):
+            log.warning("dashboard login with a wrong token from %s", request.remote)
             return self._login_form(wrong=True)
         response = _see_other("/")
         response.set_cookie(

@@ -5,11 +5,14 @@ helper (``titanic-client run`` processes) train a tiny Llama for a few rounds wh
 open. The page's text is compared with the admin API's JSON, and it must change as the run goes
 on without the page being loaded again.
 
-Set ``TITANIC_DASHBOARD_SCREENSHOT=docs/dashboard.png`` to also write the README's screenshot.
+The test keeps a full-page screenshot taken mid-run; ``TITANIC_DASHBOARD_SCREENSHOT=PATH`` copies it
+there. The README's ``docs/dashboard.png`` was taken the same way (``save_page``) during a longer
+run: full fine-tuning, two helpers, four rounds of 16 steps.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -27,7 +30,7 @@ from .support import ADMIN_TOKEN, admin, client_args, processes, spawn, start_se
 pytestmark = pytest.mark.slow
 
 ROUNDS = 3
-STEPS = 6
+STEPS = 10
 OWNERS = ("alice", "bob")
 HELPER = "helper0"
 HELPER_FLAGS = ["--device", "cpu", "--capacity", "2", "--declare-flops-per-s", "5e10",
@@ -37,19 +40,26 @@ UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 @dataclass
 class Federation:
-    """The running server (its admin URL) and the run the module watches."""
+    """The running server (its admin URL) and the run to start (the run file's sections)."""
 
     admin_url: str
-    run_id: str
+    spec: dict[str, Any]
 
-    def run(self) -> dict[str, Any]:
-        result: dict[str, Any] = admin(self.admin_url, f"/v1/runs/{self.run_id}")
-        return result
+    def start_run(self) -> str:
+        """Start the run as ``titanic-server runs start`` does (POST /v1/runs); returns its id."""
+        request = urllib.request.Request(
+            self.admin_url + "/v1/runs",
+            data=json.dumps({"spec": self.spec}).encode(),
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            run_id: str = json.load(answer)["run_id"]
+        return run_id
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    """A server, two owners and a helper, with a LoRA run of ``ROUNDS`` rounds of ``STEPS`` steps started."""
+    """A server, two owners and a helper with a connected plan, and a LoRA run of ``ROUNDS`` rounds of ``STEPS`` steps to start."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -76,14 +86,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             started.append(spawn(owner, "client.cli", *client_args(control, owner, root / owner, "--data", str(split.path))))
         started.append(spawn(HELPER, "client.cli", *client_args(control, HELPER, root / HELPER, *HELPER_FLAGS)))
         wait_until(lambda: admin(admin_url, "/v1/plan")["state"] == "connected", 120, "a connected plan")
-        request = urllib.request.Request(
-            admin_url + "/v1/runs",
-            data=json.dumps({"spec": spec}).encode(),
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            run_id = json.load(answer)["run_id"]
-        yield Federation(admin_url=admin_url, run_id=run_id)
+        yield Federation(admin_url=admin_url, spec=spec)
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +124,36 @@ def page_waits_for(browser: Any, script: str, what: str, timeout_s: float = 90) 
     return wait_until(lambda: browser.execute_script(script), timeout_s, what, interval_s=0.2)
 
 
-def cell(browser: Any, css: str) -> Any:
-    """The page's element that ``css`` selects."""
-    from selenium.webdriver.common.by import By
+def read(browser: Any, css: str, attribute: str = "") -> str:
+    """The text (or ``attribute``) of the element ``css`` selects, read in one script: the page redraws between calls."""
+    value = browser.execute_script(
+        "const e = document.querySelector(arguments[0]);"
+        "return e === null ? null : arguments[1] ? e.getAttribute(arguments[1]) : e.innerText;",
+        css, attribute,
+    )  # fmt: skip
+    assert isinstance(value, str), f"nothing on the page matches {css} (or it has no {attribute or 'text'})"
+    return value
 
-    return browser.find_element(By.CSS_SELECTOR, css)
+
+def shown(browser: Any, css: str) -> bool:
+    """Whether the element ``css`` selects is on the page and not hidden."""
+    return bool(browser.execute_script("const e = document.querySelector(arguments[0]); return e && !e.closest('[hidden]');", css))
 
 
 def in_bytes(text: str) -> float:
     """``"73.6 MiB"`` -> bytes (as the page rounds them)."""
     number, unit = text.split()
     return float(number) * UNITS[unit]
+
+
+def save_page(browser: Any, path: Path) -> None:
+    """A PNG of the whole page, below the window's fold too (chromium's DevTools protocol)."""
+    width, height = browser.execute_script(
+        "const d = document.documentElement; return [d.scrollWidth, d.scrollHeight]"
+    )
+    clip = {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}
+    shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip})
+    path.write_bytes(base64.b64decode(shot["data"]))
 
 
 def progress(browser: Any) -> tuple[int, ...]:
@@ -148,15 +170,21 @@ def test_the_dashboard_shows_the_run_live_and_its_numbers_match_the_api(
     federation: Federation, browser: Any, tmp_path: Path
 ) -> None:
     """Every panel shows the admin API's numbers, and step progress moves while the page stays loaded."""
+    from selenium.webdriver.common.by import By
+
     url = federation.admin_url
     log_in(browser, url, ADMIN_TOKEN)
     page_waits_for(browser, "return window.dashboardUpdates > 0", "the first snapshot")
     load_id = browser.execute_script("return window.dashboardLoadId")
+    assert shown(browser, "#no-run") and not shown(browser, "#run-body")
 
-    # Live: step progress (or the round) changes with no navigation.
+    # Live: the run appears, then its step progress (or round) moves, all with no navigation.
+    run_id = federation.start_run()
     page_waits_for(browser, "return document.querySelectorAll('#owners-progress .owner').length", "step progress")
-    before = progress(browser)
+    assert browser.execute_script("return document.getElementById('run-select').value") == run_id
+    before, updates = progress(browser), browser.execute_script("return window.dashboardUpdates")
     wait_until(lambda: progress(browser) != before, 60, f"the page's progress to move from {before}", interval_s=0.2)
+    assert browser.execute_script("return window.dashboardUpdates") > updates
     assert browser.execute_script("return window.dashboardLoadId") == load_id
     assert browser.execute_script("return performance.getEntriesByType('navigation').length") == 1
 
@@ -164,43 +192,41 @@ def test_the_dashboard_shows_the_run_live_and_its_numbers_match_the_api(
     clients = admin(url, "/v1/clients")
     assert {c["client_id"] for c in clients} == {*OWNERS, HELPER}
     for c in clients:
-        row = cell(browser, f'#clients tr[data-client="{c["client_id"]}"]')
-        status = cell(browser, f'#clients tr[data-client="{c["client_id"]}"] td.status').text
-        assert row.text.startswith(c["client_id"]) and status == f"live {c['status']}", status
-        kind = cell(browser, f'#clients tr[data-client="{c["client_id"]}"] td.profile-kind')
-        assert set(kind.get_attribute("title").split(", ")) - {""} == set(c["profile"]["declared"])
-    assert cell(browser, f'#clients tr[data-client="{HELPER}"] td.profile-kind').text.startswith("declared: compute")
+        row = f'#clients tr[data-client="{c["client_id"]}"]'
+        assert read(browser, f"{row} td.name") == c["client_id"]
+        assert read(browser, f"{row} td.status") == f"live {c['status']}"
+        assert set(read(browser, f"{row} td.profile-kind", "title").split(", ")) - {""} == set(c["profile"]["declared"])
+    assert read(browser, f'#clients tr[data-client="{HELPER}"] td.profile-kind').startswith("declared: compute")
 
     # The plan: who holds each stage of each pipeline.
     plan = admin(url, "/v1/plan")
     assert len(plan["rows"]) == 3 * len(OWNERS)
     for row in plan["rows"]:
-        box = cell(browser, f'#pipelines .stage[data-pipeline="{row["pipeline"]}"][data-partition="{row["partition"]}"]')
-        assert box.text.splitlines()[0] == row["client_id"]
+        box = f'#pipelines .stage[data-pipeline="{row["pipeline"]}"][data-partition="{row["partition"]}"]'
+        assert read(browser, f"{box} .holder") == row["client_id"] == read(browser, box, "data-client")
 
-    # A screenshot once a round is merged and the next one trains.
-    wait_until(lambda: progress(browser)[0] >= 2 and max(progress(browser)[2::2], default=0) >= 2, 90,
-               "round 2 training on the page", interval_s=0.2)  # fmt: skip
-    browser.save_screenshot(str(tmp_path / "dashboard.png"))
+    # A screenshot of the whole page once the first round is merged.
+    wait_until(lambda: progress(browser)[0] >= 2, 90, "round 2 on the page", interval_s=0.2)
+    save_page(browser, tmp_path / "dashboard.png")
     if target := os.environ.get("TITANIC_DASHBOARD_SCREENSHOT"):
         shutil.copyfile(tmp_path / "dashboard.png", target)
 
     # When the run is done, the page's numbers are the API's.
-    run = wait_until(lambda: (r := federation.run())["state"] == "done" and r, 120, "the run to finish", interval_s=0.5)
+    run = wait_until(lambda: (r := admin(url, f"/v1/runs/{run_id}"))["state"] == "done" and r, 120, "the run's end", interval_s=0.5)
     page_waits_for(browser, "return document.getElementById('run-state').textContent === 'done'", "the page to say done")
     assert browser.execute_script("return window.dashboardLoadId") == load_id
-    assert cell(browser, "#round-text").text.startswith(f"round {ROUNDS} / {ROUNDS}")
+    assert read(browser, "#round-text").startswith(f"round {ROUNDS} / {ROUNDS}")
     for entry in run["per_round"]:
         for owner, value in entry["owners"].items():
-            shown = cell(browser, f'#ppl-table td.ppl[data-owner="{owner}"][data-round="{entry["round"]}"]').text
-            assert float(shown) == pytest.approx(value, abs=0.0051), (owner, entry["round"])
-        weighted = cell(browser, f'#ppl-table td.ppl[data-owner=""][data-round="{entry["round"]}"]').text
+            text = read(browser, f'#ppl-table td.ppl[data-owner="{owner}"][data-round="{entry["round"]}"]')
+            assert float(text) == pytest.approx(value, abs=0.0051), (owner, entry["round"])
+        weighted = read(browser, f'#ppl-table td.ppl[data-owner=""][data-round="{entry["round"]}"]')
         assert float(weighted) == pytest.approx(entry["ppl"], abs=0.0051)
     assert {t["client"] for t in run["traffic"]} == {*OWNERS, HELPER}
     for t in run["traffic"]:
-        shown = cell(browser, f'#traffic-table td.traffic[data-client="{t["client"]}"][data-round="{t["round"]}"]')
-        up, down = (line.split(" ", 1)[1] for line in shown.text.splitlines())
-        assert int(shown.get_attribute("data-uploaded")) == t["uploaded"]
+        traffic = f'#traffic-table td.traffic[data-client="{t["client"]}"][data-round="{t["round"]}"]'
+        up, down = (line.split(" ", 1)[1] for line in read(browser, traffic).splitlines())
+        assert int(read(browser, traffic, "data-uploaded")) == t["uploaded"]
         assert in_bytes(up) == pytest.approx(t["uploaded"], rel=0.01, abs=0.51)
         assert in_bytes(down) == pytest.approx(t["downloaded"], rel=0.01, abs=0.51)
     # The loss curves are the owners' losses step by step, every round in a row.
@@ -212,18 +238,30 @@ def test_the_dashboard_shows_the_run_live_and_its_numbers_match_the_api(
     # Measured stage times are the latest round's, per pipeline.
     latest = {h["bridge_run"]: h for h in run["history"] if h["round"] == ROUNDS}
     for row in plan["rows"]:
-        shown = cell(browser, f'#pipelines .stage[data-pipeline="{row["pipeline"]}"][data-partition="{row["partition"]}"] .measured')
-        assert float(shown.get_attribute("data-seconds")) == pytest.approx(latest[row["run_id"]]["stage_seconds"][row["partition"]])
+        measured = f'#pipelines .stage[data-pipeline="{row["pipeline"]}"][data-partition="{row["partition"]}"] .measured'
+        want = latest[row["run_id"]]["stage_seconds"][row["partition"]]
+        assert float(read(browser, measured, "data-seconds")) == pytest.approx(want)
+        assert read(browser, measured).startswith("measured ")
     # No idle ratio in these round reports: the panel says so rather than inventing one.
-    assert "Not reported" in cell(browser, "#idle").text
+    assert "Not reported" in read(browser, "#idle")
+
+    # Logging out ends the session: the login form, and no cookie left.
+    browser.find_element(By.ID, "logout").click()
+    wait_until(lambda: 'name="token"' in browser.page_source, 10, "the login form")
+    assert not browser.get_cookies()
 
 
 def test_a_wrong_token_sees_nothing(federation: Federation, browser: Any) -> None:
     """A wrong token gets the login form again with no data in the page, and the API refuses a forged cookie."""
     url = federation.admin_url
     log_in(browser, url, "not-the-token")
-    source = browser.page_source
-    assert "not the admin token" in source and 'name="token"' in source
+
+    def refused() -> str | None:
+        source: str = browser.page_source
+        return source if "not the admin token" in source else None
+
+    source = wait_until(refused, 10, "the login form's refusal")
+    assert 'name="token"' in source
     assert not any(name in source for name in (*OWNERS, HELPER)) and "clients-panel" not in source
     assert not browser.get_cookies()
     request = urllib.request.Request(url + "/v1/clients", headers={"Cookie": "titanic_session=forged"})

@@ -309,7 +309,7 @@ function lossCurves(run) {
   return new Map([...curves.entries()].sort((a, b) => a[0].localeCompare(b[0])));
 }
 
-function chart(id, xLabel, yLabel, labels, data, xIncrements = undefined) {
+function chart(id, xLabel, yLabel, labels, data, { xIncrements = undefined, points = false } = {}) {
   const host = $(id);
   const key = JSON.stringify([xLabel, labels]);
   const width = Math.max(300, host.clientWidth || 500);
@@ -330,7 +330,7 @@ function chart(id, xLabel, yLabel, labels, data, xIncrements = undefined) {
     axes: [xIncrements ? { label: xLabel, incrs: xIncrements } : { label: xLabel }, { label: yLabel, size: 60 }],
     series: [
       { label: xLabel },
-      ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], width: 1.5, points: { show: data[0].length < 40 } })),
+      ...labels.map((label, i) => ({ label, stroke: COLORS[i % COLORS.length], width: 1.5, points: { show: points } })),
     ],
   };
   charts[id] = { plot: new uPlot(options, data, host), key, width };
@@ -349,9 +349,10 @@ function drawPerplexity(run) {
   const owners = [...new Set(rounds.flatMap((r) => Object.keys(r.owners)))].sort();
   const xs = rounds.map((r) => r.round);
   const ys = owners.map((o) => rounds.map((r) => r.owners[o] ?? null));
-  chart("ppl-chart", "round", "perplexity", [...owners, "weighted"], [xs, ...ys, rounds.map((r) => r.ppl ?? null)], [
-    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000,
-  ]);
+  chart("ppl-chart", "round", "perplexity", [...owners, "weighted"], [xs, ...ys, rounds.map((r) => r.ppl ?? null)], {
+    xIncrements: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+    points: true,
+  });
 
   const table = $("ppl-table");
   fill(table.tHead, el("tr", {}, el("th", {}, "round"), ...owners.map((o) => el("th", {}, o)), el("th", {}, "weighted")));
