@@ -8,23 +8,27 @@ project's :class:`~server.training.aggregation.FedAdam`: Reddi et al., no bias c
 weight decay; FLASC's code would add torch AdamW's default weight decay 0.01 to this step,
 here it is 0). The methods:
 
-* dense: LoRA at rank ``r``, every adapter whole both ways (``dense`` codec) - the baseline;
+* dense: LoRA at rank ``r``, every adapter whole both ways (``dense`` codec): the baseline;
 * dense_r/4: the same at rank ``r / 4`` (alpha scaled with it, so alpha / r is unchanged);
-* sparseadapter_D: round 1 as dense; then ``P`` is pruned once to its top ``D`` by
-  magnitude, and from then on only that fixed mask trains (gradients outside it are zeroed)
-  and travels (``topk`` codec at density ``D`` both ways);
-* floss_DD/DU: FLoSS. Download: the top ``DD`` of ``|P|`` (``topk`` codec; the mask is
-  recomputed every round), so an owner starts from ``P * mask`` with zeros elsewhere.
-  Upload: the top ``DU`` of the owner's change ``trained - start``. The server adds the
-  FedAdam step of the weighted mean change to ``P`` (not to ``P * mask``);
+* sparseadapter_D: round 1 as dense; then ``P`` is pruned once to the top ``D`` of each
+  adapter tensor by magnitude, and from then on only that fixed mask trains (gradients
+  outside it are zeroed) and travels (``topk`` codec at density ``D`` both ways). Per tensor,
+  because ranking all adapters together prunes every ``lora_B`` entry: PEFT starts B at
+  zero and A at +-1/sqrt(fan_in), so after one round all of B is below A's top quarter and a
+  global magnitude mask keeps a LoRA that can never change the model (measured: the
+  perplexity stays at its round-0 value);
+* floss_DD/DU: FLoSS. Download: the top ``DD`` of ``|P|`` ranked over every adapter of the
+  model together (``topk`` codec, ``scope = "partition"`` as FLASC; the mask is recomputed
+  every round), so an owner starts from ``P * mask`` with zeros elsewhere. Upload: the top
+  ``DU`` of the owner's change ``trained - start``. The server adds the FedAdam step of the
+  weighted mean change to ``P`` (not to ``P * mask``). ``DD = 1`` is the dense codec;
 * floss_ef_DD/DU: FLoSS with error feedback (each owner keeps what its sparse upload left
   out and adds it to its next change; not part of FLoSS).
 
 Owners encode their uploads with the holders' own code (:class:`client.trainer.Updates`),
-and the server's downloads and every upload are real codec encodings: the bytes counted
-are ``len`` of what would cross the network (safetensors with the codec's layout, fp32
-values, top-k ranked over all adapters of the model together, ``scope = "partition"``).
-A download is encoded once per round and counted once per owner.
+and the server's downloads and every upload are real codec encodings (fp32 values): the
+bytes counted are ``len`` of what would cross the network, headers included. A download is
+encoded once per round and counted once per owner.
 
 Validation perplexity: the server's global adapters ``P`` (dense) on the union of the
 owners' held-out sequences, token-weighted, before round 1 and after every round.
@@ -35,8 +39,14 @@ same for downloads> ppl_dense=<x> ppl_sparse=<x> ppl_increase_pct=<x>``. When no
 method is within 2%, a line says so and the figures are those of the sparse method with the
 lowest final perplexity.
 
-    python -m bench.floss --quick    # tiny Llama (warmed up briefly), 3 owners, a few minutes on 1 core
-    python -m bench.floss            # SmolLM2-135M, 4 owners (KJV by book)
+The tiny model of ``--quick`` reads UTF-8 bytes (vocabulary 256), not GPT-2 tokens: with
+the 50257-row GPT-2 embedding and head frozen at random values, a 4 x 64 model's adapters
+moved the perplexity by a few percent at most (measured), so there was nothing to compare.
+It is warmed up by ``base_steps`` of full training on the owners' data first, so the
+adapters fine-tune a model that already knows something, as LoRA is used.
+
+    python -m bench.floss --quick    # byte-level tiny Llama, 3 owners, 20 rounds: about a minute on 1 core
+    python -m bench.floss            # SmolLM2-135M, 4 owners (KJV by book), 8 rounds: about half an hour
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -58,7 +68,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from autograd_bridge.codecs import CodecSettings, UpdateCodec, decode_update, get_codec
 from autograd_bridge.finetune import FinetuneSettings, get_finetune
 from autograd_bridge.methods import get_method
-from autograd_bridge.models import gpt2_tokenizer, load_causal_lm, load_tokenizer, tiny_config
+from autograd_bridge.models import load_causal_lm, load_tokenizer, tiny_config
 from autograd_bridge.partition import StageModule, even_stage_specs, split_model
 from autograd_bridge.pipeline import Pipeline
 from autograd_bridge.runtime import EventLoopThread
@@ -71,6 +81,8 @@ from server.training.aggregation import AggregationSettings, ClientUpdate
 
 #: the share of dense LoRA's final perplexity a sparse method may lose and still count
 PPL_TOLERANCE_PCT = 2.0
+#: the tiny model reads UTF-8 bytes: its vocabulary
+BYTE_VOCAB = 256
 #: the server step of every method, every setting explicit: FedAdam (Reddi et al.: no bias
 #: correction), and no weight decay (FLASC's torch AdamW would apply 0.01 unasked)
 SERVER_STEP = AggregationSettings(kind="fedadam", server_lr=1e-2, beta1=0.9, beta2=0.99, tau=1e-3)
@@ -86,6 +98,7 @@ class Method:
     upload: float = 1.0  # top-k density of what an owner sends; 1: the dense codec
     error_feedback: bool = False  # an owner adds what its last sparse upload left out to its next change
     fixed_mask: bool = False  # SparseAdapter: dense round 1, then P pruned once to its top `upload`
+    scope: str = "partition"  # what top-k ranks together: every adapter of the model, or each tensor alone
 
     def __post_init__(self) -> None:
         if self.fixed_mask and self.download != self.upload:
@@ -96,32 +109,39 @@ class Method:
         """Whether a top-k codec carries either direction (the candidates of the last line)."""
         return self.download < 1.0 or self.upload < 1.0
 
+    def describe(self, lora_r: int) -> str:
+        """One line of what the method does, for the benchmark's header."""
+        rank = f"r {lora_r // self.rank_divisor}"
+        if not self.sparse:
+            return f"{self.name}: {rank}, dense both ways"
+        how = "dense round 1, then a fixed mask" if self.fixed_mask else "top-k"
+        ef = ", error feedback" if self.error_feedback else ""
+        ranked = "ranked per tensor" if self.scope == "tensor" else "ranked over every adapter"
+        return f"{self.name}: {rank}, {how}, density down {self.download:g} up {self.upload:g}, {ranked}{ef}"
+
     def codecs(self, round_: int, values: str) -> tuple[UpdateCodec, UpdateCodec]:
         """The (download, upload) codecs of round ``round_`` (1-based)."""
         if self.fixed_mask and round_ == 1:
             return get_codec("dense"), get_codec("dense")
-        return _codec(self.download, values), _codec(self.upload, values)
+        return _codec(self.download, values, self.scope), _codec(self.upload, values, self.scope)
 
 
-def _codec(density: float, values: str) -> UpdateCodec:
+def _codec(density: float, values: str, scope: str) -> UpdateCodec:
     if density >= 1.0:
         return get_codec("dense")
-    return get_codec("topk", CodecSettings(density=density, values=values, scope="partition"))
+    return get_codec("topk", CodecSettings(density=density, values=values, scope=scope))
 
 
-def default_methods(sparse_adapter: float = 0.25, moderate: tuple[float, float] = (0.25, 0.25),
-                    extreme: tuple[float, float] = (0.05, 0.01)) -> tuple[Method, ...]:  # fmt: skip
-    """The comparison of the issue: dense at r and r/4, SparseAdapter, FLoSS moderate and extreme, FLoSS + EF."""
-    return (
-        Method(name="dense"),
-        Method(name="dense_r/4", rank_divisor=4),
-        Method(name=f"sparseadapter_{sparse_adapter:g}", download=sparse_adapter, upload=sparse_adapter,
-               fixed_mask=True),
-        Method(name=f"floss_{moderate[0]:g}/{moderate[1]:g}", download=moderate[0], upload=moderate[1]),
-        Method(name=f"floss_{extreme[0]:g}/{extreme[1]:g}", download=extreme[0], upload=extreme[1]),
-        Method(name=f"floss_ef_{extreme[0]:g}/{extreme[1]:g}", download=extreme[0], upload=extreme[1],
-               error_feedback=True),
-    )
+#: the comparison of the issue, in the order it runs and prints
+DEFAULT_METHODS: tuple[Method, ...] = (
+    Method(name="dense"),
+    Method(name="dense_r/4", rank_divisor=4),
+    Method(name="sparseadapter_0.25", download=0.25, upload=0.25, fixed_mask=True, scope="tensor"),
+    Method(name="floss_0.25/0.25", download=0.25, upload=0.25),
+    Method(name="floss_1/0.05", upload=0.05),
+    Method(name="floss_0.05/0.01", download=0.05, upload=0.01),
+    Method(name="floss_ef_0.05/0.01", download=0.05, upload=0.01, error_feedback=True),
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,13 +161,13 @@ class FlossSettings:
     lora_targets: tuple[str, ...] = ()  # module names LoRA adapts; empty: the family's default (q_proj, v_proj)
     server: AggregationSettings = SERVER_STEP  # the server's step on the mean change
     values: str = "fp32"  # dtype of the top-k values on the wire
-    methods: tuple[Method, ...] = field(default_factory=default_methods)
+    methods: tuple[Method, ...] = DEFAULT_METHODS  # what is compared; must hold 'dense'
     max_chars_per_owner: int | None = 60_000  # KJV text per owner, its first books (None: all of them)
     val_fraction: float = 0.1  # share of each owner's sequences held out (their union validates every method)
     eval_batch_size: int = 16  # sequences per validation batch
     tiny_layers: int = 4  # decoder blocks of the tiny model
     tiny_width: int = 64  # hidden size of the tiny model
-    base_steps: int = 60  # tiny only: full-model AdamW steps on the owners' data before the adapters
+    base_steps: int = 100  # tiny only: full-model AdamW steps on the owners' data before the adapters
     seed: int = 0  # model init, adapter init, data split and order
 
     def __post_init__(self) -> None:
@@ -183,7 +203,6 @@ class FlossResult:
     chosen: str  # the sparse method the last line reports
     within: bool  # whether `chosen` is within PPL_TOLERANCE_PCT of dense
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
     def increase_pct(self, name: str) -> float:
         """Final perplexity of ``name`` over dense's, in % of dense."""
@@ -227,11 +246,15 @@ class FlossResult:
 # --------------------------------------------------------------------------- model and data
 
 
-def owner_datasets(settings: FlossSettings, tokenizer: Any) -> list[OwnerDataset]:
-    """Each owner's text (KJV by book, or --data), tokenized and packed, with a held-out split."""
+def owner_datasets(settings: FlossSettings, tokenizer: Any | None) -> list[OwnerDataset]:
+    """Each owner's text (KJV by book, or --data), tokenized (UTF-8 bytes when ``tokenizer`` is None) and packed."""
     source = PretrainSettings(data=settings.data, owners=settings.owners, max_chars_per_owner=settings.max_chars_per_owner)
     data = DataSettings(seq_len=settings.seq_len, val_fraction=settings.val_fraction, seed=settings.seed)
-    datasets = [OwnerDataset.from_texts(texts, tokenizer, settings=data) for texts in owner_texts(source)]
+    datasets = [
+        OwnerDataset.from_texts(texts, tokenizer, settings=data) if tokenizer is not None
+        else OwnerDataset(list("\n".join(texts).encode("utf-8")), settings=data)
+        for texts in owner_texts(source)
+    ]  # fmt: skip
     if any(d.num_validation == 0 or d.num_samples < settings.batch_size for d in datasets):
         raise ValueError("an owner holds out no validation sequence or has less than a batch; add text")
     return datasets
@@ -258,7 +281,8 @@ def base_model(settings: FlossSettings, vocab_size: int, datasets: Sequence[Owne
         pipeline = Pipeline([stage], runtime)
         optimizer = build_local_optimizer([stage], lr=3e-3, weight_decay=0.0)
         try:
-            for i in range(settings.base_steps):  # owner i % owners, its batches from the far end of its stream
+            # Owner i % owners, batches of its training split from a later epoch than the adapters reach.
+            for i in range(settings.base_steps):
                 owner = datasets[i % len(datasets)]
                 run_steps(pipeline, owner, steps=1, batch_size=settings.batch_size,
                           start=10_000 + i // len(datasets), local_optimizer=optimizer)  # fmt: skip
@@ -287,9 +311,9 @@ def masked_gradients(stage: StageModule, mask: Mapping[str, Tensor] | None) -> I
             handle.remove()
 
 
-def top_mask(state: Mapping[str, Tensor], density: float) -> dict[str, Tensor]:
-    """1 where the topk codec keeps an entry of ``state`` at ``density`` (ranked over every tensor), else 0."""
-    kept = decode_update(_codec(density, "fp32").encode(state))
+def top_mask(state: Mapping[str, Tensor], density: float, scope: str) -> dict[str, Tensor]:
+    """1 where the topk codec keeps an entry of ``state`` at ``density`` and ``scope``, else 0."""
+    kept = decode_update(_codec(density, "fp32", scope).encode(state))
     return {name: (kept[name] != 0).to(tensor.dtype) for name, tensor in state.items()}
 
 
@@ -334,7 +358,7 @@ class _Bench:
             download_codec, upload_codec = method.codecs(round_, self.s.values)
             download = download_codec.encode(global_state)
             start = decode_update(download)  # P, or P * top-k mask (zeros elsewhere)
-            prepared = self._preparation(lora, upload_codec, method.error_feedback)
+            prepared = self._preparation(lora, upload_codec, method.scope, method.error_feedback)
             updates = []
             for k, dataset in enumerate(self.datasets):
                 self.finetune.load_tensors(stage, start)
@@ -354,7 +378,7 @@ class _Bench:
                                             delta=upload_codec.sends_changes, client_id=f"owner{k}"))  # fmt: skip
             global_state = aggregator.aggregate(global_state, updates)
             if method.fixed_mask and mask is None:
-                mask = top_mask(global_state, method.upload)
+                mask = top_mask(global_state, method.upload, method.scope)
             if mask is not None:  # SparseAdapter: the pruned entries stay zero (FedAdam's momentum would move them)
                 global_state = {name: t * mask[name] for name, t in global_state.items()}
             self.finetune.load_tensors(stage, global_state)
@@ -363,9 +387,9 @@ class _Bench:
         curve.seconds = time.perf_counter() - started
         return curve
 
-    def _preparation(self, lora: FinetuneSettings, codec: UpdateCodec, error_feedback: bool) -> Preparation:
+    def _preparation(self, lora: FinetuneSettings, codec: UpdateCodec, scope: str, error_feedback: bool) -> Preparation:
         """What a holder is told when a run is prepared: here, the upload codec of the round."""
-        choice = CodecSettings(values=self.s.values, scope="partition")
+        choice = CodecSettings(values=self.s.values, scope=scope)
         return Preparation(finetune=self.finetune, settings=lora, optimizer="adamw", codec=codec.name,
                            codec_choice=choice, error_feedback=error_feedback, method=get_method("backprop"))  # fmt: skip
 
@@ -390,14 +414,14 @@ def choose(curves: Mapping[str, Curve], methods: Sequence[Method]) -> tuple[str,
 def run_floss(
     settings: FlossSettings, *, tokenizer: Any | None = None, log: Callable[[str], None] | None = None
 ) -> FlossResult:
-    """Train every method of ``settings`` and measure; ``tokenizer`` defaults to the model's (GPT-2 for tiny)."""
+    """Train every method of ``settings`` and measure; ``tokenizer`` defaults to the model's (UTF-8 bytes for tiny)."""
     say = log or (lambda _line: None)
     started = time.perf_counter()
-    if tokenizer is None:
-        tokenizer = gpt2_tokenizer() if settings.model == "tiny" else load_tokenizer(settings.model)
+    if tokenizer is None and settings.model != "tiny":
+        tokenizer = load_tokenizer(settings.model)
     datasets = owner_datasets(settings, tokenizer)
     say("owners: " + ", ".join(f"{d.num_samples} train / {d.num_validation} val sequences" for d in datasets))
-    base = base_model(settings, len(tokenizer), datasets)
+    base = base_model(settings, BYTE_VOCAB if tokenizer is None else len(tokenizer), datasets)
     bench = _Bench(settings, base, datasets)
     curves: dict[str, Curve] = {}
     try:
@@ -415,23 +439,28 @@ def run_floss(
 
 
 def quick_settings() -> FlossSettings:
-    """``--quick``: tiny Llama (4 x 64, warmed up 60 steps), 3 owners, 8 rounds x 5 steps, batch 4 x 64."""
-    return FlossSettings(owners=3, max_chars_per_owner=40_000)
+    """``--quick``: byte-level tiny Llama (4 x 64, warmed up 100 steps), 3 owners, 20 rounds x 5 steps, batch 4 x 64."""
+    return FlossSettings(owners=3, rounds=20, steps=5, max_chars_per_owner=40_000)
 
 
 def full_settings() -> FlossSettings:
-    """The default: SmolLM2-135M, 4 owners of 60,000 KJV characters, 6 rounds x 4 steps, batch 4 x 64."""
-    return FlossSettings(model="smollm2", owners=4, rounds=6, steps=4, lr=1e-3, eval_batch_size=8)
+    """The default: SmolLM2-135M, 4 owners of 40,000 KJV characters, 8 rounds x 3 steps, batch 4 x 64."""
+    return FlossSettings(
+        model="smollm2", owners=4, rounds=8, steps=3, lr=1e-3, max_chars_per_owner=40_000, val_fraction=0.05,
+        eval_batch_size=8,
+    )  # fmt: skip
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[FlossSettings, int]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="tiny Llama, 3 owners (a few minutes on 1 core)")
+    parser.add_argument("--quick", action="store_true", help="byte-level tiny Llama, 3 owners (about a minute)")
     parser.add_argument("--model", help="'tiny', 'smollm2', or a folder or .gguf file with pretrained weights")
     parser.add_argument("--data", help="a .txt file (cut into --owners parts) or a folder of them (one owner each)")
     parser.add_argument("--owners", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--steps", type=int, help="local optimizer steps per owner per round")
+    parser.add_argument("--lr", type=float, help="local AdamW learning rate")
+    parser.add_argument("--server-lr", type=float, dest="server_lr", help="FedAdam's server learning rate")
     parser.add_argument("--seed", type=int)
     # One thread by default: the thread count changes float rounding, so a fixed default keeps
     # the last line reproducible; on the shared 2-core machines a second one gains little.
@@ -439,7 +468,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[FlossSettings, int]:
     args = parser.parse_args(argv)
     settings = quick_settings() if args.quick else full_settings()
     names = {f.name for f in fields(FlossSettings)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.server_lr is not None:
+        overrides["server"] = replace(settings.server, server_lr=args.server_lr)
     return replace(settings, **overrides), args.threads
 
 
@@ -452,8 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model={s.model} owners={s.owners} rounds={s.rounds} steps/owner/round={s.steps} "
           f"batch={s.batch_size}x{s.seq_len} local=AdamW(lr={s.lr}, wd=0, fresh each round) "
           f"lora r={s.lora_r} alpha={s.lora_alpha} server={server.kind}(lr={server.server_lr}, b1={server.beta1}, "
-          f"b2={server.beta2}, tau={server.tau}, wd=0) values={s.values} scope=partition seed={s.seed} "
+          f"b2={server.beta2}, tau={server.tau}, wd=0) values={s.values} seed={s.seed} "
           f"threads={threads}", flush=True)  # fmt: skip
+    for method in s.methods:
+        print("  " + method.describe(s.lora_r))
     result = run_floss(settings, log=lambda line: print(line, flush=True))
     print("validation perplexity of the global adapters (round 0: before training; token-weighted over the owners)")
     print(result.table())
