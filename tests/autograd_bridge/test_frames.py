@@ -452,9 +452,9 @@ def test_unsupported_version_is_rejected() -> None:
         decode_frame(raw_frame(header))
 
 
-@pytest.mark.parametrize("kind", [0, 15, 1000, -1])
+@pytest.mark.parametrize("kind", [0, 17, 1000, -1])
 def test_unknown_or_unspecified_kind_is_rejected(kind: int) -> None:
-    """Kinds outside 1..14 (including the unset 0) are refused by number."""
+    """Kinds outside 1..16 (including the unset 0) are refused by number."""
     header = valid_header()
     header.kind = kind  # type: ignore[assignment]
     with pytest.raises(FrameError, match=f"kind is {kind}"):
