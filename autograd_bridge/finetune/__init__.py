@@ -53,6 +53,9 @@ class Finetune(Protocol):
     def travels(self, name: str) -> bool:
         """Whether a whole-model tensor name is one this mode trains (and so merges)."""
 
+    def export_config(self, model_config: Any, settings: FinetuneSettings, base_model: str) -> Any | None:
+        """The config of an adapter checkpoint (a PEFT config), or None when checkpoints are whole models."""
+
 
 #: name -> the mode's class
 FINETUNES: dict[str, type[Finetune]] = {

@@ -41,3 +41,7 @@ class FullFinetune:
     def travels(self, name: str) -> bool:
         """Every tensor travels."""
         return True
+
+    def export_config(self, model_config: Any, settings: Any, base_model: str) -> None:
+        """A checkpoint is the whole model: no adapter config."""
+        return None

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lora import add_lora, is_adapter_name, load_lora_state, lora_state
+from ..lora import add_lora, is_adapter_name, load_lora_state, lora_state, lora_target_modules
 
 
 class LoraFinetune:
@@ -59,3 +59,11 @@ class LoraFinetune:
     def travels(self, name: str) -> bool:
         """Only adapter tensors travel."""
         return is_adapter_name(name)
+
+    def export_config(self, model_config: Any, settings: Any, base_model: str) -> Any:
+        """The PEFT LoraConfig that ``PeftModel.from_pretrained`` needs to load the adapters over ``base_model``."""
+        from peft import LoraConfig
+
+        targets = list(settings.lora_targets) or lora_target_modules(model_config)
+        return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules=targets,
+                          base_model_name_or_path=base_model, task_type="CAUSAL_LM")  # fmt: skip

@@ -533,26 +533,16 @@ class RunManager:
             "aggregator": record.seams.aggregator.state_dict(),
             "optimizers": record.optimizers,
         }
-        if record.seams.finetune.adapter:
+        settings = record.spec.finetune.settings(record.spec.seed)
+        adapter_config = record.seams.finetune.export_config(config, settings, self.model_name)
+        if adapter_config is not None:  # the finetune mode exports adapters over the base model
             return self.checkpoints.save_round(
-                record.run_id, round, to_peft_names(record.global_state), config=self._adapter_config(record.spec, config),
+                record.run_id, round, to_peft_names(record.global_state), config=adapter_config,
                 tokenizer=tokenizer, server_state=server_state, adapter=True,
             )  # fmt: skip
         return self.checkpoints.save_round(
             record.run_id, round, record.global_state, config=config, tokenizer=tokenizer, server_state=server_state
         )
-
-    def _adapter_config(self, spec: RunSpec, config: Any) -> Any:
-        """The PEFT config of an adapter checkpoint (adapter modes are LoRA today)."""
-        from peft import LoraConfig
-
-        from autograd_bridge.lora import lora_target_modules
-
-        targets = list(spec.finetune.targets) or lora_target_modules(config)
-        return LoraConfig(
-            r=spec.finetune.r, lora_alpha=spec.finetune.alpha, target_modules=targets,
-            base_model_name_or_path=self.model_name, task_type="CAUSAL_LM",
-        )  # fmt: skip
 
 
 def _optimizers_by_name(saved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -112,6 +112,7 @@ from server.training.local_work import LOCAL_WORK
 from server.training.participation import CASES, PARTICIPATIONS
 
 if TYPE_CHECKING:
+    from autograd_bridge.finetune import FinetuneSettings
     from server.training.aggregation import AggregationSettings
     from server.training.local_work import Work
 
@@ -231,15 +232,20 @@ class FinetuneSection:
     targets: tuple[str, ...] = ()  # module names to adapt (lora; empty: the model family's default)
 
     def __post_init__(self) -> None:
-        from autograd_bridge.finetune import FINETUNES, FinetuneSettings
+        from autograd_bridge.finetune import FINETUNES
 
         _check_member("[finetune] mode", self.mode, FINETUNES)
         _check_count("[finetune] ", "r", self.r)
         _check_count("[finetune] ", "alpha", self.alpha)
         if not isinstance(self.targets, tuple) or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"[finetune] targets must be a list of module names, got {self.targets!r}")
-        settings = FinetuneSettings(lora_r=self.r, lora_alpha=self.alpha, lora_targets=self.targets)
-        FINETUNES[self.mode]().check(settings)
+        FINETUNES[self.mode]().check(self.settings())
+
+    def settings(self, seed: int = 0) -> FinetuneSettings:
+        """What the finetune member is set up, checked and exported with."""
+        from autograd_bridge.finetune import FinetuneSettings
+
+        return FinetuneSettings(lora_r=self.r, lora_alpha=self.alpha, lora_targets=tuple(self.targets), seed=seed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

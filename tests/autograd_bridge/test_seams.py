@@ -186,3 +186,15 @@ def test_a_host_refuses_a_gradient_scale_that_is_not_a_clip(load_tiny, scale) ->
         assert split.runtime.run(client.grad_sq_norm(0)) == 0.0  # no gradients yet, and still answering
     finally:
         split.close()
+
+
+def test_a_finetune_mode_says_how_its_checkpoints_are_exported(load_tiny) -> None:
+    """full: whole models (no adapter config); lora: a PEFT LoraConfig over the base model with the run's settings."""
+    config = load_tiny("llama").config
+    settings = FinetuneSettings(lora_r=4, lora_alpha=8)
+    assert get_finetune("full").export_config(config, settings, "base") is None
+    lora = get_finetune("lora").export_config(config, settings, "base")
+    assert (lora.r, lora.lora_alpha, lora.base_model_name_or_path) == (4, 8, "base")
+    assert set(lora.target_modules) == {"q_proj", "v_proj"}
+    chosen = get_finetune("lora").export_config(config, FinetuneSettings(lora_targets=("k_proj",)), "base")
+    assert set(chosen.target_modules) == {"k_proj"}
