@@ -9,7 +9,7 @@ by any other safetensors writer) is read as ``dense``. Nothing is pickled either
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -54,11 +54,17 @@ def decode_update(data: bytes) -> dict[str, Tensor]:
     """
     metadata, stored = unpack(data)
     codec = metadata.get(CODEC_KEY, "dense")
-    if codec == "dense":
-        return stored
-    if codec == "topk":
-        return densify(stored, encoded_size=len(data))
-    raise ValueError(
-        f"unknown update encoding {codec!r} (metadata {CODEC_KEY}); this version reads dense and topk: "
-        f"update the receiving side"
-    )
+    read = _READERS.get(codec)
+    if read is None:
+        raise ValueError(
+            f"unknown update encoding {codec!r} (metadata {CODEC_KEY}); this version reads "
+            f"{' and '.join(_READERS)}: update the receiving side"
+        )
+    return read(stored, len(data))
+
+
+#: the tag an encoding carries -> how its stored tensors become dense ones (with the encoded size, for caps)
+_READERS: dict[str, Callable[[dict[str, Tensor], int], dict[str, Tensor]]] = {
+    "dense": lambda stored, size: stored,
+    "topk": lambda stored, size: densify(stored, encoded_size=size),
+}
