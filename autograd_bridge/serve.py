@@ -119,7 +119,7 @@ class StageHostProcess:
         if attn_implementation:
             cmd += ["--attn-implementation", attn_implementation]
         if token:
-            cmd += ["--token", token]
+            cmd += [f"--token={token}"]  # "=": a token may begin with "-"
         cmd += list(extra_args)
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(env or os.environ)

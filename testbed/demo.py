@@ -153,7 +153,7 @@ def _federation(
         # and a quick measurement swings enough between runs to change the plan. The owners
         # play small devices (1e10 FLOP/s) and the helpers bigger ones, so the planner offloads
         # the middle blocks to the helpers, the way Titanic is meant to be used.
-        common = ["--server", f"127.0.0.1:{port}", "--token", join, "--quick-profile", "--reconnect-max", "1"]
+        common = ["--server", f"127.0.0.1:{port}", f"--token={join}", "--quick-profile", "--reconnect-max", "1"]
         for k, data in enumerate(owners_data):
             processes.spawn(f"owner{k}", "client.cli", "run", "--name", f"owner{k}", *common,
                             "--cache-dir", str(out / "clients" / f"owner{k}"), "--data", str(data),
@@ -166,7 +166,7 @@ def _federation(
         model = prepare()
         processes.spawn(
             "server", "server.cli", "run", "--port", str(port), "--admin-port", "0", "--state-dir", str(out / "state"),
-            "--model", model, "--join-token", join, "--admin-token", admin_token, "--settle", "1",
+            "--model", model, f"--join-token={join}", f"--admin-token={admin_token}", "--settle", "1",
         )
         log = out / "logs" / "server.log"
         admin_url = _wait_for(lambda: _ready_line(log), 120, "the server", processes)

@@ -278,19 +278,28 @@ class Testbed:
 
     def _start_server(self, model: Path) -> None:
         s, host = self.settings, self.topology.server
+        self.server = self._spawn("server", netns.netns_exec(host.namespace, self.server_argv(model)))
+        _wait(lambda: self.server is not None and "titanic-server ready" in self.server.log.read_text(), s.timeout_s,
+              "the server to print its ready line", self.check_alive)  # fmt: skip
+
+    def server_argv(self, model: Path | str) -> list[str]:
+        """``titanic-server run`` for the model at ``model``, as it runs inside the server's namespace.
+
+        Tokens travel as ``--flag=value``: a random token may begin with ``-``, which argparse
+        would otherwise read as the next option.
+        """
+        s = self.settings
         argv = [
             s.python, "-m", "server.cli", "run",
             "--host", "0.0.0.0", "--port", str(s.control_port),
             "--admin-host", "127.0.0.1", "--admin-port", str(s.admin_port),
             "--state-dir", str(s.work_dir / "server-state"),
-            "--join-token", self.join_token, "--admin-token", self.admin_token,
+            f"--join-token={self.join_token}", f"--admin-token={self.admin_token}",
             "--model", str(model), "--heartbeat-interval", "1", "--heartbeat-timeout", "10",
         ]  # fmt: skip
         if s.stages is not None:
             argv += ["--stages", str(s.stages)]
-        self.server = self._spawn("server", netns.netns_exec(host.namespace, argv))
-        _wait(lambda: self.server is not None and "titanic-server ready" in self.server.log.read_text(), s.timeout_s,
-              "the server to print its ready line", self.check_alive)  # fmt: skip
+        return argv
 
     def client_argv(self, index: int, host: netns.Host) -> list[str]:
         """``titanic-client run`` for client ``index``, as it runs inside its namespace."""
@@ -298,7 +307,7 @@ class Testbed:
         argv = [
             s.python, "-m", "client.cli", "run",
             "--server", f"{self.topology.server.address}:{s.control_port}",
-            "--name", host.name, "--token", self.join_token,
+            "--name", host.name, f"--token={self.join_token}",
             "--cache-dir", str(s.work_dir / f"cache-{host.name}"),
             "--bridge-host", host.address, "--advertise", host.address,
             "--link-seconds", str(s.link_seconds),
@@ -338,7 +347,7 @@ class Testbed:
     def server_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``python -m server.cli ARGS --admin <url> --token <t>`` inside the server's namespace."""
         argv = [self.settings.python, "-m", "server.cli", *args,
-                "--admin", f"http://127.0.0.1:{self.settings.admin_port}", "--token", self.admin_token]  # fmt: skip
+                "--admin", f"http://127.0.0.1:{self.settings.admin_port}", f"--token={self.admin_token}"]  # fmt: skip
         result = subprocess.run(
             netns.netns_exec(self.topology.server.namespace, argv), capture_output=True, text=True, timeout=60
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,3 +66,19 @@ def test_report_table_says_when_no_link_is_shaped() -> None:
     """With every link unshaped the note says so instead of claiming tc shaping."""
     table = report_table([_report("c0", (0, 3), shaped=None), _report("c1", (1,), shaped=None)])
     assert "links: unshaped" in table and "shaped with tc" not in table
+
+
+def test_command_lines_survive_tokens_that_begin_with_a_dash(tmp_path: Path) -> None:
+    """A random URL-safe token can begin with "-": the server, client and CLI command lines still parse it."""
+    from client.cli import build_parser as client_parser
+    from server.cli import build_parser as server_parser
+    from testbed.orchestrate import Testbed, TestbedSettings
+
+    bed = Testbed(TestbedSettings(rates_bits=(None, None), work_dir=tmp_path, tag="tdash"), log=lambda s: None)
+    bed.join_token, bed.admin_token = "-Join_tok", "--admin-tok"
+    server_argv = bed.server_argv(tmp_path / "model")
+    args = server_parser().parse_args(server_argv[server_argv.index("server.cli") + 1 :])
+    assert args.join_token == ["-Join_tok"] and args.admin_token == "--admin-tok"
+    client_argv = bed.client_argv(0, bed.topology.clients[0])
+    args = client_parser().parse_args(client_argv[client_argv.index("client.cli") + 1 :])
+    assert args.token == "-Join_tok"
