@@ -36,10 +36,10 @@ __all__ = ["BloomAlibi", "MptAlibi", "StageBias", "bloom_alibi", "bloom_slopes",
 # --------------------------------------------------------------------------- slopes
 
 
-def _geometric_slopes(num_heads: int, max_exponent: float) -> Tensor:
-    """``r, r**2, ..., r**num_heads`` with ``r = 2**(-max_exponent / num_heads)``, float32."""
-    ratio = torch.tensor(2.0 ** (-max_exponent / num_heads), dtype=torch.float32)
-    return torch.pow(ratio, torch.arange(1, num_heads + 1, dtype=torch.int32))
+def _powers(ratio: float, first: int, last: int, step: int = 1) -> Tensor:
+    """``ratio**first, ratio**(first + step), ...`` up to ``ratio**last``, float32."""
+    exponents = torch.arange(first, last + 1, step, dtype=torch.int32)
+    return torch.pow(torch.tensor(ratio, dtype=torch.float32), exponents)
 
 
 def bloom_slopes(num_heads: int) -> Tensor:
@@ -53,12 +53,13 @@ def bloom_slopes(num_heads: int) -> Tensor:
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
     base_heads = 2 ** math.floor(math.log2(num_heads))
-    slopes = _geometric_slopes(base_heads, 8.0)
+    slopes = _powers(2.0 ** (-8.0 / base_heads), 1, base_heads)
     if base_heads == num_heads:
         return slopes
-    # The slopes of 2m heads at odd powers interleave with those of m heads.
-    between = _geometric_slopes(2 * base_heads, 8.0)[0::2]
-    return torch.cat([slopes, between[: num_heads - base_heads]])
+    # The odd powers of 2m heads' ratio: the slopes of 2m heads that m heads lack.
+    missing = num_heads - base_heads
+    between = _powers(2.0 ** (-8.0 / (2 * base_heads)), 1, 2 * missing - 1, step=2)
+    return torch.cat([slopes, between])
 
 
 def mpt_slopes(num_heads: int, bias_max: float) -> Tensor:
@@ -82,7 +83,12 @@ def mpt_slopes(num_heads: int, bias_max: float) -> Tensor:
 
 
 def bloom_alibi(
-    attention_mask: Tensor | None, num_heads: int, *, batch_size: int, seq_len: int, dtype: torch.dtype,
+    attention_mask: Tensor | None,
+    num_heads: int,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
     """BLOOM's bias, ``(B * H, 1, T)`` in ``dtype``: slope times key position from the mask.
@@ -99,7 +105,9 @@ def bloom_alibi(
     return bias.reshape(-1, 1, positions.shape[-1]).to(dtype)
 
 
-def mpt_alibi(num_heads: int, seq_len: int, *, bias_max: float, max_seq_len: int, device: torch.device) -> Tensor:
+def mpt_alibi(
+    num_heads: int, seq_len: int, *, bias_max: float, max_seq_len: int, device: torch.device
+) -> Tensor:
     """MPT's bias for ``seq_len`` keys, ``(H, 1, T)`` float32: slope times ``k - (T - 1)``.
 
     Raises ``ValueError`` for sequences longer than ``max_seq_len``: the whole model
@@ -149,7 +157,11 @@ class BloomAlibi(StageBias):
     def block_inputs(self, hidden: Tensor, attention_mask: Tensor | None, causal_mask: Any) -> dict[str, Any]:
         batch_size, seq_len = hidden.shape[:2]
         alibi = bloom_alibi(
-            attention_mask, self.num_heads, batch_size=batch_size, seq_len=seq_len, dtype=hidden.dtype,
+            attention_mask,
+            self.num_heads,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            dtype=hidden.dtype,
             device=hidden.device,
         )
         return {"alibi": alibi, "attention_mask": causal_mask}
@@ -171,7 +183,10 @@ class MptAlibi(StageBias):
                 "MPT blocks need the causal mask as a tensor; load the model with attn_implementation='eager'"
             )
         bias = mpt_alibi(
-            self.num_heads, hidden.shape[1], bias_max=self.bias_max, max_seq_len=self.max_seq_len,
+            self.num_heads,
+            hidden.shape[1],
+            bias_max=self.bias_max,
+            max_seq_len=self.max_seq_len,
             device=hidden.device,
         )
         # True where a key is hidden from a query: MPT's blocks masked_fill there.

@@ -1,0 +1,68 @@
+"""ALiBi slopes and biases against the ones transformers' BLOOM and MPT stacks build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+from autograd_bridge.alibi import MptAlibi, bloom_alibi, bloom_slopes, mpt_alibi, mpt_slopes
+from autograd_bridge.models import tiny_config
+
+HEAD_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 32, 48, 71, 112)
+
+
+def _left_and_right_padded_mask() -> torch.Tensor:
+    return torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])  # (B=3, T=6)
+
+
+@pytest.mark.parametrize("num_heads", HEAD_COUNTS)
+def test_bloom_bias_equals_the_stacks(num_heads: int) -> None:
+    """BLOOM's bias from a left- and right-padded mask is the stack's, number for number."""
+    mask = _left_and_right_padded_mask()
+    ours = bloom_alibi(
+        mask, num_heads, batch_size=3, seq_len=6, dtype=torch.float32, device=torch.device("cpu")
+    )
+    assert torch.equal(ours, build_alibi_tensor(mask, num_heads, torch.float32))
+
+
+def test_bloom_bias_without_a_mask_numbers_keys_from_zero() -> None:
+    """Without a mask every row gets the bias of an all-ones mask, in the hidden states' dtype."""
+    ours = bloom_alibi(None, 6, batch_size=2, seq_len=5, dtype=torch.bfloat16, device=torch.device("cpu"))
+    expected = build_alibi_tensor(torch.ones(2, 5, dtype=torch.long), 6, torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("num_heads", HEAD_COUNTS)
+def test_mpt_bias_equals_the_last_columns_of_the_stacks(num_heads: int) -> None:
+    """MPT's bias for T keys is the last T columns of the stack's max_seq_len bias."""
+    whole = build_mpt_alibi_tensor(num_heads, 64, alibi_bias_max=8)  # (H, 1, 64)
+    ours = mpt_alibi(num_heads, 10, bias_max=8, max_seq_len=64, device=torch.device("cpu"))
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, whole[:, :, -10:])
+
+
+def test_slopes_follow_the_alibi_paper() -> None:
+    """Eight heads: BLOOM's slopes are 1/2, 1/4, ..., 1/256; MPT's with bias_max 8 are the same."""
+    expected = torch.tensor([2.0**-i for i in range(1, 9)])
+    assert torch.equal(bloom_slopes(8), expected)
+    assert torch.equal(mpt_slopes(8, 8), expected)
+
+
+def test_mpt_refuses_sequences_longer_than_max_seq_len() -> None:
+    """A stage asked for more keys than MPT's max_seq_len says so instead of failing on shapes."""
+    bias = MptAlibi(tiny_config("mpt", max_seq_len=8))
+    hidden = torch.zeros(1, 9, 64)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        bias.block_inputs(hidden, None, torch.zeros(1, 1, 9, 9))
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_slopes_need_a_head(bad: int) -> None:
+    """A head count below one is a ValueError."""
+    with pytest.raises(ValueError, match="num_heads"):
+        bloom_slopes(bad)
+    with pytest.raises(ValueError, match="num_heads"):
+        mpt_slopes(bad, 8)
