@@ -1,4 +1,4 @@
-"""ALiBi attention biases, built by each stage for its own blocks (BLOOM, MPT).
+"""ALiBi attention biases, built by each stage for its own blocks (BLOOM, MPT, Falcon).
 
 ALiBi (Press et al., 2022, "Train Short, Test Long") adds no position embedding; each
 attention head ``h`` adds ``slope_h * (key position)`` to its scores instead. Since a
@@ -15,6 +15,11 @@ only some of the blocks builds it itself here, from the same inputs the stack us
   last ``T`` columns of a bias built for ``config.max_seq_len`` keys, with slopes spread
   over ``attn_config.alibi_bias_max``. It stays float32, shape ``(H, 1, T)``; the blocks
   take the causal mask as booleans (True where masked).
+* **Falcon** with ``alibi=True`` numbers keys like BLOOM but rounds the slopes to bfloat16,
+  hands the blocks the bias as ``(B, H, 1, T)``, and replaces the causal mask by the bias
+  over ``sqrt(head_dim)`` with hidden keys at the dtype's lowest value (so eager blocks
+  add the bias twice, once scaled, exactly as the whole model does). The mask must be
+  materialized even where sdpa could skip it (:attr:`StageBias.needs_full_mask`).
 
 Each family is one :class:`StageBias` subclass; :mod:`autograd_bridge.families` names
 which family uses which, and :class:`~autograd_bridge.partition.StageModule` asks it for
@@ -30,7 +35,16 @@ import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
-__all__ = ["BloomAlibi", "MptAlibi", "StageBias", "bloom_alibi", "bloom_slopes", "mpt_alibi", "mpt_slopes"]
+__all__ = [
+    "BloomAlibi",
+    "FalconAlibi",
+    "MptAlibi",
+    "StageBias",
+    "bloom_alibi",
+    "bloom_slopes",
+    "mpt_alibi",
+    "mpt_slopes",
+]
 
 
 # --------------------------------------------------------------------------- slopes
@@ -135,6 +149,8 @@ class StageBias:
     """
 
     argument_names: ClassVar[frozenset[str]] = frozenset()
+    needs_full_mask: ClassVar[bool] = False
+    """True when the causal mask must be built as a tensor even where attention could skip it."""
 
     def block_inputs(self, hidden: Tensor, attention_mask: Tensor | None, causal_mask: Any) -> dict[str, Any]:
         """Inputs for every block of the stage.
@@ -191,3 +207,40 @@ class MptAlibi(StageBias):
         )
         # True where a key is hidden from a query: MPT's blocks masked_fill there.
         return {"position_bias": bias, "attention_mask": causal_mask.to(torch.bool)}
+
+
+class FalconAlibi(StageBias):
+    """Falcon with ``alibi=True``: ``alibi`` (B, H, 1, T) from the mask with bfloat16 slopes,
+    and the attention mask replaced by that bias over ``sqrt(head_dim)``, masked where the
+    causal mask hides a key. The causal mask must be materialized (4D) even without padding.
+    """
+
+    argument_names = frozenset({"alibi"})
+    needs_full_mask = True
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        self.num_heads = int(config.num_attention_heads)
+        self.head_dim = int(config.hidden_size) // self.num_heads
+
+    def block_inputs(self, hidden: Tensor, attention_mask: Tensor | None, causal_mask: Any) -> dict[str, Any]:
+        batch_size, seq_len = hidden.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=hidden.device)
+        mask = attention_mask.to(hidden.device)
+        positions = ((mask.cumsum(dim=-1) - 1) * mask)[:, None, :]  # (B, 1, T)
+        # Falcon rounds its slopes to bfloat16 before scaling them, whatever the model's dtype.
+        slopes = bloom_slopes(self.num_heads).to(device=hidden.device, dtype=torch.bfloat16)
+        alibi = (slopes[:, None] * positions).to(hidden.dtype)[:, :, None, :]  # (B, H, 1, T)
+        if not isinstance(causal_mask, Tensor) or causal_mask.dim() != 4:
+            raise ValueError(
+                "Falcon's ALiBi needs a 4D causal mask; load the model with eager or sdpa attention"
+            )
+        lowest = torch.finfo(hidden.dtype).min
+        if causal_mask.dtype == torch.bool:  # sdpa's mask: True where a key is visible
+            causal_mask = torch.where(
+                causal_mask, torch.zeros((), dtype=hidden.dtype, device=hidden.device), lowest
+            )
+        biased_mask = torch.masked_fill(
+            alibi / math.sqrt(self.head_dim), causal_mask < -1, lowest
+        )  # (B, H, T, T)
+        return {"alibi": alibi, "attention_mask": biased_mask}

@@ -593,12 +593,16 @@ class StageModule(nn.Module):
         if function_name is None:
             raise UnsupportedModelError(f"no mask builder for layer type {kind!r}; add it to families.py")
         build = getattr(masking_utils, function_name)
+        options: dict[str, Any] = {}
+        if self._attention_bias is not None and self._attention_bias.needs_full_mask:
+            options["allow_is_causal_skip"] = False  # the bias is added onto the mask
         return build(
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
             past_key_values=None,
             position_ids=position_ids,
+            **options,
         )
 
     def _position_embeddings(self, kinds: set[str], hidden: Tensor, position_ids: Tensor) -> dict[str, Any]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+from transformers.models.falcon.modeling_falcon import build_alibi_tensor as build_falcon_alibi_tensor
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
-from autograd_bridge.alibi import MptAlibi, bloom_alibi, bloom_slopes, mpt_alibi, mpt_slopes
+from autograd_bridge.alibi import FalconAlibi, MptAlibi, bloom_alibi, bloom_slopes, mpt_alibi, mpt_slopes
 from autograd_bridge.models import tiny_config
 
 HEAD_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 32, 48, 71, 112)
@@ -42,6 +43,22 @@ def test_mpt_bias_equals_the_last_columns_of_the_stacks(num_heads: int) -> None:
     ours = mpt_alibi(num_heads, 10, bias_max=8, max_seq_len=64, device=torch.device("cpu"))
     assert ours.dtype == torch.float32
     assert torch.equal(ours, whole[:, :, -10:])
+
+
+@pytest.mark.parametrize("num_heads", (4, 6, 71))
+def test_falcon_bias_equals_the_stacks(num_heads: int) -> None:
+    """Falcon's bias (bfloat16 slopes) is the stack's, and the mask becomes bias / sqrt(head_dim)."""
+    config = tiny_config("falcon", alibi=True, hidden_size=8 * num_heads, num_attention_heads=num_heads)
+    mask = _left_and_right_padded_mask()
+    causal = torch.zeros(3, 1, 6, 6)
+    causal[..., 0, 1:] = torch.finfo(torch.float32).min  # the first query sees only the first key
+    inputs = FalconAlibi(config).block_inputs(torch.zeros(3, 6, 8 * num_heads), mask, causal)
+    expected = build_falcon_alibi_tensor(mask, num_heads, torch.float32).reshape(3, num_heads, 1, 6)
+    assert torch.equal(inputs["alibi"], expected)
+    biased = inputs["attention_mask"]  # (B, H, T, T)
+    assert biased.shape == (3, num_heads, 6, 6)
+    assert torch.equal(biased[:, :, 1:], (expected / 8**0.5).expand(3, num_heads, 5, 6))
+    assert bool((biased[:, :, 0, 1:] == torch.finfo(torch.float32).min).all())
 
 
 def test_slopes_follow_the_alibi_paper() -> None:

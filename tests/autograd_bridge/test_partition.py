@@ -152,10 +152,32 @@ def test_alibi_with_a_head_count_not_a_power_of_two_matches_whole(
     assert_same_run(whole, split_run(split_model(model, even_stage_specs(4, 3)), batch))
 
 
-@pytest.mark.parametrize("family", ["bloom", "mpt"])
-def test_alibi_without_an_attention_mask_matches_whole(family: str, load_tiny: TinyLoader) -> None:
-    """With no mask at all (BLOOM's stack then numbers keys itself), K=2 matches the whole model."""
-    model = load_tiny(family, "eager").train()
+#: ALiBi variants: (family, attention, config overrides).
+ALIBI_CASES = [
+    ("bloom", "eager", {}),
+    ("mpt", "eager", {}),
+    ("falcon", "eager", {"alibi": True}),
+    ("falcon", "sdpa", {"alibi": True}),
+]
+
+
+@pytest.mark.parametrize(("family", "attn", "overrides"), ALIBI_CASES[2:])
+def test_falcon_with_alibi_split_matches_whole(
+    family: str, attn: str, overrides: dict[str, Any], load_tiny: TinyLoader
+) -> None:
+    """Falcon with alibi=True (bias folded into the mask) splits exactly, K=3, left padding."""
+    model = load_tiny(family, attn, **overrides).train()
+    batch = padded_batch(vocab_size=model.config.vocab_size, padding="left")
+    whole = whole_run(model, batch)
+    assert_same_run(whole, split_run(split_model(model, even_stage_specs(4, 3)), batch))
+
+
+@pytest.mark.parametrize(("family", "attn", "overrides"), ALIBI_CASES)
+def test_alibi_without_an_attention_mask_matches_whole(
+    family: str, attn: str, overrides: dict[str, Any], load_tiny: TinyLoader
+) -> None:
+    """With no mask at all (the stacks then number keys themselves; sdpa could skip the mask), K=2 matches."""
+    model = load_tiny(family, attn, **overrides).train()
     ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=ids)
@@ -486,13 +508,6 @@ def test_split_model_refuses_specs_that_miss_blocks(load_tiny: TinyLoader) -> No
     """Specs that do not cover every block of the model are refused."""
     with pytest.raises(ValueError, match="cover"):
         split_model(load_tiny("llama"), stage_specs_from_counts([1, 2]))
-
-
-def test_falcon_with_alibi_is_unsupported() -> None:
-    """Falcon with alibi=True (bias folded into the mask by the stack) is refused naming the setting."""
-    model = AutoModelForCausalLM.from_config(tiny_config("falcon", alibi=True))
-    with pytest.raises(UnsupportedModelError, match="alibi=True"):
-        split_model(model, even_stage_specs(4, 2))
 
 
 def test_non_transformers_module_is_unsupported() -> None:
