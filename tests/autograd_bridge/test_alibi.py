@@ -9,7 +9,13 @@ from transformers.models.falcon.modeling_falcon import build_alibi_tensor as bui
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
 from autograd_bridge.alibi import FalconAlibi, MptAlibi, bloom_alibi, bloom_slopes, mpt_alibi, mpt_slopes
+from autograd_bridge.frames import Frame, MessageKind
+from autograd_bridge.host import StageHost
 from autograd_bridge.models import tiny_config
+from autograd_bridge.partition import even_stage_specs, split_model
+from tests.autograd_bridge.conftest import TinyLoader
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 HEAD_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 32, 48, 71, 112)
 
@@ -83,3 +89,22 @@ def test_slopes_need_a_head(bad: int) -> None:
         bloom_slopes(bad)
     with pytest.raises(ValueError, match="num_heads"):
         mpt_slopes(bad, 8)
+
+
+async def test_a_host_answers_an_overlong_mpt_sequence_with_an_error_and_keeps_serving(
+    load_tiny: TinyLoader,
+) -> None:
+    """A peer's sequence longer than max_seq_len gets an error frame naming it; the next request works."""
+    model = load_tiny("mpt", "eager", max_seq_len=8)
+    host = StageHost({1: split_model(model, even_stage_specs(4, 3))[1]}, run_id="r")
+    try:
+        refused = await host.handle(
+            Frame(kind=MessageKind.FORWARD, run_id="r", stage=1, tensors={"x": torch.randn(1, 9, 64)})
+        )
+        assert refused.kind == MessageKind.ERROR and "max_seq_len" in refused.error_message
+        served = await host.handle(
+            Frame(kind=MessageKind.FORWARD, run_id="r", stage=1, tensors={"x": torch.randn(1, 8, 64)})
+        )
+        assert served.kind == MessageKind.FORWARD_RESULT and served.tensors["y"].shape == (1, 8, 64)
+    finally:
+        host.close()
