@@ -17,9 +17,9 @@ How the pieces are reproduced exactly, without family-specific code:
 * **Blocks.** Every stage builds the block inputs itself from ``attention_mask`` and
   ``position_ids``: the mask with ``transformers.masking_utils`` (full, sliding or
   chunked per layer, see :mod:`autograd_bridge.families`), the rotary ``(cos, sin)``
-  with the stack's rotary module, and for ALiBi families (BLOOM, MPT) the attention bias
-  with :mod:`autograd_bridge.alibi`. Keyword arguments are filtered to what each
-  block's ``forward`` accepts.
+  with the stack's rotary module, and for ALiBi families (BLOOM, MPT, Falcon with
+  ``alibi=True``) the attention bias with :mod:`autograd_bridge.alibi`. Keyword
+  arguments are filtered to what each block's ``forward`` accepts.
 * **After the last block.** The final norm (named in ``families``) is applied, then the
   root model's *own* forward runs with its stack replaced by a pass-through, so the head
   and any logit processing the family does are applied as in the whole model.
