@@ -12,10 +12,13 @@ lie per family, and how grouped-query attention shares key/value heads). Which h
 
 ``adapter`` says how a head trains:
 
-- ``full``: its slices of the weights themselves (and of the q/k/v biases). Gradient hooks zero
-  the other slices' gradients, and after every optimizer step the untrained slices are put back
-  exactly as they were, so neither AdamW's weight decay nor its momentum from earlier rounds
-  moves them by a single bit.
+- ``full``: its slices of the weights themselves (and of the q/k/v biases). The projections
+  compute their weight gradients for the chosen slices only (:class:`_SliceGradient`: with a
+  quarter of the heads, a quarter of the attention's weight-gradient matmuls; ``importance``
+  needs every slice's gradient and computes them all), gradient hooks zero whatever else
+  arrives, and after every optimizer step the untrained slices are put back exactly as they
+  were, so neither AdamW's weight decay nor its momentum from earlier rounds moves them by a
+  single bit.
 - ``lora``: per-head low-rank adapters (rank r, scale alpha / r) on the four projections,
   ``delta W`` of head slice j = ``B_j @ A_j``, with the base weights frozen; only the chosen
   heads' ``A_j``, ``B_j`` train. What travels is the merged weight ``W + delta W``; loading the
@@ -39,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakTensorKeyDictionary
 from transformers.pytorch_utils import Conv1D
@@ -108,18 +112,99 @@ class _Trainable:
     width: int  # elements per slice along ``dim``
     base: str  # the whole-model weight whose head slices these are (importance is gathered under it)
     mask: Tensor  # (slices,) bool: which slices train this round
-    anchor: Tensor = field(default_factory=lambda: torch.empty(0))  # the values untrained slices keep
+    # Set with the mask: the trained and untrained element indices along ``dim``, the mask
+    # shaped to broadcast against the parameter, and the values the untrained slices keep.
+    trained: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    untrained: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    broadcast: Tensor = field(default_factory=lambda: torch.empty(0))
+    anchor: Tensor = field(default_factory=lambda: torch.empty(0))
 
-    def element_mask(self) -> Tensor:
-        """The mask shaped to broadcast against the parameter."""
+    def set_mask(self, mask: Tensor) -> None:
+        """Train the slices ``mask`` (bool, one per slice) marks from now on; the others keep their values."""
+        self.mask = mask
+        elements = mask.repeat_interleave(self.width)
+        self.trained = elements.nonzero().squeeze(1)
+        self.untrained = (~elements).nonzero().squeeze(1)
         shape = [1] * self.param.dim()
-        shape[self.dim] = self.param.shape[self.dim]
-        return self.mask.repeat_interleave(self.width).view(shape)
+        shape[self.dim] = -1
+        self.broadcast = elements.view(shape)
+        self.anchor_now()
+
+    def anchor_now(self) -> None:
+        """The untrained slices keep the values they have now."""
+        self.anchor = self.param.detach().index_select(self.dim, self.untrained).clone()
 
     def restore(self) -> None:
         """Put the untrained slices back to their anchored values, exactly."""
-        with torch.no_grad():
-            self.param.copy_(torch.where(self.element_mask(), self.param, self.anchor))
+        if self.untrained.numel():
+            with torch.no_grad():
+                self.param.index_copy_(self.dim, self.untrained, self.anchor)
+
+
+class _SliceGradient(torch.autograd.Function):
+    """Identity on a projection's output ``y``; backward adds the weight (and bias) gradient of the chosen slices only.
+
+    The projection ran on detached weights, so autograd computes no weight gradient itself;
+    this computes ``dW`` for the ``index`` rows (``rows=True``: output features, the query, key
+    and value slices) or columns (input features, the output projection's slices) of a weight
+    held as nn.Linear holds it (``conv=False``, (out, in)) or as Conv1D does (``conv=True``, (in, out)).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, rows: bool,
+                conv: bool) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(x, index)
+        ctx.rows, ctx.conv, ctx.has_bias = rows, conv, bias is not None
+        ctx.weight_shape = weight.shape
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, index = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        weight = grad.new_zeros(ctx.weight_shape)
+        bias = None
+        if ctx.rows:
+            chosen = g.index_select(1, index)  # (N, k)
+            part = chosen.T @ x2  # (k, in)
+            weight.index_copy_(1, index, part.T) if ctx.conv else weight.index_copy_(0, index, part)
+            if ctx.has_bias:
+                bias = grad.new_zeros(ctx.weight_shape[1] if ctx.conv else ctx.weight_shape[0])
+                bias.index_copy_(0, index, chosen.sum(0))
+        else:
+            part = g.T @ x2.index_select(1, index)  # (out, k)
+            weight.index_copy_(0, index, part.T) if ctx.conv else weight.index_copy_(1, index, part)
+        return grad, None, weight, bias, None, None, None
+
+
+@dataclass(slots=True, kw_only=True)
+class _SlicedProjection:
+    """A projection whose forward runs on its detached weights and whose weight gradient covers the chosen slices."""
+
+    module: nn.Module
+    weight: _Trainable
+    bias: _Trainable | None  # the q/k/v biases are heads' slices; the output projection's is not (frozen)
+    rows: bool  # slices are output features (q, k, v) rather than input features (o)
+    conv: bool  # GPT-2's Conv1D holds its weight (in, out)
+    every_slice: bool  # importance: compute every slice's gradient (its magnitude ranks the heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias_param = self.module.get_parameter("weight"), getattr(self.module, "bias", None)
+        w = weight.detach()
+        b = bias_param.detach() if bias_param is not None else None
+        if self.conv:
+            y = (
+                (x @ w)
+                if b is None
+                else torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+            )
+        else:
+            y = F.linear(x, w, b)
+        every = self.every_slice or not self.weight.untrained.numel()
+        index = torch.arange(self.weight.param.shape[self.weight.dim]) if every else self.weight.trained
+        bias = self.bias.param if self.bias is not None else None
+        return _SliceGradient.apply(y, x.detach(), self.weight.param, bias, index, self.rows, self.conv)
 
 
 # Every parameter some heads-mode stage in this process trains in slices; an optimizer step
@@ -224,7 +309,7 @@ class HeadsFinetune:
     def _slice_weights(self, stage: nn.Module, blocks: list[BlockHeads]) -> _StageHeads:
         params = dict(stage.named_parameters())
         sliced: dict[str, tuple[int, int]] = {}
-        trainables = []
+        tracked: dict[str, _Trainable] = {}
         for block in blocks:
             for tensor in block.tensors:
                 if tensor.name in sliced:
@@ -232,8 +317,14 @@ class HeadsFinetune:
                 sliced[tensor.name] = (tensor.dim, tensor.width)
                 param = params[tensor.name]
                 slices = param.shape[tensor.dim] // tensor.width
-                trainables.append(self._track(param, tensor.dim, tensor.width, tensor.name, slices))
-        return _StageHeads(blocks=blocks, trainables=trainables, adapters={}, sliced=sliced)
+                tracked[tensor.name] = self._track(param, tensor.dim, tensor.width, tensor.name, slices)
+        for name, (module, axis, _) in _projection_modules(stage, blocks).items():
+            projection = _SlicedProjection(
+                module=module, weight=tracked[name], bias=tracked.get(name.removesuffix("weight") + "bias"),
+                rows=axis == 0, conv=isinstance(module, Conv1D), every_slice=self._settings.head_choice == "importance",
+            )  # fmt: skip
+            module.forward = projection.forward  # type: ignore[method-assign]
+        return _StageHeads(blocks=blocks, trainables=list(tracked.values()), adapters={}, sliced=sliced)
 
     def _add_adapters(self, stage: nn.Module, blocks: list[BlockHeads], settings: Any) -> _StageHeads:
         sliced: dict[str, tuple[int, int]] = {}
@@ -284,7 +375,9 @@ class HeadsFinetune:
                     total.numel() == per_slice.numel()
                 ):  # a fused weight's adapters and the weight agree in slices
                     total += per_slice.to(torch.float64)
-            return grad * trainable.element_mask().to(grad.dtype)
+            if not trainable.untrained.numel():
+                return grad
+            return grad * trainable.broadcast.to(grad.dtype)
 
         return hook
 
@@ -311,9 +404,9 @@ class HeadsFinetune:
                 chosen = {name: slices for name, slices in chosen.items() if name in state.adapters}
             state.chosen = chosen
             for trainable in state.trainables:
-                trainable.mask = torch.zeros_like(trainable.mask)
-                trainable.mask[sorted(chosen.get(trainable.base, ()))] = True
-                trainable.anchor = trainable.param.detach().clone()
+                mask = torch.zeros_like(trainable.mask)
+                mask[sorted(chosen.get(trainable.base, ()))] = True
+                trainable.set_mask(mask)
 
     def chosen_heads(self, index: int) -> dict[int, tuple[int, ...]]:
         """Block -> the query heads partition ``index`` trains this round (for reports and tests)."""
@@ -372,7 +465,7 @@ class HeadsFinetune:
         for name, lora in state.adapters.items():
             lora.reset(self._generator(name))
         for trainable in state.trainables:
-            trainable.anchor = trainable.param.detach().clone()
+            trainable.anchor_now()
 
     def travels(self, name: str) -> bool:
         """Every tensor of the model travels (adapters only merged into their weights)."""

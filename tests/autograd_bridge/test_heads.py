@@ -26,7 +26,9 @@ def whole_stage(model):
 
 
 def settings(**kw) -> FinetuneSettings:
-    return FinetuneSettings(**{"head_fraction": 0.25, "lora_r": 2, "lora_alpha": 4, "seed": 3, "head_key": "o1", **kw})
+    return FinetuneSettings(
+        **{"head_fraction": 0.25, "lora_r": 2, "lora_alpha": 4, "seed": 3, "head_key": "o1", **kw}
+    )
 
 
 def test_random_heads_are_seeded_and_sized():
@@ -100,13 +102,17 @@ def test_importance_choice_follows_the_gradients(load_tiny):
         assert finetune.chosen_heads(0)[block.layer] == want
 
 
-@pytest.mark.parametrize(("family", "adapter"), [("llama", "full"), ("gpt2", "full"), ("llama", "lora"), ("gpt2", "lora")])
+@pytest.mark.parametrize(
+    ("family", "adapter"), [("llama", "full"), ("gpt2", "full"), ("llama", "lora"), ("gpt2", "lora")]
+)
 def test_untrained_slices_do_not_move_under_adamw(load_tiny, family, adapter):
     """Across two rounds of AdamW with weight decay (and momentum from round 1), only the chosen slices change."""
     stage = whole_stage(load_tiny(family))
     finetune = get_finetune("heads")
     finetune.prepare({0: stage}, settings(head_adapter=adapter))
-    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        [p for p in stage.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
     batch = padded_batch(vocab_size=stage.config.vocab_size, padding="right")
 
     for round in (1, 2):
@@ -127,9 +133,15 @@ def test_untrained_slices_do_not_move_under_adamw(load_tiny, family, adapter):
             keep = torch.ones(after[name].shape[part.dim] // part.width, dtype=torch.bool)
             keep[list(part.blocks)] = False
             index = keep.repeat_interleave(part.width).nonzero().squeeze(1)
-            assert torch.equal(after[name].index_select(part.dim, index), before[name].index_select(part.dim, index))
+            assert torch.equal(
+                after[name].index_select(part.dim, index), before[name].index_select(part.dim, index)
+            )
             trained = (~keep).repeat_interleave(part.width).nonzero().squeeze(1)
-            moved += int(not torch.equal(after[name].index_select(part.dim, trained), before[name].index_select(part.dim, trained)))
+            moved += int(
+                not torch.equal(
+                    after[name].index_select(part.dim, trained), before[name].index_select(part.dim, trained)
+                )
+            )
         assert moved > 0
 
 
@@ -147,8 +159,12 @@ def test_split_heads_training_equals_whole(load_tiny, family, adapter):
         owner_ft.prepare({0: split.stages[0], 2: split.stages[2]}, chosen)
         host_ft.prepare({1: split.stages[1]}, chosen)
         split.hosts[1].reset_optimizer("adamw")
-        whole_opt = torch.optim.AdamW([p for p in whole.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-        owner_params = [p for s in (split.stages[0], split.stages[2]) for p in s.parameters() if p.requires_grad]
+        whole_opt = torch.optim.AdamW(
+            [p for p in whole.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+        )
+        owner_params = [
+            p for s in (split.stages[0], split.stages[2]) for p in s.parameters() if p.requires_grad
+        ]
         owner_opt = torch.optim.AdamW(owner_params, lr=1e-2, weight_decay=0.1)
         pipeline = Pipeline(split.chain(), split.runtime)
         batch = padded_batch(vocab_size=model.config.vocab_size, padding="right")
@@ -169,7 +185,11 @@ def test_split_heads_training_equals_whole(load_tiny, family, adapter):
         assert heads == whole_ft.chosen_heads(0)
         want_state = whole_ft.trained_tensors(whole)
         got_state = {}
-        for ft, stage in ((owner_ft, split.stages[0]), (host_ft, split.stages[1]), (owner_ft, split.stages[2])):
+        for ft, stage in (
+            (owner_ft, split.stages[0]),
+            (host_ft, split.stages[1]),
+            (owner_ft, split.stages[2]),
+        ):
             got_state.update(ft.trained_tensors(stage))
         assert set(got_state) == set(want_state)
         for name, tensor in want_state.items():
@@ -203,3 +223,37 @@ def test_bad_settings_are_refused():
                        (dict(head_choice="best"), "head_choice"), (dict(head_adapter="dora"), "adapter")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             finetune.check(settings(**bad))
+
+
+@pytest.mark.parametrize(
+    ("family", "choice"), [("llama", "random"), ("gpt2", "random"), ("llama", "importance")]
+)
+def test_chosen_slices_get_the_whole_models_gradient_and_the_rest_none(load_tiny, family, choice):
+    """The sliced weight gradients equal plain autograd's on the chosen heads' slices and are zero elsewhere."""
+    model = load_tiny(family)
+    plain, stage = whole_stage(model), whole_stage(model)
+    finetune = get_finetune("heads")
+    finetune.prepare({0: stage}, settings(head_fraction=0.5, head_choice=choice))
+    batch = padded_batch(vocab_size=model.config.vocab_size, padding="left")
+    causal_lm_loss(plain(batch.input_ids, batch.attention_mask), batch.labels).backward()
+    causal_lm_loss(stage(batch.input_ids, batch.attention_mask), batch.labels).backward()
+    want = dict(plain.named_parameters())
+    checked = partial = 0
+    for name, param in stage.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None, name
+            continue
+        part = finetune.trained_slices(stage)[name]
+        chosen = torch.zeros(param.shape[part.dim] // part.width, dtype=torch.bool)
+        chosen[list(part.blocks)] = True
+        shape = [1] * param.dim()
+        shape[part.dim] = -1
+        mask = chosen.repeat_interleave(part.width).view(shape)
+        assert torch.allclose(param.grad, want[name].grad * mask, atol=1e-6, rtol=1e-5), name
+        assert int(mask.sum()) > 0
+        partial += int(mask.sum()) < param.shape[part.dim]  # a key/value head may train whole under GQA
+        checked += 1
+    assert checked == (
+        16 if family == "llama" else 12
+    )  # 4 blocks x (q, k, v, o) or (c_attn w, c_attn b, c_proj)
+    assert partial >= 8

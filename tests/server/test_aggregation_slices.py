@@ -33,8 +33,12 @@ def test_columns_of_an_output_projection_and_wider_slices() -> None:
     """Slices along axis 1 of width 2 (two heads of width 2 in a (1, 4) o_proj): columns average per head."""
     glob = {"o": torch.zeros(1, 4)}
     updates = [
-        ClientUpdate(state={"o": torch.tensor([[1.0, 1.0, 7.0, 7.0]])}, num_samples=2, slices=_slices("o", 1, 2, 0)),
-        ClientUpdate(state={"o": torch.tensor([[3.0, 3.0, 2.0, 4.0]])}, num_samples=2, slices=_slices("o", 1, 2, 0, 1)),
+        ClientUpdate(
+            state={"o": torch.tensor([[1.0, 1.0, 7.0, 7.0]])}, num_samples=2, slices=_slices("o", 1, 2, 0)
+        ),
+        ClientUpdate(
+            state={"o": torch.tensor([[3.0, 3.0, 2.0, 4.0]])}, num_samples=2, slices=_slices("o", 1, 2, 0, 1)
+        ),
     ]
     merged = FedAvg().aggregate(glob, updates)["o"]
     assert torch.equal(merged, torch.tensor([[2.0, 2.0, 2.0, 4.0]]))
@@ -59,7 +63,9 @@ def test_whole_and_frozen_tensors_next_to_sliced_ones() -> None:
 def test_a_slice_nobody_trained_does_not_move_under_a_server_optimizer() -> None:
     """FedAdam steps the trained slices and leaves the untrained ones exactly where they were."""
     glob = {"q": torch.tensor([[1.0], [2.0]])}
-    update = ClientUpdate(state={"q": torch.tensor([[5.0], [-7.0]])}, num_samples=1, slices=_slices("q", 0, 1, 0))
+    update = ClientUpdate(
+        state={"q": torch.tensor([[5.0], [-7.0]])}, num_samples=1, slices=_slices("q", 0, 1, 0)
+    )
     merged = FedAdam(lr=0.1).aggregate(glob, [update])["q"]
     assert merged[0, 0] > 1.0 and merged[1, 0] == 2.0
 

@@ -58,7 +58,10 @@ def test_the_plans_owners_must_include_one_training_every_head() -> None:
         (("head_fraction = 0.25", "head_fraction = 0.0"), r"\[finetune\] head_fraction must be a share"),
         (("middle = 0.5", "middle = 1.5"), r"\[finetune.head_fractions\] middle must be a share"),
         (("middle = 0.5", 'middle = "half"'), r"\[finetune.head_fractions\] middle must be a share"),
-        (('head_choice = "importance"', 'head_choice = "best"'), "head_choice must be one of random, importance"),
+        (
+            ('head_choice = "importance"', 'head_choice = "best"'),
+            "head_choice must be one of random, importance",
+        ),
         (('adapter = "lora"', 'adapter = "dora"'), "adapter must be one of full, lora"),
     ],
 )
