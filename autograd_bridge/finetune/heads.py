@@ -36,6 +36,7 @@ A holder moves to the next round's heads after it uploads a round (:meth:`begin_
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakTensorKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
 from proto.messages import TrainedSlices
@@ -103,7 +103,7 @@ class HeadLora(nn.Module):
         return per_block.permute(1, 0, 2).flatten(1)  # (out, H * d)
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, weakref_slot=True)
 class _Trainable:
     """One parameter of which only some slices train this round."""
 
@@ -209,15 +209,17 @@ class _SlicedProjection:
 
 # Every parameter some heads-mode stage in this process trains in slices; an optimizer step
 # over any of them puts its untrained slices back (weight decay and momentum move them otherwise).
-_TRAINABLES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+# Keyed by id(param) and holding the trainables weakly: they live as long as the run's
+# HeadsFinetune, which keeps their parameters alive (so an id cannot be reused meanwhile).
+_TRAINABLES: weakref.WeakValueDictionary[int, _Trainable] = weakref.WeakValueDictionary()
 _HOOK: list[Any] = []
 
 
 def _restore_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
-            trainable = _TRAINABLES.get(param)
-            if trainable is not None:
+            trainable = _TRAINABLES.get(id(param))
+            if trainable is not None and trainable.param is param:
                 trainable.restore()
 
 
@@ -357,7 +359,7 @@ class HeadsFinetune:
         )
         param.requires_grad_(True)
         param.register_hook(self._grad_hook(trainable))
-        _TRAINABLES[param] = trainable
+        _TRAINABLES[id(param)] = trainable
         return trainable
 
     def _grad_hook(self, trainable: _Trainable) -> Callable[[Tensor], Tensor]:

@@ -257,3 +257,19 @@ def test_chosen_slices_get_the_whole_models_gradient_and_the_rest_none(load_tiny
         16 if family == "llama" else 12
     )  # 4 blocks x (q, k, v, o) or (c_attn w, c_attn b, c_proj)
     assert partial >= 8
+
+
+def test_a_finished_run_leaves_no_trainables_behind(load_tiny):
+    """The optimizer hook's registry holds the trainables weakly: dropping the mode and its stage frees them."""
+    import gc
+
+    from autograd_bridge.finetune import heads
+
+    stage = whole_stage(load_tiny("llama"))
+    finetune = get_finetune("heads")
+    finetune.prepare({0: stage}, settings())
+    ours = {id(p) for p in stage.parameters() if p.requires_grad}
+    assert ours and ours <= set(heads._TRAINABLES)
+    del finetune, stage
+    gc.collect()
+    assert not ours & set(heads._TRAINABLES)
