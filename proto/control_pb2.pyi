@@ -284,16 +284,18 @@ class LoraSettings(_message.Message):
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeadSettings(_message.Message):
-    __slots__ = ("fraction", "choice", "adapter", "key")
+    __slots__ = ("fraction", "choice", "adapter", "key", "schedule")
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     CHOICE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     fraction: float
     choice: str
     adapter: str
     key: str
-    def __init__(self, fraction: _Optional[float] = ..., choice: _Optional[str] = ..., adapter: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+    schedule: str
+    def __init__(self, fraction: _Optional[float] = ..., choice: _Optional[str] = ..., adapter: _Optional[str] = ..., key: _Optional[str] = ..., schedule: _Optional[str] = ...) -> None: ...
 
 class CodecSettings(_message.Message):
     __slots__ = ("name", "values", "scope", "error_feedback")

@@ -326,6 +326,7 @@ class HeadSettings:
     choice: str = "random"  # "random" (seeded per round) or "importance" (gradient magnitude so far)
     adapter: str = "full"  # "full" (the heads' weight slices) or "lora" (per-head adapters)
     key: str = ""  # whose heads (the pipeline's owner): random draws differ per key
+    schedule: str = "fixed"  # "fixed" or "redundancy": fewer heads as a block's heads grow alike
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

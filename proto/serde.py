@@ -358,7 +358,7 @@ def _prepare_to_proto(body: PrepareRun) -> pb.PrepareRun:
     c = body.codec
     codec = pb.CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
     h = body.heads
-    heads = pb.HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key)
+    heads = pb.HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key, schedule=h.schedule)
     return pb.PrepareRun(
         run_id=body.run_id, finetune=body.finetune, optimizer=body.optimizer, lora=lora, seed=body.seed,
         codec=codec, method=body.method, heads=heads,
@@ -370,7 +370,7 @@ def _prepare_from_proto(msg: pb.PrepareRun) -> PrepareRun:
     c = msg.codec
     codec = CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
     h = msg.heads
-    heads = HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key)
+    heads = HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key, schedule=h.schedule)
     return PrepareRun(
         run_id=msg.run_id, finetune=msg.finetune, optimizer=msg.optimizer, lora=lora, seed=msg.seed,
         codec=codec, method=msg.method, heads=heads,

@@ -36,6 +36,7 @@ class FinetuneSettings:
     head_fraction: float = 1.0  # heads: share of each block's attention heads trained per round, in (0, 1]
     head_choice: str = "random"  # heads: "random" (seeded per round) or "importance" (gradient magnitude so far)
     head_adapter: str = "full"  # heads: train the heads' weight slices ("full") or per-head LoRA on them ("lora")
+    head_schedule: str = "fixed"  # heads: "fixed" ceil(f H) heads, or "redundancy": fewer as a block's heads grow alike
     head_key: str = ""  # heads: whose heads these are (the pipeline's owner): random draws differ per key
 
 

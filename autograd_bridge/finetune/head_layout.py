@@ -25,7 +25,11 @@ frozen in heads mode.
 
 Heads are drawn per block: ``ceil(fraction * H)`` of them (at least one), at random from
 (seed, round, key, layer) with :func:`random_heads`, or the most important ones by
-:func:`top_heads` (ties broken by the same random order).
+:func:`top_heads` (ties broken by the same random order). With the ``redundancy`` schedule the
+count follows :func:`head_redundancy` instead: ``ceil(fraction * H_eff)`` with
+``H_eff = H / (1 + (H - 1) R)`` the block's effective number of heads, R the mean absolute
+cosine similarity between its heads' output-projection slices (R = 0: H distinct heads; R = 1:
+one head H times over, so training one of them suffices).
 """
 
 from __future__ import annotations
@@ -36,12 +40,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["BlockHeads", "HeadTensor", "block_heads", "heads_to_train", "random_heads", "top_heads"]
+__all__ = [
+    "BlockHeads",
+    "HeadTensor",
+    "block_heads",
+    "head_redundancy",
+    "head_scores",
+    "heads_to_train",
+    "random_heads",
+    "redundancy_fraction",
+    "top_heads",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +81,9 @@ class BlockHeads:
     layer: int
     num_heads: int  # query heads H
     tensors: tuple[HeadTensor, ...]
+    output: str = (
+        ""  # the output projection's weight: each head's slice of it is what the head adds to the block
+    )
 
     def blocks(self, heads: Iterable[int]) -> dict[str, set[int]]:
         """Parameter name -> the slices ``heads`` train in it (every head tensor of the block appears)."""
@@ -118,7 +135,9 @@ def _llama_like(prefix: str, attn: nn.Module, layer: int, heads: int, kv: int) -
     tensors.append(
         HeadTensor(name=f"{prefix}.{o_name}.weight", dim=1, width=width, offset=0, count=heads, group=1)
     )
-    return BlockHeads(layer=layer, num_heads=heads, tensors=tuple(tensors))
+    return BlockHeads(
+        layer=layer, num_heads=heads, tensors=tuple(tensors), output=f"{prefix}.{o_name}.weight"
+    )
 
 
 def _gpt2(prefix: str, attn: nn.Module, layer: int, heads: int) -> BlockHeads:
@@ -139,7 +158,7 @@ def _gpt2(prefix: str, attn: nn.Module, layer: int, heads: int) -> BlockHeads:
     tensors.append(
         HeadTensor(name=f"{prefix}.c_proj.weight", dim=0, width=width, offset=0, count=heads, group=1)
     )
-    return BlockHeads(layer=layer, num_heads=heads, tensors=tuple(tensors))
+    return BlockHeads(layer=layer, num_heads=heads, tensors=tuple(tensors), output=f"{prefix}.c_proj.weight")
 
 
 def block_heads(stage: Any) -> list[BlockHeads]:
@@ -170,6 +189,28 @@ def block_heads(stage: Any) -> list[BlockHeads]:
             f'this {stage.config.model_type} model has neither: use [finetune] mode = "full" or "lora"'
         )
     return out
+
+
+def head_redundancy(block: BlockHeads, output_weight: Tensor) -> float:
+    """Mean absolute cosine similarity between the heads' slices of the output projection, in [0, 1]."""
+    if block.num_heads < 2:
+        return 0.0
+    tensor = next(t for t in block.tensors if t.name == block.output)
+    per_head = (
+        output_weight.detach().double().movedim(tensor.dim, 0).reshape(block.num_heads, -1)
+    )  # (H, d * out)
+    unit = per_head / per_head.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    similarity = (unit @ unit.T).abs()
+    off_diagonal = similarity.sum() - similarity.diagonal().sum()
+    return float(off_diagonal / (block.num_heads * (block.num_heads - 1)))
+
+
+def redundancy_fraction(num_heads: int, fraction: float, redundancy: float) -> float:
+    """The share of the heads to train: ``ceil(fraction * H_eff) / H``, H_eff = H / (1 + (H - 1) R); 1 stays 1."""
+    if fraction >= 1.0:
+        return 1.0  # an owner that trains every head keeps doing so (SMHA converges only with one)
+    effective = num_heads / (1.0 + (num_heads - 1) * min(max(redundancy, 0.0), 1.0))
+    return heads_to_train(num_heads, fraction * effective / num_heads) / num_heads
 
 
 def heads_to_train(num_heads: int, fraction: float) -> int:

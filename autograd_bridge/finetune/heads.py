@@ -49,14 +49,24 @@ from transformers.pytorch_utils import Conv1D
 
 from proto.messages import TrainedSlices
 
-from .head_layout import BlockHeads, block_heads, head_scores, random_heads, top_heads
+from .head_layout import (
+    BlockHeads,
+    block_heads,
+    head_redundancy,
+    head_scores,
+    random_heads,
+    redundancy_fraction,
+    top_heads,
+)
 
-__all__ = ["HEAD_ADAPTERS", "HEAD_CHOICES", "HeadLora", "HeadsFinetune"]
+__all__ = ["HEAD_ADAPTERS", "HEAD_CHOICES", "HEAD_SCHEDULES", "HeadLora", "HeadsFinetune"]
 
 #: How heads are chosen each round.
 HEAD_CHOICES: tuple[str, ...] = ("random", "importance")
 #: How a chosen head trains: its weight slices, or per-head LoRA adapters on them.
 HEAD_ADAPTERS: tuple[str, ...] = ("full", "lora")
+#: How many heads a block trains: always ``ceil(f * H)``, or fewer as its heads grow redundant.
+HEAD_SCHEDULES: tuple[str, ...] = ("fixed", "redundancy")
 
 _ADAPTER = "head_lora"  # child name of the adapters on a projection module
 
@@ -282,6 +292,10 @@ class HeadsFinetune:
             raise ValueError(
                 f"the heads adapter must be one of {', '.join(HEAD_ADAPTERS)}, not {settings.head_adapter!r}"
             )
+        if settings.head_schedule not in HEAD_SCHEDULES:
+            raise ValueError(
+                f"head_fraction_schedule must be one of {', '.join(HEAD_SCHEDULES)}, not {settings.head_schedule!r}"
+            )
         if settings.head_adapter == "lora" and (settings.lora_r < 1 or settings.lora_alpha < 1):
             raise ValueError(
                 f"per-head LoRA needs r >= 1 and alpha >= 1, got {settings.lora_r} and {settings.lora_alpha}"
@@ -391,14 +405,18 @@ class HeadsFinetune:
             return
         self._round = round
         s = self._settings
-        for state in self._stages.values():
+        for index, state in self._stages.items():
             chosen: dict[str, set[int]] = {}
             for block in state.blocks:
                 where = {"seed": s.seed, "round": round, "key": s.head_key, "layer": block.layer}
+                fraction = s.head_fraction
+                if s.head_schedule == "redundancy":
+                    output = stages[index].get_parameter(block.output)
+                    fraction = redundancy_fraction(block.num_heads, fraction, head_redundancy(block, output))
                 if s.head_choice == "importance" and self.magnitudes:
-                    heads = top_heads(head_scores(block, self.magnitudes), s.head_fraction, **where)
+                    heads = top_heads(head_scores(block, self.magnitudes), fraction, **where)
                 else:
-                    heads = random_heads(block.num_heads, s.head_fraction, **where)
+                    heads = random_heads(block.num_heads, fraction, **where)
                 state.heads[block.layer] = heads
                 for name, slices in block.blocks(heads).items():
                     chosen.setdefault(name, set()).update(slices)

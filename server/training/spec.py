@@ -45,6 +45,8 @@ stays complete and true). The model and its stages come from the server's ``[mod
     head_fraction = 1.0    # heads: share of each block's heads an owner's pipeline trains per round, in (0, 1] (ceil(x H), >= 1)
     head_choice = "random" # heads: random (drawn from seed, round, owner) | importance (largest gradient magnitude so far)
     adapter = "full"       # heads: train the heads' weight slices (full) or per-head LoRA adapters on them (lora)
+    head_fraction_schedule = "fixed"  # heads: fixed ceil(x H) heads | redundancy: ceil(x H_eff), H_eff = H / (1 + (H - 1) R),
+                           # R a block's mean |cosine| between its heads' output-projection slices (owners at 1.0 keep every head)
     head_fractions = {}    # heads, per owner: [finetune.head_fractions] NAME = x (smaller for slower owners);
                            # at least one owner of the run must train every head (1.0)
 
@@ -238,6 +240,7 @@ class FinetuneSection:
     head_fraction: float = 1.0  # heads: share of each block's heads trained per round by owners not in head_fractions
     head_choice: str = "random"  # heads: "random" (seed, round, owner) or "importance" (gradient magnitude so far)
     adapter: str = "full"  # heads: the heads' weight slices ("full") or per-head LoRA adapters on them ("lora")
+    head_fraction_schedule: str = "fixed"  # heads: "fixed", or "redundancy" (fewer heads as a block's heads grow alike)
     head_fractions: Mapping[str, float] = dataclasses.field(default_factory=dict)  # heads: owner -> its own fraction
 
     def __post_init__(self) -> None:
@@ -280,7 +283,8 @@ class FinetuneSection:
 
         return FinetuneSettings(lora_r=self.r, lora_alpha=self.alpha, lora_targets=tuple(self.targets), seed=seed,
                                 head_fraction=self.fraction_of(owner), head_choice=self.head_choice,
-                                head_adapter=self.adapter, head_key=owner)  # fmt: skip
+                                head_adapter=self.adapter, head_key=owner,
+                                head_schedule=self.head_fraction_schedule)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -585,7 +589,7 @@ def prepare_command(spec: RunSpec, bridge_run: str, owner: str = "") -> PrepareR
     """How every holder of ``bridge_run`` (the pipeline of ``owner``) sets its stages up before the first round."""
     finetune = spec.finetune
     heads = HeadSettings(fraction=finetune.fraction_of(owner), choice=finetune.head_choice, adapter=finetune.adapter,
-                         key=owner)  # fmt: skip
+                         key=owner, schedule=finetune.head_fraction_schedule)  # fmt: skip
     return PrepareRun(
         run_id=bridge_run,
         finetune=spec.finetune.mode,

@@ -7,7 +7,14 @@ import torch
 
 from autograd_bridge.errors import UnsupportedModelError
 from autograd_bridge.finetune import FinetuneSettings, get_finetune
-from autograd_bridge.finetune.head_layout import block_heads, head_scores, random_heads, top_heads
+from autograd_bridge.finetune.head_layout import (
+    block_heads,
+    head_redundancy,
+    head_scores,
+    random_heads,
+    redundancy_fraction,
+    top_heads,
+)
 from autograd_bridge.host import HostSettings
 from autograd_bridge.partition import causal_lm_loss, even_stage_specs, split_model
 from autograd_bridge.pipeline import Pipeline
@@ -273,3 +280,31 @@ def test_a_finished_run_leaves_no_trainables_behind(load_tiny):
     del finetune, stage
     gc.collect()
     assert not ours & set(heads._TRAINABLES)
+
+
+def test_head_redundancy_and_the_share_it_gives(load_tiny):
+    """Identical output slices are fully redundant (one head trains), orthogonal ones not at all (ceil(f H))."""
+    stage = whole_stage(load_tiny("llama"))
+    block = block_heads(stage)[0]
+    o = torch.zeros(64, 64)  # (out, H * d): 4 heads of width 16
+    for h in range(4):
+        o[h, h * 16] = 1.0  # each head writes its own output feature: orthogonal
+    assert head_redundancy(block, o) == 0.0
+    same = torch.randn(64, 16).repeat(1, 4)  # every head's slice the same
+    assert head_redundancy(block, same) == pytest.approx(1.0)
+    assert redundancy_fraction(8, 0.5, 0.0) == 0.5  # H_eff = 8: 4 heads
+    assert redundancy_fraction(8, 0.5, 1.0) == 1 / 8  # H_eff = 1: one head
+    assert redundancy_fraction(8, 0.5, 1 / 7) == 0.25  # H_eff = 4: 2 heads
+    assert redundancy_fraction(8, 1.0, 1.0) == 1.0  # an owner on every head stays on every head
+
+
+def test_the_redundancy_schedule_trains_fewer_heads_of_a_redundant_block(load_tiny):
+    """With head_schedule = "redundancy", a block whose heads write the same output trains one head."""
+    stage = whole_stage(load_tiny("llama"))
+    with torch.no_grad():
+        stage.get_parameter("model.layers.1.self_attn.o_proj.weight").copy_(torch.randn(64, 16).repeat(1, 4))
+    finetune = get_finetune("heads")
+    finetune.prepare({0: stage}, settings(head_fraction=0.75, head_schedule="redundancy"))
+    counts = {layer: len(heads) for layer, heads in finetune.chosen_heads(0).items()}
+    assert counts[1] == 1
+    assert all(1 < counts[layer] <= 3 for layer in (0, 2, 3))  # random weights: little redundancy

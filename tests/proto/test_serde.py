@@ -46,7 +46,8 @@ def test_host_command_reaches_client_intact() -> None:
                      seed=5, codec=m.CodecSettings(name="topk", values="bf16", scope="partition", error_feedback=True),
                      method="backprop"),
         m.PrepareRun(run_id="r", finetune="heads", seed=2,
-                     heads=m.HeadSettings(fraction=0.25, choice="importance", adapter="lora", key="owner-1")),
+                     heads=m.HeadSettings(fraction=0.25, choice="importance", adapter="lora", key="owner-1",
+                                          schedule="redundancy")),
         m.LoadPartitions(run_id="r", partitions=(
             m.PartitionAssignment(index=0, num_stages=1, layer_start=0, layer_end=4, weights_sha256="ef" * 32, weights_bytes=9, local=True),
         ), round=2),

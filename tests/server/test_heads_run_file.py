@@ -63,9 +63,19 @@ def test_the_plans_owners_must_include_one_training_every_head() -> None:
             "head_choice must be one of random, importance",
         ),
         (('adapter = "lora"', 'adapter = "dora"'), "adapter must be one of full, lora"),
+        (('adapter = "lora"', 'head_fraction_schedule = "cosine"'), "head_fraction_schedule must be one of"),
     ],
 )
 def test_bad_heads_settings_are_refused(edit: tuple[str, str], match: str) -> None:
     """Fractions outside (0, 1], an unknown choice or adapter are refused, naming the key."""
     with pytest.raises(ValueError, match=match):
         spec_from_mapping(tomllib.loads(RUN.replace(*edit)))
+
+
+def test_the_redundancy_schedule_reaches_every_holder() -> None:
+    """head_fraction_schedule travels in PrepareRun's HeadSettings."""
+    spec = spec_from_mapping(
+        tomllib.loads(RUN.replace('adapter = "lora"', 'head_fraction_schedule = "redundancy"'))
+    )
+    assert prepare_command(spec, "p", "slow").heads.schedule == "redundancy"
+    assert spec.finetune.settings(owner="slow").head_schedule == "redundancy"

@@ -154,7 +154,8 @@ def test_to_json_is_sections_and_reads_back() -> None:
     )
     shown = spec.to_json()
     assert shown["finetune"] == {"mode": "lora", "r": 2, "alpha": 16, "targets": ["q_proj", "v_proj"],
-                                 "head_fraction": 1.0, "head_choice": "random", "adapter": "full", "head_fractions": {}}  # fmt: skip
+                                 "head_fraction": 1.0, "head_choice": "random", "adapter": "full",
+                                 "head_fraction_schedule": "fixed", "head_fractions": {}}  # fmt: skip
     assert shown["owners"] == ["a", "b"] and shown["participation"] == {"mode": "parallel", "fraction": 0.0, "count": 0}
     assert spec_from_mapping(shown) == spec
 
