@@ -349,10 +349,14 @@ class ClientDaemon:
                     data = await asyncio.to_thread(updates.encode, index, stage, optimizer, cmd)
                     await asyncio.to_thread(path.write_bytes, data)
                 sha = await asyncio.to_thread(file_sha256, path)
-                header = WeightHeader(
-                    run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha, round=cmd.round
-                )
+                prepared = self._prepared.get(cmd.run_id)
+                slices = tuple(prepared.finetune.trained_slices(stage).values()) if prepared is not None else ()
+                header = WeightHeader(run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha,
+                                      round=cmd.round, slices=slices)  # fmt: skip
                 await channel.upload_partition(header, path, chunk)
+        prepared = self._prepared.get(cmd.run_id)
+        if prepared is not None:  # the round is over here: what trains next (heads mode draws new heads)
+            await asyncio.to_thread(prepared.finetune.begin_round, run.stages, cmd.round + 1)
         return run.status()
 
     async def _prepare(self, channel: ControlChannel, cmd: PrepareRun) -> RunStatus:

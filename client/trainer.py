@@ -91,8 +91,10 @@ class Preparation:
 def prepare_from_command(cmd: PrepareRun) -> Preparation:
     """Resolve and check a PrepareRun (network input) into the objects the daemon keeps."""
     settings = FinetuneSettings(
-        lora_r=cmd.lora.r, lora_alpha=cmd.lora.alpha, lora_targets=tuple(cmd.lora.targets), seed=cmd.seed
-    )
+        lora_r=cmd.lora.r, lora_alpha=cmd.lora.alpha, lora_targets=tuple(cmd.lora.targets), seed=cmd.seed,
+        head_fraction=cmd.heads.fraction, head_choice=cmd.heads.choice, head_adapter=cmd.heads.adapter,
+        head_key=cmd.heads.key, head_schedule=cmd.heads.schedule or "fixed",
+    )  # fmt: skip
     if not all(cmd.lora.targets):
         raise HostingError("run setting 'lora targets' must be module names, not empty strings")
     try:

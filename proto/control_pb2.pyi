@@ -283,6 +283,20 @@ class LoraSettings(_message.Message):
     targets: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class HeadSettings(_message.Message):
+    __slots__ = ("fraction", "choice", "adapter", "key", "schedule")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    choice: str
+    adapter: str
+    key: str
+    schedule: str
+    def __init__(self, fraction: _Optional[float] = ..., choice: _Optional[str] = ..., adapter: _Optional[str] = ..., key: _Optional[str] = ..., schedule: _Optional[str] = ...) -> None: ...
+
 class CodecSettings(_message.Message):
     __slots__ = ("name", "values", "scope", "error_feedback")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -296,7 +310,7 @@ class CodecSettings(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[str] = ..., scope: _Optional[str] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
 
 class PrepareRun(_message.Message):
-    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method")
+    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method", "heads")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FINETUNE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +318,7 @@ class PrepareRun(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     finetune: str
     optimizer: str
@@ -311,7 +326,8 @@ class PrepareRun(_message.Message):
     seed: int
     codec: CodecSettings
     method: str
-    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
+    heads: HeadSettings
+    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ..., heads: _Optional[_Union[HeadSettings, _Mapping]] = ...) -> None: ...
 
 class LoadPartitions(_message.Message):
     __slots__ = ("run_id", "partitions", "round")
@@ -482,20 +498,34 @@ class PartitionRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., partition: _Optional[int] = ...) -> None: ...
 
 class WeightHeader(_message.Message):
-    __slots__ = ("run_id", "partition", "total_bytes", "sha256", "round", "num_samples")
+    __slots__ = ("run_id", "partition", "total_bytes", "sha256", "round", "num_samples", "slices")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     partition: int
     total_bytes: int
     sha256: str
     round: int
     num_samples: int
-    def __init__(self, run_id: _Optional[str] = ..., partition: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    slices: _containers.RepeatedCompositeFieldContainer[TrainedSlices]
+    def __init__(self, run_id: _Optional[str] = ..., partition: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[TrainedSlices, _Mapping]]] = ...) -> None: ...
+
+class TrainedSlices(_message.Message):
+    __slots__ = ("tensor", "dim", "width", "blocks")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    dim: int
+    width: int
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tensor: _Optional[str] = ..., dim: _Optional[int] = ..., width: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -319,6 +319,17 @@ class LoraSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HeadSettings:
+    """Heads mode (SMHA): how a pipeline's holders choose the attention heads they train."""
+
+    fraction: float = 1.0  # share of each block's heads trained per round, in (0, 1]
+    choice: str = "random"  # "random" (seeded per round) or "importance" (gradient magnitude so far)
+    adapter: str = "full"  # "full" (the heads' weight slices) or "lora" (per-head adapters)
+    key: str = ""  # whose heads (the pipeline's owner): random draws differ per key
+    schedule: str = "fixed"  # "fixed" or "redundancy": fewer heads as a block's heads grow alike
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CodecSettings:
     """How a holder encodes what it uploads (autograd_bridge.codecs)."""
 
@@ -339,6 +350,7 @@ class PrepareRun:
     seed: int = 0  # adapters of partition k start from seed * 1000 + k on every copy
     codec: CodecSettings = field(default_factory=CodecSettings)  # how this holder encodes its uploads
     method: str = "backprop"  # the training method (autograd_bridge.methods)
+    heads: HeadSettings = field(default_factory=HeadSettings)  # finetune = "heads"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -382,6 +394,21 @@ class WeightHeader:
     sha256: str  # hex digest of the whole file
     round: int = 0  # uploads: the round these weights end
     num_samples: int = 0  # uploads: samples behind an update
+    slices: tuple[TrainedSlices, ...] = ()  # uploads: the tensors trained only in parts (heads mode)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainedSlices:
+    """Tensor ``tensor`` cut along ``dim`` into slices of ``width`` elements: only ``blocks`` were trained.
+
+    An empty ``blocks`` means none was (a frozen tensor). A tensor an upload does not name was
+    trained whole.
+    """
+
+    tensor: str  # whole-model name
+    dim: int = 0
+    width: int = 1
+    blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,6 +21,7 @@ from .messages import (
     ConnectPeers,
     DeviceProfile,
     Evaluation,
+    HeadSettings,
     Heartbeat,
     HostRun,
     LoadPartitions,
@@ -40,6 +41,7 @@ from .messages import (
     StepRecord,
     StopRun,
     Train,
+    TrainedSlices,
     Upload,
     UploadReceipt,
     WeightHeader,
@@ -355,9 +357,11 @@ def _prepare_to_proto(body: PrepareRun) -> pb.PrepareRun:
     lora = pb.LoraSettings(r=body.lora.r, alpha=body.lora.alpha, targets=list(body.lora.targets))
     c = body.codec
     codec = pb.CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
+    h = body.heads
+    heads = pb.HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key, schedule=h.schedule)
     return pb.PrepareRun(
         run_id=body.run_id, finetune=body.finetune, optimizer=body.optimizer, lora=lora, seed=body.seed,
-        codec=codec, method=body.method,
+        codec=codec, method=body.method, heads=heads,
     )  # fmt: skip
 
 
@@ -365,9 +369,11 @@ def _prepare_from_proto(msg: pb.PrepareRun) -> PrepareRun:
     lora = LoraSettings(r=msg.lora.r, alpha=msg.lora.alpha, targets=tuple(msg.lora.targets))
     c = msg.codec
     codec = CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
+    h = msg.heads
+    heads = HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key, schedule=h.schedule)
     return PrepareRun(
         run_id=msg.run_id, finetune=msg.finetune, optimizer=msg.optimizer, lora=lora, seed=msg.seed,
-        codec=codec, method=msg.method,
+        codec=codec, method=msg.method, heads=heads,
     )  # fmt: skip
 
 
@@ -471,8 +477,10 @@ def weight_header_to_proto(header: WeightHeader) -> pb.WeightChunk:
             sha256=header.sha256,
             round=header.round,
             num_samples=header.num_samples,
+            slices=[pb.TrainedSlices(tensor=t.tensor, dim=t.dim, width=t.width, blocks=list(t.blocks))
+                    for t in header.slices],
         )
-    )
+    )  # fmt: skip
 
 
 def weight_header_from_proto(msg: pb.WeightChunk) -> WeightHeader:
@@ -487,6 +495,9 @@ def weight_header_from_proto(msg: pb.WeightChunk) -> WeightHeader:
         sha256=h.sha256,
         round=h.round,
         num_samples=h.num_samples,
+        slices=tuple(
+            TrainedSlices(tensor=t.tensor, dim=t.dim, width=t.width, blocks=tuple(t.blocks)) for t in h.slices
+        ),
     )
 
 

@@ -49,6 +49,7 @@ from proto.messages import (
     LoadPartitions,
     PartitionAssignment,
     StatusReport,
+    TrainedSlices,
     Upload,
 )
 from server.control.handler import ControlHandler
@@ -94,6 +95,7 @@ class _PipelineUpload:
     tensors: dict[str, Any]  # what its partitions train, by whole-model name
     optimizer: dict[str, Any]  # its optimizer state, by optimizer/<entry>/<name>
     sizes: dict[str, int]  # client id -> encoded bytes it uploaded
+    slices: dict[str, TrainedSlices]  # tensors trained only in parts (heads mode), by whole-model name
 
 
 class RunManager:
@@ -271,7 +273,13 @@ class RunManager:
         spec = record.spec
         for action in actions:
             if isinstance(action, SendPrepare):
-                self._send(record, "prepare", action.client_id, action.bridge_run, prepare_command(spec, action.bridge_run))
+                try:  # the plan decides the owners: heads mode needs one of them to train every head
+                    spec.finetune.check_owners([p.owner for p in record.machine.pipelines.values()])
+                except ValueError as exc:
+                    record.machine.failed(str(exc))
+                    return
+                owner = record.machine.pipelines[action.bridge_run].owner
+                self._send(record, "prepare", action.client_id, action.bridge_run, prepare_command(spec, action.bridge_run, owner))
             elif isinstance(action, SendTrain):
                 work = record.seams.local_work.assign(action.round, action.client_id)
                 record.asked[action.bridge_run] = (action.round, work)
@@ -435,24 +443,26 @@ class RunManager:
         out = {}
         for bridge_run in bridge_runs:
             pipeline = record.machine.pipelines[bridge_run]
-            latest: dict[tuple[str, int], str] = {}
+            latest: dict[tuple[str, int], Any] = {}
             for upload in self.state.list_uploads(bridge_run):
                 if upload.header.round == round:
-                    latest[(upload.client_id, upload.header.partition)] = upload.path
+                    latest[(upload.client_id, upload.header.partition)] = upload
             tensors: dict[str, Any] = {}
             optimizer: dict[str, Any] = {}
             sizes: dict[str, int] = {}
+            slices: dict[str, TrainedSlices] = {}
             for client_id, partitions in pipeline.holders.items():
                 for partition in partitions:
-                    path = latest.get((client_id, partition))
-                    if path is None:
+                    found = latest.get((client_id, partition))
+                    if found is None:
                         raise ValueError(f"{client_id} reported its upload of partition {partition} but none arrived")
-                    data = Path(path).read_bytes()
+                    data = Path(found.path).read_bytes()
                     sizes[client_id] = sizes.get(client_id, 0) + len(data)
                     weights, state = split_optimizer_tensors(decode_update(data))
                     tensors.update(weights)
                     optimizer.update(state)
-            out[bridge_run] = _PipelineUpload(tensors=tensors, optimizer=optimizer, sizes=sizes)
+                    slices.update({s.tensor: s for s in found.header.slices})
+            out[bridge_run] = _PipelineUpload(tensors=tensors, optimizer=optimizer, sizes=sizes, slices=slices)
         return out
 
     @staticmethod
@@ -496,7 +506,13 @@ class RunManager:
         # All owners weigh the same when none reports samples (FedAvg needs some weight).
         weights = {run: max(action.weights.get(run, 0), 0) or 1 for run in action.bridge_runs}
         updates = [
-            ClientUpdate(state=uploads[run].tensors, num_samples=weights[run], client_id=run, delta=changes)
+            ClientUpdate(
+                state=uploads[run].tensors,
+                num_samples=weights[run],
+                client_id=run,
+                delta=changes,
+                slices=uploads[run].slices,
+            )
             for run in action.bridge_runs
         ]
         previous = record.global_state

@@ -38,10 +38,17 @@ stays complete and true). The model and its stages come from the server's ``[mod
     clip_norm = 0.0        # bound on the joint gradient norm of all stages of a pipeline (0: no clipping; Photon: 1.0)
 
     [finetune]             # what a stage trains and what travels (autograd_bridge.finetune)
-    mode = "full"          # full: every weight | lora: adapters only
-    r = 8                  # adapter rank (lora)
-    alpha = 16             # adapter scale numerator, scale = alpha / r (lora)
+    mode = "full"          # full: every weight | lora: adapters only | heads: a share of every block's attention heads (SMHA)
+    r = 8                  # adapter rank (lora; heads with adapter = "lora")
+    alpha = 16             # adapter scale numerator, scale = alpha / r (lora; heads with adapter = "lora")
     targets = []           # module names to adapt (lora; empty: the model family's default)
+    head_fraction = 1.0    # heads: share of each block's heads an owner's pipeline trains per round, in (0, 1] (ceil(x H), >= 1)
+    head_choice = "random" # heads: random (drawn from seed, round, owner) | importance (largest gradient magnitude so far)
+    adapter = "full"       # heads: train the heads' weight slices (full) or per-head LoRA adapters on them (lora)
+    head_fraction_schedule = "fixed"  # heads: fixed ceil(x H) heads | redundancy: ceil(x H_eff), H_eff = H / (1 + (H - 1) R),
+                           # R a block's mean |cosine| between its heads' output-projection slices (owners at 1.0 keep every head)
+    head_fractions = {}    # heads, per owner: [finetune.head_fractions] NAME = x (smaller for slower owners);
+                           # at least one owner of the run must train every head (1.0)
 
     [aggregation]          # how each partition's copies merge after a turn (server.training.aggregation)
     rule = "fedavg"        # fedavg | fedmom | fednesterov | fedadam | fedyogi | fedadagrad (all but fedavg at server_lr 1 need parallel participation)
@@ -101,13 +108,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autograd_bridge.config import read_toml, section_from_mapping
-from proto.messages import CodecSettings, LoraSettings, PrepareRun, Train
+from proto.messages import CodecSettings, HeadSettings, LoraSettings, PrepareRun, Train
 from server.training.local_work import LOCAL_WORK
 from server.training.participation import CASES, PARTICIPATIONS
 
@@ -230,6 +237,11 @@ class FinetuneSection:
     r: int = 8  # adapter rank (lora)
     alpha: int = 16  # adapter scale numerator, scale = alpha / r (lora)
     targets: tuple[str, ...] = ()  # module names to adapt (lora; empty: the model family's default)
+    head_fraction: float = 1.0  # heads: share of each block's heads trained per round by owners not in head_fractions
+    head_choice: str = "random"  # heads: "random" (seed, round, owner) or "importance" (gradient magnitude so far)
+    adapter: str = "full"  # heads: the heads' weight slices ("full") or per-head LoRA adapters on them ("lora")
+    head_fraction_schedule: str = "fixed"  # heads: "fixed", or "redundancy" (fewer heads as a block's heads grow alike)
+    head_fractions: Mapping[str, float] = dataclasses.field(default_factory=dict)  # heads: owner -> its own fraction
 
     def __post_init__(self) -> None:
         from autograd_bridge.finetune import FINETUNES
@@ -239,13 +251,40 @@ class FinetuneSection:
         _check_count("[finetune] ", "alpha", self.alpha)
         if not isinstance(self.targets, tuple) or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"[finetune] targets must be a list of module names, got {self.targets!r}")
+        if not isinstance(self.head_fractions, Mapping):
+            raise ValueError("[finetune.head_fractions] must be a table of owner = fraction")
+        for owner, value in {"": self.head_fraction, **self.head_fractions}.items():
+            where = f"[finetune.head_fractions] {owner}" if owner else "[finetune] head_fraction"
+            if not (_is_number(value) and 0 < value <= 1):
+                raise ValueError(f"{where} must be a share of the heads in (0, 1] (1: every head), got {value!r}")
+        if self.mode == "heads" and self.head_fraction < 1 and not any(v == 1 for v in self.head_fractions.values()):
+            raise ValueError(
+                "[finetune] heads mode needs at least one owner that trains every head (SMHA converges only so): "
+                "set head_fraction = 1.0, or give one owner 1.0 in [finetune.head_fractions]"
+            )
         FINETUNES[self.mode]().check(self.settings())
 
-    def settings(self, seed: int = 0) -> FinetuneSettings:
-        """What the finetune member is set up, checked and exported with."""
+    def fraction_of(self, owner: str) -> float:
+        """The share of the heads ``owner``'s pipeline trains."""
+        return float(self.head_fractions.get(owner, self.head_fraction))
+
+    def check_owners(self, owners: Sequence[str]) -> None:
+        """ValueError when heads mode trains no owner of ``owners`` on every head."""
+        if self.mode == "heads" and owners and not any(self.fraction_of(o) == 1 for o in owners):
+            fractions = ", ".join(f"{o}: {self.fraction_of(o):g}" for o in owners)
+            raise ValueError(
+                f"[finetune] heads mode needs one owner training every head, and this run's owners train {fractions}; "
+                "give one of them 1.0 in [finetune.head_fractions]"
+            )
+
+    def settings(self, seed: int = 0, owner: str = "") -> FinetuneSettings:
+        """What the finetune member is set up, checked and exported with (``owner``: whose pipeline)."""
         from autograd_bridge.finetune import FinetuneSettings
 
-        return FinetuneSettings(lora_r=self.r, lora_alpha=self.alpha, lora_targets=tuple(self.targets), seed=seed)
+        return FinetuneSettings(lora_r=self.r, lora_alpha=self.alpha, lora_targets=tuple(self.targets), seed=seed,
+                                head_fraction=self.fraction_of(owner), head_choice=self.head_choice,
+                                head_adapter=self.adapter, head_key=owner,
+                                head_schedule=self.head_fraction_schedule)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -546,8 +585,11 @@ def aggregation_settings(spec: RunSpec) -> AggregationSettings:
     return spec.aggregation.settings()
 
 
-def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
-    """How every holder of ``bridge_run`` sets its stages up before the first round."""
+def prepare_command(spec: RunSpec, bridge_run: str, owner: str = "") -> PrepareRun:
+    """How every holder of ``bridge_run`` (the pipeline of ``owner``) sets its stages up before the first round."""
+    finetune = spec.finetune
+    heads = HeadSettings(fraction=finetune.fraction_of(owner), choice=finetune.head_choice, adapter=finetune.adapter,
+                         key=owner, schedule=finetune.head_fraction_schedule)  # fmt: skip
     return PrepareRun(
         run_id=bridge_run,
         finetune=spec.finetune.mode,
@@ -557,6 +599,7 @@ def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
         codec=CodecSettings(name=spec.communication.codec, values=spec.communication.values,
                             scope=spec.communication.scope, error_feedback=spec.communication.error_feedback),
         method=spec.training.method,
+        heads=heads,
     )
 
 

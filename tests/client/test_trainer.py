@@ -8,7 +8,7 @@ import pytest
 
 from client.errors import HostingError
 from client.trainer import check_train, prepare_from_command
-from proto.messages import CodecSettings, LoraSettings, PrepareRun, Train
+from proto.messages import CodecSettings, HeadSettings, LoraSettings, PrepareRun, Train
 
 GOOD = Train(
     run_id="p", round=2, steps=3, start=3, batch_size=4, seq_len=32, micro_batches=1, lr=1e-3,
@@ -54,7 +54,9 @@ def test_prepare_settings_carry_the_run_optimizer() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"finetune": "prefix"}, "finetune mode must be one of full, lora"),
+        ({"finetune": "prefix"}, "finetune mode must be one of full, heads, lora"),
+        ({"finetune": "heads", "heads": HeadSettings(fraction=0.0)}, "head_fraction in"),
+        ({"finetune": "heads", "heads": HeadSettings(fraction=0.5, choice="best")}, "head_choice must be one of"),
         ({"codec": CodecSettings(name="zip")}, "codec must be one of dense, topk"),
         ({"method": "telepathy"}, "training method must be one of backprop"),
         ({"finetune": "lora", "lora": LoraSettings(r=0)}, "lora_r >= 1"),

@@ -45,6 +45,9 @@ def test_host_command_reaches_client_intact() -> None:
         m.PrepareRun(run_id="r", finetune="lora", optimizer="sgd", lora=m.LoraSettings(r=4, alpha=8, targets=("q_proj",)),
                      seed=5, codec=m.CodecSettings(name="topk", values="bf16", scope="partition", error_feedback=True),
                      method="backprop"),
+        m.PrepareRun(run_id="r", finetune="heads", seed=2,
+                     heads=m.HeadSettings(fraction=0.25, choice="importance", adapter="lora", key="owner-1",
+                                          schedule="redundancy")),
         m.LoadPartitions(run_id="r", partitions=(
             m.PartitionAssignment(index=0, num_stages=1, layer_start=0, layer_end=4, weights_sha256="ef" * 32, weights_bytes=9, local=True),
         ), round=2),
@@ -136,3 +139,15 @@ def test_model_config_that_is_not_text_is_refused() -> None:
     msg = pb.Command(command_id=2, host=pb.HostRun(run_id="r", model_config=b"\xff\xfe"))
     with pytest.raises(ProtocolError, match="UTF-8"):
         serde.command_from_proto(msg)
+
+
+def test_weight_header_carries_trained_slices() -> None:
+    """An upload's header names the slices it trained (heads mode), tensor by tensor, and arrives intact."""
+    header = m.WeightHeader(
+        run_id="r", partition=1, total_bytes=10, sha256="ab" * 32, round=3, slices=(
+            m.TrainedSlices(tensor="model.layers.1.self_attn.q_proj.weight", dim=0, width=16, blocks=(0, 3)),
+            m.TrainedSlices(tensor="model.norm.weight"),
+        ),
+    )  # fmt: skip
+    wire = pb.WeightChunk.FromString(serde.weight_header_to_proto(header).SerializeToString())
+    assert serde.weight_header_from_proto(wire) == header
