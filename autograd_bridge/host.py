@@ -29,6 +29,7 @@ pings while a stage computes; requests are therefore computed one at a time, in 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
@@ -41,8 +42,9 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .errors import BridgeError, FrameError, PeerLostError
+from .errors import BadRequestError, BridgeError, FrameError, PeerLostError
 from .frames import Compression, Frame, FrameLimits, MessageKind, decode_frame, encode_frame, error_frame
+from .methods.remote_space import DirectionalHandlers
 from .optim import build_optimizer, check_optimizer_name
 from .transport import Connection
 
@@ -135,6 +137,9 @@ class StageHost:
             MessageKind.GET_WEIGHTS: self._get_weights,
             MessageKind.GET_GRAD_NORM: self._get_grad_norm,
         }
+        # Forward gradients: perturb and step this host's tensors along seeded directions.
+        self._handlers.update(DirectionalHandlers(self._stage, self._compute).handlers())
+        self.received: collections.Counter[MessageKind] = collections.Counter()  # requests by kind
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
         if not params:
@@ -194,17 +199,18 @@ class StageHost:
 
     async def handle(self, frame: Frame, conn_id: int = 0) -> Frame:
         """Carry out one decoded request."""
+        self.received[frame.kind] += 1
         try:
             handler = self._handlers.get(frame.kind)
             if handler is None:
                 raise _Refused("UNEXPECTED_KIND", f"a stage host does not accept {frame.kind.name} frames")
             if frame.run_id != self.run_id:
-                raise _Refused(
-                    "UNKNOWN_RUN", f"this host serves run {self.run_id!r}, not {frame.run_id!r}"
-                )
+                raise _Refused("UNKNOWN_RUN", f"this host serves run {self.run_id!r}, not {frame.run_id!r}")
             return await handler(frame, conn_id)
         except _Refused as exc:
             return error_frame(frame, exc.code, str(exc))
+        except BadRequestError as exc:
+            return error_frame(frame, "BAD_REQUEST", str(exc))
         except BridgeError as exc:
             return error_frame(frame, type(exc).__name__, str(exc))
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -269,7 +275,9 @@ class StageHost:
         deadline = time.monotonic() - self.settings.state_timeout_s
         dropped = self._drop(lambda key, st: st.created < deadline)
         if dropped:
-            log.warning("dropped %d micro-batch states older than %.0f s", dropped, self.settings.state_timeout_s)
+            log.warning(
+                "dropped %d micro-batch states older than %.0f s", dropped, self.settings.state_timeout_s
+            )
 
     def _drop(self, predicate: Callable[[_Key, _MicroBatchState], bool]) -> int:
         doomed = [k for k, st in self._states.items() if predicate(k, st)]
@@ -358,7 +366,10 @@ class StageHost:
         except ValueError as exc:
             raise _Refused("BAD_REQUEST", f"option grad_scale must be a number, got {scale_text!r}") from exc
         if scale is not None and not 0 <= scale <= 1:
-            raise _Refused("BAD_REQUEST", f"option grad_scale must be in [0, 1] (clipping only shrinks), got {scale_text!r}")
+            raise _Refused(
+                "BAD_REQUEST",
+                f"option grad_scale must be in [0, 1] (clipping only shrinks), got {scale_text!r}",
+            )
         dropped = self._drop(lambda key, st: key[0] == frame.run_id and key[1] <= frame.step)
         optimizer = self.optimizer
 

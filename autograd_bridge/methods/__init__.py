@@ -5,8 +5,9 @@ what it returns; it never asks which method it holds. A method also names the st
 message kinds it needs, so a host can refuse a pipeline whose method it cannot serve.
 
 Members: ``backprop`` (forward, backward through every stage, every stage's optimizer
-steps). A new member (forward gradients) is a module here with a class that satisfies
-:class:`TrainingMethod`, plus one line in :data:`METHODS`.
+steps) and ``forward_gradient`` (FwdLLM: perturbed forwards only, every stage steps along
+seeded directions; see :mod:`.forward_gradient`). A new member is a module here with a class
+that satisfies :class:`TrainingMethod`, plus one line in :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 from ..frames import MessageKind
 from .backprop import Backprop
+from .forward_gradient import ForwardGradient, ForwardGradientSettings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +49,7 @@ class TrainingMethod(Protocol):
 #: name -> the method's class
 METHODS: dict[str, type[TrainingMethod]] = {
     "backprop": Backprop,
+    "forward_gradient": ForwardGradient,
 }
 
 
@@ -57,4 +60,4 @@ def get_method(name: str) -> TrainingMethod:
     return METHODS[name]()
 
 
-__all__ = ["METHODS", "StepOutcome", "TrainingMethod", "get_method"]
+__all__ = ["METHODS", "ForwardGradientSettings", "StepOutcome", "TrainingMethod", "get_method"]

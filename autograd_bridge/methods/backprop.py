@@ -15,10 +15,14 @@ class Backprop:
         {MessageKind.FORWARD, MessageKind.BACKWARD, MessageKind.OPTIMIZER_STEP, MessageKind.RELEASE}
     )
 
-    def step(self, pipeline: Any, batch: Any, optimizer: Any, *, lr: float | None, clip_norm: float | None = None) -> Any:
+    def step(
+        self, pipeline: Any, batch: Any, optimizer: Any, *, lr: float | None, clip_norm: float | None = None
+    ) -> Any:
         """One forward/backward of ``batch`` through ``pipeline``, then the optimizers' step (clipped jointly)."""
         from . import StepOutcome
 
         result = pipeline.train_step(batch.input_ids, batch.attention_mask, batch.labels)
         norm = pipeline.optimizer_step(optimizer, lr, clip_norm)
-        return StepOutcome(loss=result.loss, tokens=result.tokens, grad_norm=norm, output_norm=result.output_norm)
+        return StepOutcome(
+            loss=result.loss, tokens=result.tokens, grad_norm=norm, output_norm=result.output_norm
+        )
