@@ -20,6 +20,7 @@ add each ``alpha * v`` in the pairs' order, then add that sum to the tensor), so
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -73,10 +74,21 @@ def replay(start: Mapping[str, Tensor], steps: Sequence[Sequence[tuple[int, floa
     return out
 
 
+#: stage module -> every step of (seed, alpha) pairs applied to its tensors by a ParameterSpace,
+#: in order: what its holder uploads instead of the tensors (see autograd_bridge.codecs.seeds)
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, list[list[tuple[int, float]]]] = weakref.WeakKeyDictionary()
+
+
+def applied_steps(stage: nn.Module) -> list[list[tuple[int, float]]]:
+    """Every step applied to ``stage`` along seeded directions so far (empty: none), oldest first."""
+    return _APPLIED.get(stage, [])
+
+
 class ParameterSpace:
     """Trainable tensors under whole-model names, perturbed and updated along seeded directions."""
 
-    def __init__(self, named: Iterable[tuple[str, nn.Parameter]]) -> None:
+    def __init__(self, named: Iterable[tuple[str, nn.Parameter]], stages: Sequence[nn.Module] = ()) -> None:
+        self.stages = list(stages)  # whose applied steps are logged (applied_steps)
         self.params: dict[str, nn.Parameter] = {}
         for name, p in named:
             if p.requires_grad and name not in self.params:
@@ -90,11 +102,12 @@ class ParameterSpace:
     @classmethod
     def of_stages(cls, stages: Iterable[nn.Module]) -> ParameterSpace:
         """The trainable tensors of stage modules (``named_model_parameters``) or plain modules."""
+        stages = list(stages)
         named: list[tuple[str, nn.Parameter]] = []
         for stage in stages:
             source = getattr(stage, "named_model_parameters", stage.named_parameters)
             named.extend(source())
-        return cls(named)
+        return cls(named, stages)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -143,6 +156,8 @@ class ParameterSpace:
         for name, p in self.params.items():
             p.data.add_(summed_perturbations(pairs, name, p.shape).to(p.dtype))
         self._after = self.values()
+        for stage in self.stages:
+            _APPLIED.setdefault(stage, []).append(list(pairs))
 
     def sq_norm(self, pairs: Sequence[tuple[int, float]]) -> float:
         """``||sum_k alpha_k v_k||^2`` over these tensors."""
