@@ -381,18 +381,12 @@ def decode_frame(data: bytes | bytearray | memoryview, *, limits: FrameLimits = 
         raise FrameError(f"frame is {total} bytes, shorter than the {_PREFIX.size}-byte prefix")
     magic, header_length = _PREFIX.unpack_from(view)
     if magic != MAGIC:
-        raise FrameError(
-            f"frame magic is {bytes(magic)!r}, expected {MAGIC!r}; the peer is not speaking Titanic frames"
-        )
+        raise FrameError(f"frame magic is {bytes(magic)!r}, expected {MAGIC!r}; the peer is not speaking Titanic frames")
     if header_length > limits.max_header_bytes:
-        raise FrameTooLargeError(
-            f"header length is {header_length} bytes, over the limit of {limits.max_header_bytes}"
-        )
+        raise FrameTooLargeError(f"header length is {header_length} bytes, over the limit of {limits.max_header_bytes}")
     payload_start = _PREFIX.size + header_length
     if payload_start > total:
-        raise FrameError(
-            f"header length is {header_length} bytes but only {total - _PREFIX.size} follow the prefix"
-        )
+        raise FrameError(f"header length is {header_length} bytes but only {total - _PREFIX.size} follow the prefix")
     try:
         header = pb.FrameHeader.FromString(bytes(view[_PREFIX.size : payload_start]))
     except DecodeError as error:
@@ -419,17 +413,11 @@ def _validate_header(header: pb.FrameHeader, limits: FrameLimits) -> MessageKind
     if header.version != FRAME_VERSION:
         raise FrameError(f"header version is {header.version}, this reader supports only {FRAME_VERSION}")
     if header.kind not in _SENDABLE_KINDS:
-        raise FrameError(
-            f"header kind is {header.kind}, expected a MessageKind from 1 to {max(_SENDABLE_KINDS)}"
-        )
+        raise FrameError(f"header kind is {header.kind}, expected a MessageKind from 1 to {max(_SENDABLE_KINDS)}")
     if len(header.tensors) > limits.max_tensors:
-        raise FrameTooLargeError(
-            f"frame has {len(header.tensors)} tensors, over the limit of {limits.max_tensors}"
-        )
+        raise FrameTooLargeError(f"frame has {len(header.tensors)} tensors, over the limit of {limits.max_tensors}")
     if len(header.options) > limits.max_options:
-        raise FrameTooLargeError(
-            f"frame has {len(header.options)} options, over the limit of {limits.max_options}"
-        )
+        raise FrameTooLargeError(f"frame has {len(header.options)} options, over the limit of {limits.max_options}")
     for key in header.options:
         if not key or len(key) > limits.max_name_length:
             raise FrameError(f"option key {key[:64]!r} must have 1 to {limits.max_name_length} characters")
@@ -480,7 +468,9 @@ def _validate_meta(index: int, meta: pb.TensorMeta, offset: int, limits: FrameLi
         raise FrameError(f"{where}: dtype is {meta.dtype}, expected one of {_KNOWN_DTYPES}")
     compression = _WIRE_TO_COMPRESSION.get(meta.compression)
     if compression is None:
-        raise FrameError(f"{where}: compression is {meta.compression}, expected one of {_KNOWN_COMPRESSIONS}")
+        raise FrameError(
+            f"{where}: compression is {meta.compression}, expected one of {_KNOWN_COMPRESSIONS}"
+        )
     if meta.original_dtype == pb.DTYPE_UNSPECIFIED:
         dtype = wire_dtype
     elif meta.original_dtype in _WIRE_TO_DTYPE:
@@ -529,19 +519,12 @@ def _validate_shape(where: str, dims: Sequence[int], limits: FrameLimits) -> tup
 
 
 def _expected_nbytes(
-    where: str,
-    compression: str,
-    wire_dtype: torch.dtype,
-    dtype: torch.dtype,
-    shape: tuple[int, ...],
-    numel: int,
+    where: str, compression: str, wire_dtype: torch.dtype, dtype: torch.dtype, shape: tuple[int, ...], numel: int
 ) -> int:
     """Payload bytes implied by the layout of ``compression``; FrameError if the dtypes do not fit it."""
     if compression == "none":
         if dtype != wire_dtype:
-            raise FrameError(
-                f"{where}: uncompressed but original_dtype {dtype} differs from dtype {wire_dtype}"
-            )
+            raise FrameError(f"{where}: uncompressed but original_dtype {dtype} differs from dtype {wire_dtype}")
         return numel * wire_dtype.itemsize
     if not dtype.is_floating_point:
         raise FrameError(f"{where}: compression {compression} needs a floating original_dtype, got {dtype}")

@@ -205,7 +205,9 @@ class StageHost:
             if handler is None:
                 raise _Refused("UNEXPECTED_KIND", f"a stage host does not accept {frame.kind.name} frames")
             if frame.run_id != self.run_id:
-                raise _Refused("UNKNOWN_RUN", f"this host serves run {self.run_id!r}, not {frame.run_id!r}")
+                raise _Refused(
+                    "UNKNOWN_RUN", f"this host serves run {self.run_id!r}, not {frame.run_id!r}"
+                )
             return await handler(frame, conn_id)
         except _Refused as exc:
             return error_frame(frame, exc.code, str(exc))
@@ -275,9 +277,7 @@ class StageHost:
         deadline = time.monotonic() - self.settings.state_timeout_s
         dropped = self._drop(lambda key, st: st.created < deadline)
         if dropped:
-            log.warning(
-                "dropped %d micro-batch states older than %.0f s", dropped, self.settings.state_timeout_s
-            )
+            log.warning("dropped %d micro-batch states older than %.0f s", dropped, self.settings.state_timeout_s)
 
     def _drop(self, predicate: Callable[[_Key, _MicroBatchState], bool]) -> int:
         doomed = [k for k, st in self._states.items() if predicate(k, st)]
@@ -366,10 +366,7 @@ class StageHost:
         except ValueError as exc:
             raise _Refused("BAD_REQUEST", f"option grad_scale must be a number, got {scale_text!r}") from exc
         if scale is not None and not 0 <= scale <= 1:
-            raise _Refused(
-                "BAD_REQUEST",
-                f"option grad_scale must be in [0, 1] (clipping only shrinks), got {scale_text!r}",
-            )
+            raise _Refused("BAD_REQUEST", f"option grad_scale must be in [0, 1] (clipping only shrinks), got {scale_text!r}")
         dropped = self._drop(lambda key, st: key[0] == frame.run_id and key[1] <= frame.step)
         optimizer = self.optimizer
 

@@ -278,9 +278,7 @@ class StageClient:
         """Backpropagate ``grad`` through the remote stage; returns the input gradient."""
         return await (await self.start_backward(grad, step=step, micro_batch=micro_batch))
 
-    async def optimizer_step(
-        self, step: int, lr: float | None = None, grad_scale: float | None = None
-    ) -> None:
+    async def optimizer_step(self, step: int, lr: float | None = None, grad_scale: float | None = None) -> None:
         """Ask the host to step its optimizer (and zero its gradients), its gradients times ``grad_scale`` first."""
         options = {} if lr is None else {"lr": repr(float(lr))}
         if grad_scale is not None:

@@ -51,17 +51,11 @@ def check_train(cmd: Train) -> Train:
     if not (math.isfinite(cmd.min_lr) and 0 <= cmd.min_lr <= cmd.lr):
         raise HostingError(f"training setting 'min_lr' must be in [0, lr], got {cmd.min_lr!r}")
     if not (math.isfinite(cmd.clip_norm) and cmd.clip_norm >= 0):
-        raise HostingError(
-            f"training setting 'clip_norm' must be a finite number >= 0 (0: off), got {cmd.clip_norm!r}"
-        )
+        raise HostingError(f"training setting 'clip_norm' must be a finite number >= 0 (0: off), got {cmd.clip_norm!r}")
     if cmd.warmup_steps > cmd.total_steps > 0:
-        raise HostingError(
-            f"training setting 'warmup_steps' ({cmd.warmup_steps}) exceeds total_steps ({cmd.total_steps})"
-        )
+        raise HostingError(f"training setting 'warmup_steps' ({cmd.warmup_steps}) exceeds total_steps ({cmd.total_steps})")
     if cmd.batch_size % cmd.micro_batches:
-        raise HostingError(
-            f"batch_size {cmd.batch_size} is not a multiple of micro_batches {cmd.micro_batches}"
-        )
+        raise HostingError(f"batch_size {cmd.batch_size} is not a multiple of micro_batches {cmd.micro_batches}")
     try:
         get_method(cmd.method)
         check_schedule_name(cmd.schedule)
@@ -115,7 +109,7 @@ def prepare_from_command(cmd: PrepareRun) -> Preparation:
             codec=cmd.codec.name,
             codec_choice=choice,
             error_feedback=cmd.codec.error_feedback,
-            method=get_method(cmd.method),
+            method=get_method(cmd.method, cmd.method_options),
         )
     except ValueError as exc:
         raise HostingError(f"run {cmd.run_id}: {exc}") from exc
@@ -147,16 +141,12 @@ class OwnerTrainer:
         num_stages = len(stages) + len(remote)
         missing = [k for k in range(num_stages) if k not in stages and k not in remote]
         if missing or 0 not in stages or num_stages - 1 not in stages:
-            raise HostingError(
-                f"run {run_id}: the owner needs the first and last stage and a host for each other one"
-            )
+            raise HostingError(f"run {run_id}: the owner needs the first and last stage and a host for each other one")
         try:
             tokenizer = load_tokenizer(settings.tokenizer)
         except ValueError as exc:
             raise HostingError(str(exc)) from exc
-        data_settings = DataSettings(
-            seq_len=settings.seq_len, val_fraction=settings.val_fraction, seed=settings.seed
-        )
+        data_settings = DataSettings(seq_len=settings.seq_len, val_fraction=settings.val_fraction, seed=settings.seed)
         self.dataset = OwnerDataset.from_path(data, tokenizer, settings=data_settings)
         self.runtime = EventLoopThread(name=f"titanic-train-{run_id}")
         chain: list[Any] = []
@@ -166,9 +156,7 @@ class OwnerTrainer:
                 chain.append(stages[k].train())
             else:
                 peer = remote[k]
-                client = self.runtime.run(
-                    StageClient.connect(peer.url, run_id=run_id, stage=k, token=peer.token)
-                )
+                client = self.runtime.run(StageClient.connect(peer.url, run_id=run_id, stage=k, token=peer.token))
                 self.clients.append(client)
                 chain.append(client)
         self.local_stages = [stages[k] for k in sorted(stages)]
@@ -179,9 +167,7 @@ class OwnerTrainer:
         # so that a handed-over optimizer state can be loaded before round 1.
         self.optimizer: Any = optimizer
 
-    def train_round(
-        self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None
-    ) -> RoundReport:
+    def train_round(self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None) -> RoundReport:
         """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking).
 
         ``on_step(i, record)`` is called after step ``i`` (0-based, within the round) of the round.
@@ -310,15 +296,9 @@ class Updates:
     """
 
     prepared: Preparation
-    starts: dict[int, dict[str, Any]] = field(
-        default_factory=dict
-    )  # partition -> its tensors when last loaded
-    seeded: dict[int, int] = field(
-        default_factory=dict
-    )  # partition -> its seeded steps (forward gradients) then
-    residuals: dict[int, dict[str, Any]] = field(
-        default_factory=dict
-    )  # partition -> what sparse uploads left out
+    starts: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> its tensors when last loaded
+    seeded: dict[int, int] = field(default_factory=dict)  # partition -> its seeded steps (forward gradients) then
+    residuals: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> what sparse uploads left out
 
     def mark_start(self, index: int, stage: Any) -> None:
         """``stage`` (partition ``index``) now holds what the server sent: changes are measured from here."""
@@ -362,7 +342,5 @@ class Updates:
         trained, start = self.prepared.finetune.trained_tensors(stage), self.starts[index]
         if any(not torch.equal(t, replay({n: start[n]}, steps)[n]) for n, t in trained.items()):
             return None  # something else changed the tensors too: the seeds alone would not rebuild them
-        data: bytes = encode_steps(
-            steps, trained, optimizer_tensors(optimizer, stage.named_model_parameters())
-        )
+        data: bytes = encode_steps(steps, trained, optimizer_tensors(optimizer, stage.named_model_parameters()))
         return data

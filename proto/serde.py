@@ -357,7 +357,7 @@ def _prepare_to_proto(body: PrepareRun) -> pb.PrepareRun:
     codec = pb.CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
     return pb.PrepareRun(
         run_id=body.run_id, finetune=body.finetune, optimizer=body.optimizer, lora=lora, seed=body.seed,
-        codec=codec, method=body.method,
+        codec=codec, method=body.method, method_options=dict(body.method_options),
     )  # fmt: skip
 
 
@@ -367,7 +367,7 @@ def _prepare_from_proto(msg: pb.PrepareRun) -> PrepareRun:
     codec = CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
     return PrepareRun(
         run_id=msg.run_id, finetune=msg.finetune, optimizer=msg.optimizer, lora=lora, seed=msg.seed,
-        codec=codec, method=msg.method,
+        codec=codec, method=msg.method, method_options=dict(msg.method_options),
     )  # fmt: skip
 
 

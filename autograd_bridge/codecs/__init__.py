@@ -11,7 +11,8 @@ metadata names the codec that wrote it, so :func:`decode_update` (and every memb
 Members: ``dense`` (every tensor whole) and ``topk`` (the largest-magnitude entries of each
 weight, their positions as a bitmask or indices, whichever is smaller; see
 :mod:`autograd_bridge.codecs.sparse`) and ``seeds`` (a forward-gradient holder's (seed,
-coefficient) pairs, rebuilt by the receiver; see :mod:`autograd_bridge.codecs.seeds`). A new member is a module here with a class that
+coefficient) pairs, rebuilt by the receiver; see :mod:`autograd_bridge.codecs.seeds`). A new
+member is a module here with a class that
 satisfies :class:`UpdateCodec`, plus one line in :data:`CODECS`.
 """
 

@@ -12,6 +12,7 @@ that satisfies :class:`TrainingMethod`, plus one line in :data:`METHODS`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,10 @@ class TrainingMethod(Protocol):
     name: str
     host_kinds: frozenset[MessageKind]  # what the stage hosts must serve for it
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> TrainingMethod:
+        """The method with its settings read from ``options`` (network input: ValueError when bad)."""
+
     def step(
         self, pipeline: Any, batch: Any, optimizer: Any, *, lr: float | None, clip_norm: float | None = None
     ) -> StepOutcome:
@@ -53,11 +58,12 @@ METHODS: dict[str, type[TrainingMethod]] = {
 }
 
 
-def get_method(name: str) -> TrainingMethod:
-    """The method called ``name`` (ValueError naming the known ones)."""
+def get_method(name: str, options: Mapping[str, str] | None = None) -> TrainingMethod:
+    """The method called ``name`` set up with ``options`` (its settings as text, from the network;
+    each method reads the ones it knows). ValueError naming the known methods, or a bad option."""
     if name not in METHODS:
         raise ValueError(f"training method must be one of {', '.join(sorted(METHODS))}, not {name!r}")
-    return METHODS[name]()
+    return METHODS[name].from_options(options or {})
 
 
 __all__ = ["METHODS", "ForwardGradientSettings", "StepOutcome", "TrainingMethod", "get_method"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ..frames import MessageKind
@@ -15,14 +16,15 @@ class Backprop:
         {MessageKind.FORWARD, MessageKind.BACKWARD, MessageKind.OPTIMIZER_STEP, MessageKind.RELEASE}
     )
 
-    def step(
-        self, pipeline: Any, batch: Any, optimizer: Any, *, lr: float | None, clip_norm: float | None = None
-    ) -> Any:
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Backprop:
+        """Backprop has no settings of its own: ``options`` (another method's) are ignored."""
+        return cls()
+
+    def step(self, pipeline: Any, batch: Any, optimizer: Any, *, lr: float | None, clip_norm: float | None = None) -> Any:
         """One forward/backward of ``batch`` through ``pipeline``, then the optimizers' step (clipped jointly)."""
         from . import StepOutcome
 
         result = pipeline.train_step(batch.input_ids, batch.attention_mask, batch.labels)
         norm = pipeline.optimizer_step(optimizer, lr, clip_norm)
-        return StepOutcome(
-            loss=result.loss, tokens=result.tokens, grad_norm=norm, output_norm=result.output_norm
-        )
+        return StepOutcome(loss=result.loss, tokens=result.tokens, grad_norm=norm, output_norm=result.output_norm)

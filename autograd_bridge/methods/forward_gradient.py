@@ -35,7 +35,9 @@ only forward activations cross the bridge.
 from __future__ import annotations
 
 import math
+import os
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +64,38 @@ class ForwardGradientSettings:
     candidates: int = 10  # how many seeds the sampler draws per direction it keeps
     seed: int | None = None  # seeds the seed stream (None: drawn from the OS, so owners differ)
 
+    def to_options(self) -> dict[str, str]:
+        """These settings as text (PrepareRun ``method_options``); :meth:`from_options` reads them back."""
+        out = {f: repr(getattr(self, f)) for f in _NUMBERS}
+        out["sampler"] = "true" if self.sampler else "false"
+        if self.seed is not None:
+            out["seed"] = str(self.seed)
+        return out
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> ForwardGradientSettings:
+        """Settings from text options (network input); keys not given keep their defaults."""
+        values: dict[str, Any] = {}
+        for key, kind in _NUMBERS.items():
+            if key in options:
+                try:
+                    values[key] = kind(options[key])
+                except ValueError as exc:
+                    raise ValueError(
+                        f"forward_gradient {key} must be a {kind.__name__}, got {options[key]!r}"
+                    ) from exc
+        if "sampler" in options:
+            if options["sampler"] not in ("true", "false"):
+                raise ValueError(
+                    f"forward_gradient sampler must be true or false, got {options['sampler']!r}"
+                )
+            values["sampler"] = options["sampler"] == "true"
+        if "seed" in options:
+            if not options["seed"].isdigit():
+                raise ValueError(f"forward_gradient seed must be an integer >= 0, got {options['seed']!r}")
+            values["seed"] = int(options["seed"])
+        return cls(**values)
+
     def __post_init__(self) -> None:
         if not (math.isfinite(self.h) and self.h > 0):
             raise ValueError(f"forward_gradient h must be a positive number (e.g. 0.01), got {self.h!r}")
@@ -76,6 +110,12 @@ class ForwardGradientSettings:
             )
         if self.candidates < 1:
             raise ValueError(f"forward_gradient candidates must be at least 1, got {self.candidates}")
+
+
+#: the numeric settings and their types, as options carry them
+_NUMBERS: dict[str, type] = {
+    "h": float, "perturbations": int, "max_perturbations": int, "var_threshold": float, "candidates": int,
+}  # fmt: skip
 
 
 class Space(Protocol):
@@ -116,11 +156,16 @@ class ForwardGradient:
         self.settings = settings or ForwardGradientSettings()
         seed = self.settings.seed
         if seed is None:
-            seed = int.from_bytes(__import__("os").urandom(8), "little") % (2**62)
+            seed = int.from_bytes(os.urandom(8), "little") % (2**62)
         self._seeds = torch.Generator().manual_seed(seed)
         # Every step applied so far, in order: what a holder uploads instead of its tensors.
         self.applied: list[Pairs] = []
         self._spaces: weakref.WeakKeyDictionary[Any, list[Space]] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> ForwardGradient:
+        """The method with :meth:`ForwardGradientSettings.from_options` settings."""
+        return cls(ForwardGradientSettings.from_options(options))
 
     # -- the step -----------------------------------------------------------------------------
 
