@@ -200,6 +200,8 @@ class StageHost:
     async def handle(self, frame: Frame, conn_id: int = 0) -> Frame:
         """Carry out one decoded request."""
         self.received[frame.kind] += 1
+        if self.received[frame.kind] == 1:  # one line per kind: what a run asked of this host
+            log.info("run %s: first %s request", self.run_id, frame.kind.name)
         try:
             handler = self._handlers.get(frame.kind)
             if handler is None:
