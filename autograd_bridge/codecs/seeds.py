@@ -13,7 +13,9 @@ dense, tagged ``dense``: this codec sends changes, and dense bytes of a change d
 change. Downloads (what the server sends a pipeline) are dense values too.
 
 The layout (safetensors, metadata ``titanic_codec = "seeds"``)
-    ``layout``   uint8: UTF-8 JSON ``{"version": 1, "tensors": [[NAME, DTYPE, SHAPE], ...]}``
+    ``layout``   uint8: zlib-compressed UTF-8 JSON ``{"version": 1, "tensors": [[NAME, DTYPE, SHAPE], ...]}``
+                 (the names repeat ``model.layers.N.self_attn.q_proj.lora_A.weight`` patterns: zlib
+                 makes the header a few times smaller, which matters when the pairs are few)
     ``seeds``    int64 (N,): every direction's seed, step after step
     ``alphas``   float64 (N,): its coefficient
     ``steps``    int64 (S,): how many directions each step used (summing to N)
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -37,6 +40,8 @@ from .container import pack
 from .settings import CodecSettings
 
 LAYOUT_VERSION = 1
+#: the most bytes the layout may inflate to (a zip bomb stops here)
+MAX_LAYOUT_BYTES = 16 * 2**20
 #: the most elements one seeds upload may declare (4 GiB of float32)
 MAX_ELEMENTS = 2**30
 #: the most (direction x element) draws one rebuild may cost (about a minute of CPU)
@@ -71,7 +76,7 @@ class SeedsCodec:
         rows = [
             [name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in sorted(shapes.items())
         ]
-        layout = json.dumps({"version": LAYOUT_VERSION, "tensors": rows}, separators=(",", ":")).encode()
+        layout = zlib.compress(json.dumps({"version": LAYOUT_VERSION, "tensors": rows}, separators=(",", ":")).encode(), 9)
         pairs = [pair for step in steps for pair in step]
         stored = {
             "layout": torch.frombuffer(bytearray(layout), dtype=torch.uint8),
@@ -132,9 +137,13 @@ def _read_layout(stored: Mapping[str, Tensor]) -> tuple[dict[str, tuple[int, ...
     text = stored.get("layout")
     if text is None or text.dtype != torch.uint8 or text.dim() != 1:
         raise ValueError("a seeds update lacks its layout (a 1-D uint8 tensor 'layout')")
+    inflate = zlib.decompressobj()
     try:
-        document = json.loads(text.numpy().tobytes())
-    except (ValueError, RecursionError) as exc:
+        raw = inflate.decompress(text.numpy().tobytes(), MAX_LAYOUT_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise ValueError(f"it inflates past {MAX_LAYOUT_BYTES} bytes or is cut short")
+        document = json.loads(raw)
+    except (ValueError, RecursionError, zlib.error) as exc:
         raise ValueError(f"a seeds update's layout is not JSON: {exc}") from exc
     if not isinstance(document, dict) or document.get("version") != LAYOUT_VERSION:
         raise ValueError(f"a seeds update's layout must be version {LAYOUT_VERSION}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -141,8 +143,9 @@ def test_a_seeds_run_sends_other_changes_dense() -> None:
 
 
 _HUGE_LAYOUT = torch.frombuffer(
-    bytearray(b'{"version":1,"tensors":[["w","float32",[1073741824,64]]]}'), dtype=torch.uint8
+    bytearray(zlib.compress(b'{"version":1,"tensors":[["w","float32",[1073741824,64]]]}')), dtype=torch.uint8
 )
+_BOMB = torch.frombuffer(bytearray(zlib.compress(b" " * (17 * 2**20))), dtype=torch.uint8)
 
 
 @pytest.mark.parametrize(
@@ -151,6 +154,7 @@ _HUGE_LAYOUT = torch.frombuffer(
         (lambda s: s.update(alphas=torch.tensor([float("nan")], dtype=torch.float64)), "finite"),
         (lambda s: s.update(steps=torch.tensor([2])), "add up"),
         (lambda s: s.update(layout=_HUGE_LAYOUT), "more than this server rebuilds"),
+        (lambda s: s.update(layout=_BOMB), "inflates past"),
     ],
 )
 def test_a_malformed_seeds_upload_is_refused_before_any_rebuild(edit, says) -> None:
