@@ -405,8 +405,9 @@ def run_comparison(
 
 
 def quick_settings() -> FwdBenchSettings:
-    """``--quick``: quality on a byte-level tiny Llama (4 x 64, warmed up), 3 owners, 10 rounds x 5 steps; memory on SmolLM2."""
-    return FwdBenchSettings()
+    """``--quick``: quality on a byte-level tiny Llama (4 x 64, warmed up), 3 owners, 6 rounds x 4 steps, K 4 (adaptive
+    up to 16); memory on SmolLM2-135M at 8 x 256."""
+    return FwdBenchSettings(rounds=6, steps=4, perturbations=4, max_perturbations=16)
 
 
 def full_settings() -> FwdBenchSettings:

@@ -36,7 +36,7 @@ def _run_file(path: Path, model: Path) -> Path:
 
 def test_a_mixed_run_trains_alice_without_backward_and_merges_seeded_uploads(
     tmp_path: Path,
-    model_dir: Path,
+    model_dir: Path,  # noqa: F811 (the fixture imported above)
     owner_data: list[Path],  # noqa: F811
 ) -> None:
     """Both owners finish both rounds; alice's hosts saw PERTURB but no BACKWARD; her uploads are seeds, bob's dense."""
