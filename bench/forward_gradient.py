@@ -97,7 +97,7 @@ class FwdBenchSettings:
     h: float = 0.01  # central-difference step
     perturbations: int = 8  # K of fwd_fixed, and the start (and increment) of the adaptive methods
     max_perturbations: int = 32  # the adaptive methods' ceiling
-    var_threshold: float = 0.05  # the variance rule's threshold on mean(d^2) / K
+    var_threshold: float = 0.01  # the variance rule's threshold on mean(d^2) / K
     candidates: int = 10  # the sampler draws candidates x K seeds
     lora_r: int = 8
     lora_alpha: int = 16

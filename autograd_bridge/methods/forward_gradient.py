@@ -28,8 +28,9 @@ pass: every forward runs as evaluation (``torch.no_grad`` locally, ``train=False
 
 The step is plain SGD on the estimate: the owner's optimizer is not used (an Adam state would
 have to be replayed wherever the update is rebuilt). Remote stages are perturbed and updated
-by their hosts (:class:`~autograd_bridge.remote.StageClient` ``perturb`` / ``apply_directional``);
-only forward activations cross the bridge.
+by their hosts (:mod:`.remote_space`: PERTURB, APPLY_DIRECTIONAL, ALIGNMENT frames); only
+evaluation forwards and scalars cross the bridge. The whole batch is evaluated at once (the
+pipeline's micro-batching is not used), and the pipeline's stage timings are not recorded.
 """
 
 from __future__ import annotations
