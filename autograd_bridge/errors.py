@@ -56,3 +56,7 @@ class BridgeTimeoutError(BridgeError):
 
 class StateLimitError(BridgeError):
     """A stage host refused a micro-batch because it already holds its maximum."""
+
+
+class BadRequestError(BridgeError):
+    """A request a host cannot carry out as sent (a missing or malformed option or tensor); code BAD_REQUEST."""

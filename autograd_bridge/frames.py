@@ -73,6 +73,10 @@ class MessageKind(enum.IntEnum):
     ERROR = 14
     GET_GRAD_NORM = 15
     GRAD_NORM = 16
+    PERTURB = 20
+    APPLY_DIRECTIONAL = 21
+    ALIGNMENT = 22
+    DIRECTIONAL_RESULT = 23
 
 
 Compression = Literal["none", "fp16", "int8"]

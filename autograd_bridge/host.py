@@ -29,6 +29,7 @@ pings while a stage computes; requests are therefore computed one at a time, in 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
@@ -41,8 +42,9 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .errors import BridgeError, FrameError, PeerLostError
+from .errors import BadRequestError, BridgeError, FrameError, PeerLostError
 from .frames import Compression, Frame, FrameLimits, MessageKind, decode_frame, encode_frame, error_frame
+from .methods.remote_space import DirectionalHandlers
 from .optim import build_optimizer, check_optimizer_name
 from .transport import Connection
 
@@ -135,6 +137,9 @@ class StageHost:
             MessageKind.GET_WEIGHTS: self._get_weights,
             MessageKind.GET_GRAD_NORM: self._get_grad_norm,
         }
+        # Forward gradients: perturb and step this host's tensors along seeded directions.
+        self._handlers.update(DirectionalHandlers(self._stage, self._compute).handlers())
+        self.received: collections.Counter[MessageKind] = collections.Counter()  # requests by kind
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
         if not params:
@@ -194,6 +199,9 @@ class StageHost:
 
     async def handle(self, frame: Frame, conn_id: int = 0) -> Frame:
         """Carry out one decoded request."""
+        self.received[frame.kind] += 1
+        if self.received[frame.kind] == 1:  # one line per kind: what a run asked of this host
+            log.info("run %s: first %s request", self.run_id, frame.kind.name)
         try:
             handler = self._handlers.get(frame.kind)
             if handler is None:
@@ -205,6 +213,8 @@ class StageHost:
             return await handler(frame, conn_id)
         except _Refused as exc:
             return error_frame(frame, exc.code, str(exc))
+        except BadRequestError as exc:
+            return error_frame(frame, "BAD_REQUEST", str(exc))
         except BridgeError as exc:
             return error_frame(frame, type(exc).__name__, str(exc))
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:

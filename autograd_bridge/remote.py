@@ -38,6 +38,9 @@ _RESPONSES = {
     MessageKind.GET_GRADS: (MessageKind.GRADS,),
     MessageKind.GET_WEIGHTS: (MessageKind.WEIGHTS,),
     MessageKind.GET_GRAD_NORM: (MessageKind.GRAD_NORM,),
+    MessageKind.PERTURB: (MessageKind.ACK,),
+    MessageKind.APPLY_DIRECTIONAL: (MessageKind.ACK, MessageKind.DIRECTIONAL_RESULT),
+    MessageKind.ALIGNMENT: (MessageKind.DIRECTIONAL_RESULT,),
 }
 
 

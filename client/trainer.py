@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from autograd_bridge.codecs import CodecSettings as CodecChoice
 from autograd_bridge.codecs import UpdateCodec, decode_update, get_codec
 from autograd_bridge.finetune import Finetune, FinetuneSettings, get_finetune
@@ -109,7 +111,7 @@ def prepare_from_command(cmd: PrepareRun) -> Preparation:
             codec=cmd.codec.name,
             codec_choice=choice,
             error_feedback=cmd.codec.error_feedback,
-            method=get_method(cmd.method),
+            method=get_method(cmd.method, cmd.method_options),
         )
     except ValueError as exc:
         raise HostingError(f"run {cmd.run_id}: {exc}") from exc
@@ -297,11 +299,15 @@ class Updates:
 
     prepared: Preparation
     starts: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> its tensors when last loaded
+    seeded: dict[int, int] = field(default_factory=dict)  # partition -> its seeded steps (forward gradients) then
     residuals: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> what sparse uploads left out
 
     def mark_start(self, index: int, stage: Any) -> None:
         """``stage`` (partition ``index``) now holds what the server sent: changes are measured from here."""
+        from autograd_bridge.methods.perturbation import applied_steps
+
         self.starts[index] = {n: t.clone() for n, t in self.prepared.finetune.trained_tensors(stage).items()}
+        self.seeded[index] = len(applied_steps(stage))
 
     def encode(self, index: int, stage: Any, optimizer: Any, upload: Upload) -> bytes:
         """The bytes partition ``index`` sends for ``upload`` (round 0: its starting values, whole)."""
@@ -313,6 +319,9 @@ class Updates:
             return codec.encode(trained_state(stage, self.prepared.finetune, own))
         from autograd_bridge.optim_state import optimizer_tensors
 
+        seeded = self._seeded_upload(index, stage, codec, own)
+        if seeded is not None:
+            return seeded
         start, residual = self.starts[index], self.residuals.get(index, {})
         change = {n: t - start[n] + residual[n] if n in residual else t - start[n]
                   for n, t in self.prepared.finetune.trained_tensors(stage).items()}  # fmt: skip
@@ -320,4 +329,20 @@ class Updates:
         if self.prepared.error_feedback:
             sent = decode_update(data)
             self.residuals[index] = {n: t - sent[n] for n, t in change.items()}
+        return data
+
+    def _seeded_upload(self, index: int, stage: Any, codec: UpdateCodec, optimizer: Any) -> bytes | None:
+        """The seeds and coefficients of the steps since ``stage`` was loaded, when the codec sends
+        them and every change since came from such steps; else None (the change goes as tensors)."""
+        from autograd_bridge.methods.perturbation import applied_steps, replay
+        from autograd_bridge.optim_state import optimizer_tensors
+
+        encode_steps = getattr(codec, "encode_steps", None)
+        steps = applied_steps(stage)[self.seeded.get(index, 0) :]
+        if encode_steps is None or not steps:
+            return None
+        trained, start = self.prepared.finetune.trained_tensors(stage), self.starts[index]
+        if any(not torch.equal(t, replay({n: start[n]}, steps)[n]) for n, t in trained.items()):
+            return None  # something else changed the tensors too: the seeds alone would not rebuild them
+        data: bytes = encode_steps(steps, trained, optimizer_tensors(optimizer, stage.named_model_parameters()))
         return data

@@ -310,7 +310,14 @@ class CodecSettings(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[str] = ..., scope: _Optional[str] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
 
 class PrepareRun(_message.Message):
-    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method", "heads")
+    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method", "method_options", "heads")
+    class MethodOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FINETUNE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +325,7 @@ class PrepareRun(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     finetune: str
@@ -326,8 +334,9 @@ class PrepareRun(_message.Message):
     seed: int
     codec: CodecSettings
     method: str
+    method_options: _containers.ScalarMap[str, str]
     heads: HeadSettings
-    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ..., heads: _Optional[_Union[HeadSettings, _Mapping]] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ..., method_options: _Optional[_Mapping[str, str]] = ..., heads: _Optional[_Union[HeadSettings, _Mapping]] = ...) -> None: ...
 
 class LoadPartitions(_message.Message):
     __slots__ = ("run_id", "partitions", "round")

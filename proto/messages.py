@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,6 +352,7 @@ class PrepareRun:
     codec: CodecSettings = field(default_factory=CodecSettings)  # how this holder encodes its uploads
     method: str = "backprop"  # the training method (autograd_bridge.methods)
     heads: HeadSettings = field(default_factory=HeadSettings)  # finetune = "heads"
+    method_options: Mapping[str, str] = field(default_factory=dict)  # its settings by name (forward_gradient's h, ...)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -361,7 +361,7 @@ def _prepare_to_proto(body: PrepareRun) -> pb.PrepareRun:
     heads = pb.HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key, schedule=h.schedule)
     return pb.PrepareRun(
         run_id=body.run_id, finetune=body.finetune, optimizer=body.optimizer, lora=lora, seed=body.seed,
-        codec=codec, method=body.method, heads=heads,
+        codec=codec, method=body.method, heads=heads, method_options=dict(body.method_options),
     )  # fmt: skip
 
 
@@ -373,7 +373,7 @@ def _prepare_from_proto(msg: pb.PrepareRun) -> PrepareRun:
     heads = HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key, schedule=h.schedule)
     return PrepareRun(
         run_id=msg.run_id, finetune=msg.finetune, optimizer=msg.optimizer, lora=lora, seed=msg.seed,
-        codec=codec, method=msg.method, heads=heads,
+        codec=codec, method=msg.method, heads=heads, method_options=dict(msg.method_options),
     )  # fmt: skip
 
 

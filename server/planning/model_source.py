@@ -144,6 +144,7 @@ def planner_settings(model: ModelSettings, settings: PlanningSettings) -> Any:
         compute_weight=settings.compute_weight,
         batch_tokens=settings.batch_tokens,
         micro_batches=settings.micro_batches,
+        forward_passes=settings.forward_passes,
         steps_per_round=settings.steps_per_round,
         num_stages=model.stages,
         max_step_time_s=settings.max_step_time_s,

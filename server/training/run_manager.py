@@ -283,7 +283,8 @@ class RunManager:
             elif isinstance(action, SendTrain):
                 work = record.seams.local_work.assign(action.round, action.client_id)
                 record.asked[action.bridge_run] = (action.round, work)
-                body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work, model=self.model_name)
+                body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work,
+                                          model=self.model_name, owner=action.client_id)  # fmt: skip
                 self._send(record, "train", action.client_id, action.bridge_run, body)
             elif isinstance(action, SendUpload):
                 body = self._upload_command(record, action)

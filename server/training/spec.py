@@ -30,12 +30,21 @@ stays complete and true). The model and its stages come from the server's ``[mod
     micro_batches = 1      # the owner's pipeline splits each batch into this many (batch_size is a multiple)
     optimizer = "adamw"    # every stage's optimizer, on the owners and the hosts (autograd_bridge.optim): adamw | sgd
     lr = 1e-4              # learning rate of every stage (the schedule's peak)
-    method = "backprop"    # how an owner trains a step over its pipeline (autograd_bridge.methods)
+    method = "backprop"    # how an owner trains a step over its pipeline (autograd_bridge.methods): backprop | forward_gradient
+    methods = {}           # per owner, its own method: [training.methods] NAME = "forward_gradient" (mixed federations)
     schedule = "constant"  # learning rate over the whole run, continuing across rounds: constant | cosine
     warmup_steps = 0       # linear warm-up over each owner's first steps of the run
     schedule_steps = 0     # steps the schedule spans per owner (0: rounds x [local_work] steps)
     min_lr = 0.0           # the schedule's floor, in [0, lr]
     clip_norm = 0.0        # bound on the joint gradient norm of all stages of a pipeline (0: no clipping; Photon: 1.0)
+
+    [forward_gradient]     # method = "forward_gradient" (FwdLLM): gradients estimated from perturbed forwards only
+    h = 0.01               # central-difference step: (L(p + h v) - L(p - h v)) / 2h, v ~ N(0, I) drawn from a seed
+    perturbations = 4      # directions per step to start with (and added each time the variance rule asks)
+    max_perturbations = 16 # the variance rule adds directions up to this many per step
+    var_threshold = 0.0    # add directions while mean(d^2) / K exceeds this, d the directional derivatives (0: K fixed)
+    sampler = false        # discriminative sampler: keep the best aligned with the last global update of candidates x K seeds
+    candidates = 10        # seeds the sampler draws per direction it keeps
 
     [finetune]             # what a stage trains and what travels (autograd_bridge.finetune)
     mode = "full"          # full: every weight | lora: adapters only | heads: a share of every block's attention heads (SMHA)
@@ -60,6 +69,7 @@ stays complete and true). The model and its stages come from the server's ``[mod
 
     [communication]        # how tensors travel between the server and the clients (server.training.communication)
     codec = "dense"        # dense: every tensor whole | topk: the largest entries by magnitude (FLoSS)
+                           # | seeds: forward-gradient holders send (seed, coefficient) pairs, others their change dense
     upload_density = 1.0   # share of entries a sparse upload keeps (holders send their change since they loaded), in (0, 1]
     download_density = 1.0 # share of each global tensor a sparse download keeps (the rest arrives as zeros), in (0, 1]
     values = "fp32"        # the dtype sparse values travel in: fp32 | fp16 | bf16
@@ -203,6 +213,11 @@ class TrainingSection:
     schedule_steps: int = 0  # steps the schedule spans per owner; 0: rounds x [local_work] steps
     min_lr: float = 0.0  # the schedule's floor, in [0, lr]
     clip_norm: float = 0.0  # bound on the joint gradient norm of all stages of a pipeline; 0: no clipping
+    methods: Mapping[str, str] = dataclasses.field(default_factory=dict)  # owner id -> its own method (mixed runs)
+
+    def method_of(self, owner: str) -> str:
+        """The method ``owner``'s pipeline trains with: its own when ``methods`` names one, else ``method``."""
+        return self.methods.get(owner, self.method)
 
     def __post_init__(self) -> None:
         from autograd_bridge.methods import METHODS
@@ -218,6 +233,10 @@ class TrainingSection:
             choices = " or ".join(repr(name) for name in OPTIMIZERS)
             raise ValueError(f"[training] optimizer must be {choices} (what every stage host can run), not {self.optimizer!r}")
         _check_member("[training] method", self.method, METHODS)
+        if not isinstance(self.methods, Mapping):
+            raise ValueError('[training.methods] must be a table of owner = "method"')
+        for owner, method in self.methods.items():
+            _check_member(f"[training.methods] {owner}", method, METHODS)
         if self.batch_size % self.micro_batches:
             raise ValueError(f"[training] batch_size {self.batch_size} must be a multiple of micro_batches {self.micro_batches}")
         _check_member("[training] schedule", self.schedule, SCHEDULES)
@@ -227,6 +246,41 @@ class TrainingSection:
             raise ValueError(f"[training] min_lr must be a number in [0, lr], got {self.min_lr!r}")
         if not (_is_number(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             raise ValueError(f"[training] clip_norm must be a finite number >= 0 (0: no clipping), got {self.clip_norm!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardGradientSection:
+    """``[forward_gradient]``: how owners with method forward_gradient estimate gradients (FwdLLM)."""
+
+    h: float = 0.01  # central-difference step: the perturbation is h * v
+    perturbations: int = 4  # directions per step to start with (and added per round of the variance rule)
+    max_perturbations: int = 16  # the variance rule stops adding directions here
+    var_threshold: float = 0.0  # add directions while mean(d^2) / K exceeds this (0: K stays fixed)
+    sampler: bool = False  # keep the seeds best aligned with the last global update, of candidates x K drawn
+    candidates: int = 10  # seeds the sampler draws per direction it keeps
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampler, bool):
+            raise ValueError(f"[forward_gradient] sampler must be true or false, got {self.sampler!r}")
+        for name in ("perturbations", "max_perturbations", "candidates"):
+            _check_count("[forward_gradient] ", name, getattr(self, name))
+        for name in ("h", "var_threshold"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"[forward_gradient] {name} must be a number, got {getattr(self, name)!r}")
+        try:
+            self.options()
+        except ValueError as exc:
+            raise ValueError(f"[forward_gradient] {str(exc).removeprefix('forward_gradient ')}") from exc
+
+    def options(self) -> dict[str, str]:
+        """The settings as PrepareRun ``method_options`` (checked by the method's own settings)."""
+        from autograd_bridge.methods import ForwardGradientSettings
+
+        settings = ForwardGradientSettings(
+            h=float(self.h), perturbations=self.perturbations, max_perturbations=self.max_perturbations,
+            var_threshold=float(self.var_threshold), sampler=self.sampler, candidates=self.candidates,
+        )  # fmt: skip
+        return settings.to_options()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -400,6 +454,7 @@ SECTIONS: dict[str, type[Any]] = {
     "participation": ParticipationSection,
     "local_work": LocalWorkSection,
     "training": TrainingSection,
+    "forward_gradient": ForwardGradientSection,
     "finetune": FinetuneSection,
     "aggregation": AggregationSection,
     "communication": CommunicationSection,
@@ -449,6 +504,7 @@ class RunSpec:
     participation: ParticipationSection = field(default_factory=ParticipationSection)
     local_work: LocalWorkSection = field(default_factory=LocalWorkSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    forward_gradient: ForwardGradientSection = field(default_factory=ForwardGradientSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     communication: CommunicationSection = field(default_factory=CommunicationSection)
@@ -586,7 +642,7 @@ def aggregation_settings(spec: RunSpec) -> AggregationSettings:
 
 
 def prepare_command(spec: RunSpec, bridge_run: str, owner: str = "") -> PrepareRun:
-    """How every holder of ``bridge_run`` (the pipeline of ``owner``) sets its stages up before the first round."""
+    """How every holder of ``bridge_run`` (``owner``'s pipeline) sets its stages up before the first round."""
     finetune = spec.finetune
     heads = HeadSettings(fraction=finetune.fraction_of(owner), choice=finetune.head_choice, adapter=finetune.adapter,
                          key=owner, schedule=finetune.head_fraction_schedule)  # fmt: skip
@@ -598,12 +654,13 @@ def prepare_command(spec: RunSpec, bridge_run: str, owner: str = "") -> PrepareR
         seed=spec.seed,
         codec=CodecSettings(name=spec.communication.codec, values=spec.communication.values,
                             scope=spec.communication.scope, error_feedback=spec.communication.error_feedback),
-        method=spec.training.method,
+        method=spec.training.method_of(owner),
+        method_options=spec.forward_gradient.options(),  # each method reads the options it knows
         heads=heads,
     )
 
 
-def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, model: str) -> Train:
+def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, model: str, owner: str = "") -> Train:
     """What the owner of ``bridge_run`` trains in round ``round`` (1-based): ``work`` and the run's settings."""
     training, evaluation = spec.training, spec.evaluation
     return Train(
@@ -619,7 +676,7 @@ def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, mod
         val_fraction=float(evaluation.val_fraction),
         eval_batch_size=evaluation.eval_batch_size,
         tokenizer=spec.tokenizer or model,
-        method=training.method,
+        method=training.method_of(owner),
         schedule=training.schedule,
         warmup_steps=training.warmup_steps,
         total_steps=training.schedule_steps or spec.rounds * spec.local_work.steps,
