@@ -106,6 +106,7 @@ _Key = tuple[str, int, int, int]  # (run_id, step, micro_batch, stage)
 # Requests answered whenever their stage is done, off the connection's in-order loop.
 _DEFERRED = frozenset({MessageKind.AWAIT_FORWARD, MessageKind.AWAIT_BACKWARD})
 _COMPUTE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+_CHAIN = 0  # the owner id of micro-batch states made by chained forwards (no connection's id)
 
 
 def _model_named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -473,7 +474,9 @@ class StageHost:
         train = frame.options.get("eval") != "1"
         key: tuple[Direction, int, int, int] = ("forward", frame.step, frame.micro_batch, frame.stage)
         try:
-            result = await (self._forward(frame, conn_id) if train else self._eval_forward(frame, conn_id))
+            # The state outlives the neighbour's connection: a neighbour that goes away must not
+            # take this stage's state with it (the owner releases a failed step everywhere).
+            result = await (self._forward(frame, _CHAIN) if train else self._eval_forward(frame, _CHAIN))
             onward = {"x": result.tensors["y"]}
             for name in ("attention_mask", "position_ids"):
                 if name in frame.tensors:

@@ -17,6 +17,7 @@ both are always true.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -169,9 +170,17 @@ async def _outcome(
     *,
     optional: str | None = None,
 ) -> torch.Tensor | None:
-    if sent is not None:
-        await sent  # the stage took the input (an ERROR here names what was wrong with it)
-    frame = await outcome
+    if sent is None:
+        frame = await outcome
+    else:
+        # Both answers come (a stage that refuses its input also fails its outcome); the outcome's
+        # error says more, since it may come from further down the chain.
+        took, done = await asyncio.gather(sent, outcome, return_exceptions=True)
+        for answer in (done, took):
+            if isinstance(answer, BaseException):
+                raise answer
+        assert isinstance(done, Frame)
+        frame = done
     if required is not None:
         tensor = frame.tensors.get(required)
         if tensor is None:
