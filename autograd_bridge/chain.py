@@ -80,6 +80,7 @@ class ChainLinks:
     ) -> None:
         self.run_id = run_id
         self.route = ChainRoute()
+        self.routed = False  # set_route was called (a route with no neighbours is a route too)
         self.compression = compression
         self.timeout_s = timeout_s
         self.max_outcomes = max_outcomes
@@ -91,6 +92,7 @@ class ChainLinks:
     def set_route(self, route: ChainRoute) -> None:
         """Use ``route`` from now on (connections to neighbours that left it are closed lazily)."""
         self.route = route
+        self.routed = True
 
     # -- outcomes ---------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from autograd_bridge.errors import FrameError, FrameTooLargeError
 from proto import bridge_pb2 as pb
 
 __all__ = [
+    "COMPRESSIONS",
     "FRAME_VERSION",
     "MAGIC",
     "Compression",
@@ -81,6 +82,7 @@ class MessageKind(enum.IntEnum):
 
 Compression = Literal["none", "fp16", "int8"]
 _COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+COMPRESSIONS = _COMPRESSIONS  # every Compression, for settings that name one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

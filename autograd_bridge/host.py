@@ -163,6 +163,11 @@ class StageHost:
         s = self.settings
         return build_optimizer(s.optimizer, params, lr=s.lr, weight_decay=s.weight_decay)
 
+    def set_compression(self, compression: Compression) -> None:
+        """Compress the activations and gradients this host sends (to the owner and its neighbours) so."""
+        self.settings = replace(self.settings, compression=compression)
+        self.chain.compression = compression
+
     def reset_optimizer(self, optimizer: str | None = None) -> None:
         """Rebuild the optimizer over the parameters that require grad now (after add_lora, say).
 
@@ -469,8 +474,13 @@ class StageHost:
 
     # -- the chained path (see autograd_bridge.chain) ----------------------------------------
 
+    def _check_routed(self) -> None:
+        if not self.chain.routed:
+            raise _Refused("NO_ROUTE", "this host has not been told its neighbours yet; retry once the run is set up")
+
     async def _chain_forward(self, frame: Frame, conn_id: int) -> Frame:
         """FORWARD (EVAL_FORWARD with option eval=1), then hand the output on; answer empty."""
+        self._check_routed()
         train = frame.options.get("eval") != "1"
         key: tuple[Direction, int, int, int] = ("forward", frame.step, frame.micro_batch, frame.stage)
         try:
@@ -489,6 +499,7 @@ class StageHost:
 
     async def _chain_backward(self, frame: Frame, conn_id: int) -> Frame:
         """BACKWARD, then hand the input gradient back a hop; answer empty."""
+        self._check_routed()
         key: tuple[Direction, int, int, int] = ("backward", frame.step, frame.micro_batch, frame.stage)
         try:
             result = await self._backward(frame, conn_id)

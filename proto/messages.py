@@ -267,6 +267,14 @@ class ConnectPeers:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ChainPeers:
+    """To a host: where the partitions next to its own are hosted (the chained data path)."""
+
+    run_id: str
+    peers: tuple[PeerEndpoint, ...]  # token: this host's own for the run, shown to each neighbour
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Train:
     """What a data owner trains in one round."""
 
@@ -339,6 +347,8 @@ class PrepareRun:
     seed: int = 0  # adapters of partition k start from seed * 1000 + k on every copy
     codec: CodecSettings = field(default_factory=CodecSettings)  # how this holder encodes its uploads
     method: str = "backprop"  # the training method (autograd_bridge.methods)
+    path: str = "relay"  # how activations travel: relay (through the owner) | chain (host to host)
+    activation_compression: str = "none"  # activations and gradients between stages: none | fp16 | int8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -350,7 +360,7 @@ class LoadPartitions:
     round: int = 0
 
 
-CommandBody = HostRun | ConnectPeers | Train | Upload | StopRun | PrepareRun | LoadPartitions
+CommandBody = HostRun | ConnectPeers | Train | Upload | StopRun | PrepareRun | LoadPartitions | ChainPeers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,6 +13,7 @@ from proto import control_pb2 as pb
 
 from .messages import (
     AllowedPeer,
+    ChainPeers,
     ClientInfo,
     CodecSettings,
     Command,
@@ -357,7 +358,7 @@ def _prepare_to_proto(body: PrepareRun) -> pb.PrepareRun:
     codec = pb.CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
     return pb.PrepareRun(
         run_id=body.run_id, finetune=body.finetune, optimizer=body.optimizer, lora=lora, seed=body.seed,
-        codec=codec, method=body.method,
+        codec=codec, method=body.method, path=body.path, activation_compression=body.activation_compression,
     )  # fmt: skip
 
 
@@ -367,7 +368,8 @@ def _prepare_from_proto(msg: pb.PrepareRun) -> PrepareRun:
     codec = CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
     return PrepareRun(
         run_id=msg.run_id, finetune=msg.finetune, optimizer=msg.optimizer, lora=lora, seed=msg.seed,
-        codec=codec, method=msg.method,
+        codec=codec, method=msg.method, path=msg.path or "relay",
+        activation_compression=msg.activation_compression or "none",
     )  # fmt: skip
 
 
@@ -389,6 +391,9 @@ def command_to_proto(command: Command) -> pb.Command:
     elif isinstance(body, ConnectPeers):
         peers = [pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in body.peers]
         msg.connect.CopyFrom(pb.ConnectPeers(run_id=body.run_id, peers=peers))
+    elif isinstance(body, ChainPeers):
+        peers = [pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in body.peers]
+        msg.chain.CopyFrom(pb.ChainPeers(run_id=body.run_id, peers=peers))
     elif isinstance(body, Train):
         msg.train.CopyFrom(pb.Train(**{name: getattr(body, name) for name in _TRAIN_FIELDS}))
     elif isinstance(body, Upload):
@@ -428,6 +433,11 @@ def command_from_proto(msg: pb.Command) -> Command:
             PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in msg.connect.peers
         )
         body = ConnectPeers(run_id=msg.connect.run_id, peers=peers)
+    elif kind == "chain":
+        peers = tuple(
+            PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in msg.chain.peers
+        )
+        body = ChainPeers(run_id=msg.chain.run_id, peers=peers)
     elif kind == "train":
         body = Train(**{name: getattr(msg.train, name) for name in _TRAIN_FIELDS})
     elif kind == "upload":

@@ -36,6 +36,9 @@ stays complete and true). The model and its stages come from the server's ``[mod
     schedule_steps = 0     # steps the schedule spans per owner (0: rounds x [local_work] steps)
     min_lr = 0.0           # the schedule's floor, in [0, lr]
     clip_norm = 0.0        # bound on the joint gradient norm of all stages of a pipeline (0: no clipping; Photon: 1.0)
+    path = "relay"         # how activations travel (autograd_bridge.paths): relay: every boundary through the owner
+                           # | chain: each host hands its output to the next stage's host (the hosts must reach each other)
+    activation_compression = "none"  # activations and gradients between stages: none | fp16 | int8 (a row scale per vector)
 
     [finetune]             # what a stage trains and what travels (autograd_bridge.finetune)
     mode = "full"          # full: every weight | lora: adapters only
@@ -196,10 +199,14 @@ class TrainingSection:
     schedule_steps: int = 0  # steps the schedule spans per owner; 0: rounds x [local_work] steps
     min_lr: float = 0.0  # the schedule's floor, in [0, lr]
     clip_norm: float = 0.0  # bound on the joint gradient norm of all stages of a pipeline; 0: no clipping
+    path: str = "relay"  # how activations travel: relay (through the owner) | chain (host to host)
+    activation_compression: str = "none"  # activations and gradients between stages: none | fp16 | int8
 
     def __post_init__(self) -> None:
+        from autograd_bridge.frames import COMPRESSIONS
         from autograd_bridge.methods import METHODS
         from autograd_bridge.optim import OPTIMIZERS, SCHEDULES
+        from autograd_bridge.paths import PATHS
 
 
         for name in ("batch_size", "micro_batches"):
@@ -220,6 +227,8 @@ class TrainingSection:
             raise ValueError(f"[training] min_lr must be a number in [0, lr], got {self.min_lr!r}")
         if not (_is_number(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             raise ValueError(f"[training] clip_norm must be a finite number >= 0 (0: no clipping), got {self.clip_norm!r}")
+        _check_member("[training] path", self.path, PATHS)
+        _check_member("[training] activation_compression", self.activation_compression, dict.fromkeys(COMPRESSIONS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -557,6 +566,8 @@ def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
         codec=CodecSettings(name=spec.communication.codec, values=spec.communication.values,
                             scope=spec.communication.scope, error_feedback=spec.communication.error_feedback),
         method=spec.training.method,
+        path=spec.training.path,
+        activation_compression=spec.training.activation_compression,
     )
 
 
