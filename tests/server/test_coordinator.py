@@ -409,6 +409,8 @@ async def test_hosts_are_sent_their_neighbours_for_the_chained_path(
     deployment = await coordinator.replan()
     host_of = {r.partition: r.client_id for r in deployment.rows if not r.local}
     assert sorted(host_of) == [1, 2] and host_of[1] != host_of[2], deployment.rows
+    est = deployment.summary["est_step_s"]["owner"]  # the plan's step estimate on each data path
+    assert 0 < est["chain"] <= est["relay"]
     run_id = deployment.rows[0].run_id
     host_cmds = {name: bodies(handler, name)[0] for name in set(host_of.values())}
     for partition, name in host_of.items():
