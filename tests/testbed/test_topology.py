@@ -72,3 +72,17 @@ def test_compare_topology_needs_a_run(capsys: pytest.CaptureFixture[str], tmp_pa
     ]
     assert cli.main(argv) == 2
     assert "--run" in capsys.readouterr().err
+
+
+def test_small_vocabulary_is_gpt2_with_fewer_merges() -> None:
+    """The truncated tokenizer round-trips text with ids below its size, sharing GPT-2's first ids."""
+    from autograd_bridge.models import gpt2_tokenizer
+    from testbed.tiny_model import truncated_gpt2_tokenizer
+
+    small, full = truncated_gpt2_tokenizer(512), gpt2_tokenizer()
+    text = "Owner 3 line 12: the quick brown fox jumps over the lazy dog."
+    ids = small(text)["input_ids"]
+    assert len(small) == 512 and max(ids) < 512 and small.eos_token_id == 511
+    assert small.decode(ids) == text
+    assert len(ids) > len(full(text)["input_ids"])  # fewer merges: more, shorter tokens
+    assert small.convert_ids_to_tokens(list(range(300))) == full.convert_ids_to_tokens(list(range(300)))
