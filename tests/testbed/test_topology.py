@@ -36,7 +36,7 @@ def test_server_plans_for_the_runs_step() -> None:
     """[planning] takes batch_size x seq_len tokens, the micro-batches and the steps of a round from the run."""
     config = tomllib.loads(topology.planning_config(topology.read_run_file(RUN_FILE)))
     assert config == {
-        "planning": {"seq_len": 128, "batch_tokens": 8 * 128, "micro_batches": 1, "steps_per_round": 6}
+        "planning": {"seq_len": 128, "batch_tokens": 16 * 128, "micro_batches": 1, "steps_per_round": 6}
     }
 
 
