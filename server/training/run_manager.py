@@ -73,7 +73,7 @@ from server.training.rounds import (
 )
 from server.training.seams import seams_for
 from server.training.signals import layer_norms
-from server.training.spec import RunSpec, prepare_command, spec_from_mapping, train_command
+from server.training.spec import RunSpec, chosen_path, prepare_command, spec_from_mapping, train_command
 from server.training.store import InMemoryRunStore, RunRecord, RunStore
 
 if TYPE_CHECKING:
@@ -267,11 +267,19 @@ class RunManager:
         command = self.handler.send_command(client_id, body)
         record.commands[command.command_id] = (kind, client_id, bridge_run)
 
+    def _path_of(self, spec: RunSpec, bridge_run: str) -> str:
+        """The run's data path for ``bridge_run``; ``auto``: the faster by the plan's estimate for its owner."""
+        deployment = self.state.get_deployment()
+        rows = [r for r in deployment.rows if r.run_id == bridge_run] if deployment is not None else []
+        estimates = deployment.summary.get("est_step_s", {}).get(rows[0].owner_id) if deployment and rows else None
+        return chosen_path(spec.training.path, estimates)
+
     def _apply(self, record: RunRecord, actions: list[Action]) -> None:
         spec = record.spec
         for action in actions:
             if isinstance(action, SendPrepare):
-                self._send(record, "prepare", action.client_id, action.bridge_run, prepare_command(spec, action.bridge_run))
+                prepare = prepare_command(spec, action.bridge_run, path=self._path_of(spec, action.bridge_run))
+                self._send(record, "prepare", action.client_id, action.bridge_run, prepare)
             elif isinstance(action, SendTrain):
                 work = record.seams.local_work.assign(action.round, action.client_id)
                 record.asked[action.bridge_run] = (action.round, work)

@@ -38,6 +38,7 @@ stays complete and true). The model and its stages come from the server's ``[mod
     clip_norm = 0.0        # bound on the joint gradient norm of all stages of a pipeline (0: no clipping; Photon: 1.0)
     path = "relay"         # how activations travel (autograd_bridge.paths): relay: every boundary through the owner
                            # | chain: each host hands its output to the next stage's host (the hosts must reach each other)
+                           # | auto: per pipeline, the path the plan estimates faster (est_step_s in `titanic-server plan`)
     activation_compression = "none"  # activations and gradients between stages: none | fp16 | int8 (a row scale per vector)
 
     [finetune]             # what a stage trains and what travels (autograd_bridge.finetune)
@@ -199,7 +200,7 @@ class TrainingSection:
     schedule_steps: int = 0  # steps the schedule spans per owner; 0: rounds x [local_work] steps
     min_lr: float = 0.0  # the schedule's floor, in [0, lr]
     clip_norm: float = 0.0  # bound on the joint gradient norm of all stages of a pipeline; 0: no clipping
-    path: str = "relay"  # how activations travel: relay (through the owner) | chain (host to host)
+    path: str = "relay"  # how activations travel: relay (through the owner) | chain (host to host) | auto (the plan's faster)
     activation_compression: str = "none"  # activations and gradients between stages: none | fp16 | int8
 
     def __post_init__(self) -> None:
@@ -227,7 +228,7 @@ class TrainingSection:
             raise ValueError(f"[training] min_lr must be a number in [0, lr], got {self.min_lr!r}")
         if not (_is_number(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             raise ValueError(f"[training] clip_norm must be a finite number >= 0 (0: no clipping), got {self.clip_norm!r}")
-        _check_member("[training] path", self.path, PATHS)
+        _check_member("[training] path", self.path, {**PATHS, "auto": None})
         _check_member("[training] activation_compression", self.activation_compression, dict.fromkeys(COMPRESSIONS))
 
 
@@ -555,8 +556,16 @@ def aggregation_settings(spec: RunSpec) -> AggregationSettings:
     return spec.aggregation.settings()
 
 
-def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
-    """How every holder of ``bridge_run`` sets its stages up before the first round."""
+def chosen_path(path: str, estimates: Mapping[str, float] | None) -> str:
+    """The data path of a pipeline: ``path``, or for ``auto`` the one of ``estimates`` (seconds per step) that is
+    fastest (relay when the plan has no estimate)."""
+    if path != "auto":
+        return path
+    return min(estimates, key=lambda p: estimates[p]) if estimates else "relay"
+
+
+def prepare_command(spec: RunSpec, bridge_run: str, *, path: str | None = None) -> PrepareRun:
+    """How every holder of ``bridge_run`` sets its stages up before the first round (``path``: resolved ``auto``)."""
     return PrepareRun(
         run_id=bridge_run,
         finetune=spec.finetune.mode,
@@ -566,7 +575,7 @@ def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
         codec=CodecSettings(name=spec.communication.codec, values=spec.communication.values,
                             scope=spec.communication.scope, error_feedback=spec.communication.error_feedback),
         method=spec.training.method,
-        path=spec.training.path,
+        path=path or chosen_path(spec.training.path, None),
         activation_compression=spec.training.activation_compression,
     )
 

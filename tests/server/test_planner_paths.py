@@ -61,3 +61,13 @@ def test_micro_batches_overlap_at_the_pace_of_the_busiest_link():
     assert chain / relay < 0.5
     with pytest.raises(ValueError, match="path must be"):
         step_seconds(stages, "star")
+
+
+def test_auto_takes_the_path_the_plan_estimates_faster():
+    """``[training] path = "auto"`` picks the faster estimate; a named path stays; no estimate means relay."""
+    from server.training.spec import chosen_path
+
+    assert chosen_path("auto", {"relay": 7.4, "chain": 4.1}) == "chain"
+    assert chosen_path("auto", {"relay": 1.0, "chain": 1.2}) == "relay"
+    assert chosen_path("auto", None) == "relay"
+    assert chosen_path("chain", {"relay": 1.0, "chain": 9.0}) == "chain"
