@@ -562,6 +562,7 @@ def test_a_chained_run_trains_exactly_as_one_process(tmp_path: Path, model_dir: 
         plan = admin(c.admin_url, "/v1/plan")
     assert sorted({r["client_id"] for r in plan["rows"] if not r["local"]}) == ["helper0", "helper1"]
     assert set(plan["summary"]["est_step_s"]["owner"]) == {"relay", "chain"}
-    got = run["history"][0]["losses"]
+    entry = run["history"][0]
+    assert entry["path"] == "chain" and entry["est_step_s"] == plan["summary"]["est_step_s"]["owner"]["chain"]
     want = centralized_losses(model_dir, owner_batches(model_dir, owner_data[0], 1))
-    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(entry["losses"], want, strict=True)) < 1e-5
