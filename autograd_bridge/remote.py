@@ -41,6 +41,10 @@ _RESPONSES = {
     MessageKind.PERTURB: (MessageKind.ACK,),
     MessageKind.APPLY_DIRECTIONAL: (MessageKind.ACK, MessageKind.DIRECTIONAL_RESULT),
     MessageKind.ALIGNMENT: (MessageKind.DIRECTIONAL_RESULT,),
+    MessageKind.CHAIN_FORWARD: (MessageKind.FORWARD_RESULT,),
+    MessageKind.CHAIN_BACKWARD: (MessageKind.BACKWARD_RESULT,),
+    MessageKind.AWAIT_FORWARD: (MessageKind.FORWARD_RESULT,),
+    MessageKind.AWAIT_BACKWARD: (MessageKind.BACKWARD_RESULT,),
 }
 
 
@@ -74,6 +78,9 @@ class StageClient:
         self.settings = settings or ClientSettings()
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[MessageKind, asyncio.Future[Frame]]] = {}
+        self._pending_about: dict[
+            int, tuple[MessageKind, int, int]
+        ] = {}  # request -> (kind, step, micro-batch)
         self._reader: asyncio.Task[None] | None = None
         self._lost: BaseException | None = None
         # Frame bytes over this connection so far, both ways (what the owner reports per step).
@@ -106,6 +113,11 @@ class StageClient:
             )
         return client
 
+    @property
+    def lost(self) -> bool:
+        """Whether the connection is gone (every later request fails at once)."""
+        return self._lost is not None or self.conn.closed
+
     def _ensure_reader(self) -> None:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_responses())
@@ -117,6 +129,7 @@ class StageClient:
                 self.bytes_received += memoryview(data).nbytes
                 frame = decode_frame(data, limits=self.settings.limits)
                 entry = self._pending.pop(frame.request_id, None)
+                self._pending_about.pop(frame.request_id, None)
                 if entry is None:
                     raise FrameError(
                         f"stage {self.stage} host sent a response to unknown request {frame.request_id}"
@@ -139,7 +152,7 @@ class StageClient:
         except PeerLostError as exc:
             self._fail_all(
                 PeerLostError(
-                    f"the host of stage {self.stage} ({self.conn.peer}) went away with "
+                    f"the host of stage {self.stage} ({self.conn.peer}) went away{self._pending_work()} with "
                     f"{len(self._pending)} request(s) pending: {exc}"
                 )
             )
@@ -151,12 +164,20 @@ class StageClient:
             self._fail_all(PeerLostError(f"connection to stage {self.stage} host closed"))
             raise
 
+    def _pending_work(self) -> str:
+        """' during step S micro-batch M (KIND)' for the oldest pending request, or ''."""
+        if not self._pending:
+            return ""
+        kind, step, micro_batch = self._pending_about[min(self._pending)]
+        return f" during step {step} micro-batch {micro_batch} ({kind.name})"
+
     def _fail_all(self, exc: BaseException) -> None:
         self._lost = exc
         for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(exc)
         self._pending.clear()
+        self._pending_about.clear()
 
     async def start_request(
         self,
@@ -189,12 +210,14 @@ class StageClient:
         )
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (kind, future)
+        self._pending_about[request_id] = (kind, step, micro_batch)
         parts = encode_frame(frame, compression=compression)
         self.bytes_sent += sum(memoryview(part).nbytes for part in parts)
         try:
             await self.conn.send(parts)
         except BaseException:
             self._pending.pop(request_id, None)
+            self._pending_about.pop(request_id, None)
             raise
         return self._await_response(request_id, kind, step, micro_batch, future)
 
@@ -205,6 +228,7 @@ class StageClient:
             return await asyncio.wait_for(future, self.settings.timeout_s)
         except TimeoutError as exc:
             self._pending.pop(request_id, None)
+            self._pending_about.pop(request_id, None)
             raise BridgeTimeoutError(
                 f"the host of stage {self.stage} ({self.conn.peer}) did not answer {kind.name} for step "
                 f"{step} micro-batch {micro_batch} within {self.settings.timeout_s:g} s"

@@ -24,11 +24,14 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from autograd_bridge.codecs import decode_update
 from proto.messages import (
+    ChainPeers,
     ClientInfo,
     Command,
     CommandState,
@@ -55,7 +58,7 @@ from . import __version__
 from .channel import ControlChannel
 from .config import ClientConfig
 from .errors import ClientError, HostingError, ServerUnavailableError, SessionEndedError
-from .hosting import HostedRun, build_stages, reach_peers, start_stage_host
+from .hosting import HostedRun, build_stages, chain_route, reach_peers, start_stage_host
 from .profiling import (
     ComputeMeasurement,
     LinkMeasurement,
@@ -117,6 +120,7 @@ class ClientDaemon:
         self._handlers: dict[type, Callable[[ControlChannel, Any], Awaitable[CommandResult]]] = {
             HostRun: self._host,
             ConnectPeers: self._connect,
+            ChainPeers: self._chain,
             PrepareRun: self._prepare,
             LoadPartitions: self._load,
             Train: self._train,
@@ -326,6 +330,18 @@ class ClientDaemon:
         log.info("run %s: reached %d peer(s)", cmd.run_id, len(cmd.peers))
         return run.status()
 
+    async def _chain(self, channel: ControlChannel, cmd: ChainPeers) -> RunStatus:
+        """Tell this client's stage host where the neighbouring partitions are (the chained path)."""
+        preparing = self._host_tasks.get(cmd.run_id)
+        if preparing is not None:
+            await asyncio.wait({preparing})
+        run = self.runs.get(cmd.run_id)
+        if run is None or run.served is None or run.served.host is None:
+            raise HostingError(f"run {cmd.run_id} is not served here; the server sent ChainPeers before HostRun")
+        run.served.host.chain.set_route(chain_route(run.served.host.stages, cmd.peers))
+        log.info("run %s: %d neighbouring host(s)", cmd.run_id, len(cmd.peers))
+        return run.status()
+
     async def _upload(self, channel: ControlChannel, cmd: Upload) -> RunStatus:
         from autograd_bridge.partition import save_stage_weights
 
@@ -372,6 +388,11 @@ class ClientDaemon:
         if earlier is not None:
             if earlier.key != prepared.key:
                 raise HostingError(f"run {cmd.run_id} was prepared differently before; replan to change it")
+            if (earlier.path, earlier.compression) != (prepared.path, prepared.compression):
+                # How activations travel may change between runs on one plan: rebuild the owner's pipeline.
+                self._prepared[cmd.run_id] = replace(earlier, path=prepared.path, compression=prepared.compression)
+                self._set_compression(run, prepared.compression)
+                await self._close_trainer(cmd.run_id)
             return run.status()
         try:
             await asyncio.to_thread(prepared.finetune.prepare, run.stages, prepared.settings)
@@ -380,6 +401,7 @@ class ClientDaemon:
         if run.served is not None and run.served.host is not None:
             # Over what the stages train now (the adapters, say), with the run's optimizer.
             run.served.host.reset_optimizer(prepared.optimizer)
+        self._set_compression(run, prepared.compression)
         local = [run.stages[p.index] for p in run.partitions if p.local]
         run.optimizer = build_owner_optimizer(local, prepared.optimizer)  # before any Load, which may bring its state
         self._prepared[cmd.run_id] = prepared
@@ -387,6 +409,11 @@ class ClientDaemon:
         for index, stage in run.stages.items():
             updates.mark_start(index, stage)
         return run.status()
+
+    @staticmethod
+    def _set_compression(run: HostedRun, compression: str) -> None:
+        if run.served is not None and run.served.host is not None:
+            run.served.host.set_compression(compression)
 
     def _optimizer_for(self, run: HostedRun, index: int) -> Any:
         """The optimizer that trains partition ``index`` here: the stage host's, or the owner's own."""
@@ -434,8 +461,9 @@ class ClientDaemon:
             trainer = self._trainers.get(cmd.run_id)
             if trainer is None:
                 trainer = await asyncio.to_thread(
-                    OwnerTrainer, cmd.run_id, run.stages, run.peers, data, settings, run.optimizer, prepared.method
-                )
+                    partial(OwnerTrainer, path=prepared.path, compression=prepared.compression),
+                    cmd.run_id, run.stages, run.peers, data, settings, run.optimizer, prepared.method,
+                )  # fmt: skip
                 self._trainers[cmd.run_id] = trainer
             progress = _ProgressReporter(channel, _COMMAND_ID.get(), settings, asyncio.get_running_loop())
             report = await asyncio.to_thread(trainer.train_round, settings, progress.step_done)

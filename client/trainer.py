@@ -22,8 +22,10 @@ import torch
 from autograd_bridge.codecs import CodecSettings as CodecChoice
 from autograd_bridge.codecs import UpdateCodec, decode_update, get_codec
 from autograd_bridge.finetune import Finetune, FinetuneSettings, get_finetune
+from autograd_bridge.frames import COMPRESSIONS, Compression
 from autograd_bridge.methods import TrainingMethod, get_method
 from autograd_bridge.optim import check_optimizer_name, check_schedule_name
+from autograd_bridge.paths import get_path
 from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, StepRecord, Train, Upload
 
 from .errors import HostingError
@@ -75,6 +77,8 @@ class Preparation:
     codec_choice: CodecChoice  # the codec's value dtype and top-k scope
     error_feedback: bool  # keep what a sparse upload left out and add it to the next one
     method: TrainingMethod  # how the owner trains a step
+    path: str = "relay"  # how activations travel between the stages (autograd_bridge.paths)
+    compression: Compression = "none"  # of the activations and gradients between stages
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -88,6 +92,13 @@ class Preparation:
             return get_codec(self.codec, replace(self.codec_choice, density=density))
         except ValueError as exc:
             raise HostingError(f"the upload cannot be encoded: {exc}") from exc
+
+
+def check_compression(name: str) -> Compression:
+    """``name`` as a Compression of the frames, or ValueError naming the choices."""
+    if name not in COMPRESSIONS:
+        raise ValueError(f"activation_compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
+    return name  # type: ignore[return-value]
 
 
 def prepare_from_command(cmd: PrepareRun) -> Preparation:
@@ -112,6 +123,8 @@ def prepare_from_command(cmd: PrepareRun) -> Preparation:
             codec_choice=choice,
             error_feedback=cmd.codec.error_feedback,
             method=get_method(cmd.method, cmd.method_options),
+            path=get_path(cmd.path).name,
+            compression=check_compression(cmd.activation_compression),
         )
     except ValueError as exc:
         raise HostingError(f"run {cmd.run_id}: {exc}") from exc
@@ -129,10 +142,13 @@ class OwnerTrainer:
         settings: Train,
         optimizer: Any,
         method: TrainingMethod,
+        *,
+        path: str = "relay",
+        compression: Compression = "none",
     ) -> None:
         from autograd_bridge.models import load_tokenizer
         from autograd_bridge.pipeline import Pipeline, PipelineSettings
-        from autograd_bridge.remote import StageClient
+        from autograd_bridge.remote import ClientSettings, StageClient
         from autograd_bridge.runtime import EventLoopThread
 
         from .data import DataSettings, OwnerDataset
@@ -158,11 +174,16 @@ class OwnerTrainer:
                 chain.append(stages[k].train())
             else:
                 peer = remote[k]
-                client = self.runtime.run(StageClient.connect(peer.url, run_id=run_id, stage=k, token=peer.token))
+                client = self.runtime.run(
+                    StageClient.connect(
+                        peer.url, run_id=run_id, stage=k, token=peer.token,
+                        settings=ClientSettings(compression=compression),
+                    )
+                )  # fmt: skip
                 self.clients.append(client)
                 chain.append(client)
         self.local_stages = [stages[k] for k in sorted(stages)]
-        pipeline_settings = PipelineSettings(micro_batches=settings.micro_batches)
+        pipeline_settings = PipelineSettings(micro_batches=settings.micro_batches, path=path)
         self.pipeline = Pipeline(chain, self.runtime, pipeline_settings)
         # The optimizer of the owner's own stages (None: they train nothing), built by
         # build_owner_optimizer when the run is prepared, over stages tie_owner_stages tied,

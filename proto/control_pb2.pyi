@@ -211,6 +211,14 @@ class ConnectPeers(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[PeerEndpoint]
     def __init__(self, run_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerEndpoint, _Mapping]]] = ...) -> None: ...
 
+class ChainPeers(_message.Message):
+    __slots__ = ("run_id", "peers")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    peers: _containers.RepeatedCompositeFieldContainer[PeerEndpoint]
+    def __init__(self, run_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerEndpoint, _Mapping]]] = ...) -> None: ...
+
 class Train(_message.Message):
     __slots__ = ("run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed", "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps", "min_lr", "clip_norm")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -310,7 +318,7 @@ class CodecSettings(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[str] = ..., scope: _Optional[str] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
 
 class PrepareRun(_message.Message):
-    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method", "method_options", "heads")
+    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method", "method_options", "heads", "path", "activation_compression")
     class MethodOptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +335,8 @@ class PrepareRun(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     METHOD_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     finetune: str
     optimizer: str
@@ -336,7 +346,9 @@ class PrepareRun(_message.Message):
     method: str
     method_options: _containers.ScalarMap[str, str]
     heads: HeadSettings
-    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ..., method_options: _Optional[_Mapping[str, str]] = ..., heads: _Optional[_Union[HeadSettings, _Mapping]] = ...) -> None: ...
+    path: str
+    activation_compression: str
+    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ..., method_options: _Optional[_Mapping[str, str]] = ..., heads: _Optional[_Union[HeadSettings, _Mapping]] = ..., path: _Optional[str] = ..., activation_compression: _Optional[str] = ...) -> None: ...
 
 class LoadPartitions(_message.Message):
     __slots__ = ("run_id", "partitions", "round")
@@ -349,7 +361,7 @@ class LoadPartitions(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAssignment, _Mapping]]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("command_id", "host", "connect", "train", "upload", "stop", "prepare", "load")
+    __slots__ = ("command_id", "host", "connect", "train", "upload", "stop", "prepare", "load", "chain")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CONNECT_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +370,7 @@ class Command(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     PREPARE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     host: HostRun
     connect: ConnectPeers
@@ -366,7 +379,8 @@ class Command(_message.Message):
     stop: StopRun
     prepare: PrepareRun
     load: LoadPartitions
-    def __init__(self, command_id: _Optional[int] = ..., host: _Optional[_Union[HostRun, _Mapping]] = ..., connect: _Optional[_Union[ConnectPeers, _Mapping]] = ..., train: _Optional[_Union[Train, _Mapping]] = ..., upload: _Optional[_Union[Upload, _Mapping]] = ..., stop: _Optional[_Union[StopRun, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRun, _Mapping]] = ..., load: _Optional[_Union[LoadPartitions, _Mapping]] = ...) -> None: ...
+    chain: ChainPeers
+    def __init__(self, command_id: _Optional[int] = ..., host: _Optional[_Union[HostRun, _Mapping]] = ..., connect: _Optional[_Union[ConnectPeers, _Mapping]] = ..., train: _Optional[_Union[Train, _Mapping]] = ..., upload: _Optional[_Union[Upload, _Mapping]] = ..., stop: _Optional[_Union[StopRun, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRun, _Mapping]] = ..., load: _Optional[_Union[LoadPartitions, _Mapping]] = ..., chain: _Optional[_Union[ChainPeers, _Mapping]] = ...) -> None: ...
 
 class PeerBytes(_message.Message):
     __slots__ = ("stage", "sent", "received")

@@ -268,6 +268,14 @@ class ConnectPeers:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ChainPeers:
+    """To a host: where the partitions next to its own are hosted (the chained data path)."""
+
+    run_id: str
+    peers: tuple[PeerEndpoint, ...]  # token: this host's own for the run, shown to each neighbour
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Train:
     """What a data owner trains in one round."""
 
@@ -353,6 +361,8 @@ class PrepareRun:
     method: str = "backprop"  # the training method (autograd_bridge.methods)
     heads: HeadSettings = field(default_factory=HeadSettings)  # finetune = "heads"
     method_options: Mapping[str, str] = field(default_factory=dict)  # its settings by name (forward_gradient's h, ...)
+    path: str = "relay"  # how activations travel: relay (through the owner) | chain (host to host)
+    activation_compression: str = "none"  # activations and gradients between stages: none | fp16 | int8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,7 +374,7 @@ class LoadPartitions:
     round: int = 0
 
 
-CommandBody = HostRun | ConnectPeers | Train | Upload | StopRun | PrepareRun | LoadPartitions
+CommandBody = HostRun | ConnectPeers | Train | Upload | StopRun | PrepareRun | LoadPartitions | ChainPeers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,6 +13,7 @@ from proto import control_pb2 as pb
 
 from .messages import (
     AllowedPeer,
+    ChainPeers,
     ClientInfo,
     CodecSettings,
     Command,
@@ -362,6 +363,7 @@ def _prepare_to_proto(body: PrepareRun) -> pb.PrepareRun:
     return pb.PrepareRun(
         run_id=body.run_id, finetune=body.finetune, optimizer=body.optimizer, lora=lora, seed=body.seed,
         codec=codec, method=body.method, heads=heads, method_options=dict(body.method_options),
+        path=body.path, activation_compression=body.activation_compression,
     )  # fmt: skip
 
 
@@ -374,6 +376,7 @@ def _prepare_from_proto(msg: pb.PrepareRun) -> PrepareRun:
     return PrepareRun(
         run_id=msg.run_id, finetune=msg.finetune, optimizer=msg.optimizer, lora=lora, seed=msg.seed,
         codec=codec, method=msg.method, heads=heads, method_options=dict(msg.method_options),
+        path=msg.path or "relay", activation_compression=msg.activation_compression or "none",
     )  # fmt: skip
 
 
@@ -395,6 +398,9 @@ def command_to_proto(command: Command) -> pb.Command:
     elif isinstance(body, ConnectPeers):
         peers = [pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in body.peers]
         msg.connect.CopyFrom(pb.ConnectPeers(run_id=body.run_id, peers=peers))
+    elif isinstance(body, ChainPeers):
+        peers = [pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in body.peers]
+        msg.chain.CopyFrom(pb.ChainPeers(run_id=body.run_id, peers=peers))
     elif isinstance(body, Train):
         msg.train.CopyFrom(pb.Train(**{name: getattr(body, name) for name in _TRAIN_FIELDS}))
     elif isinstance(body, Upload):
@@ -434,6 +440,11 @@ def command_from_proto(msg: pb.Command) -> Command:
             PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in msg.connect.peers
         )
         body = ConnectPeers(run_id=msg.connect.run_id, peers=peers)
+    elif kind == "chain":
+        peers = tuple(
+            PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in msg.chain.peers
+        )
+        body = ChainPeers(run_id=msg.chain.run_id, peers=peers)
     elif kind == "train":
         body = Train(**{name: getattr(msg.train, name) for name in _TRAIN_FIELDS})
     elif kind == "upload":

@@ -158,6 +158,11 @@ def run_table(run: Mapping[str, Any]) -> str:
                      f"{h.get('val_loss', float('nan')):.4f}", f"{h.get('ppl', float('nan')):.3f}", h.get("samples", 0),
                      f"{step:.3f}" if isinstance(step, int | float) else "-", " ".join(f"{x:.3f}" for x in stages) or "-"])
     headers = ["round", "owner", "first loss", "last loss", "val loss", "val ppl", "samples", "step s", "s/step per stage"]
+    if any("est_step_s" in h for h in run.get("history", [])):  # the plan's estimate beside the measured step
+        headers.append("est. step s")
+        for row, h in zip(rows, run.get("history", []), strict=True):
+            est = h.get("est_step_s")
+            row.append(f"{est:.3f} ({h.get('path', '?')})" if isinstance(est, int | float) else "-")
     table = format_table(headers, rows)
     parts = [head + "\n" + table, ppl_table(run.get("per_round", [])), signals_table(run), traffic_table(run)]
     return "\n\n".join(part for part in parts if part)

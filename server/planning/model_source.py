@@ -195,6 +195,7 @@ def planner_for(model: HFModelSource, model_settings: ModelSettings, settings: P
     """The coordinator's plan function for ``model``."""
     from server.planning.planner import PlanningError as PlannerError
     from server.planning.planner import plan as make_plan
+    from server.planning.planner.paths import estimate_paths, pipeline_loads
 
     def plan(clients: Sequence[ClientRecord], owners: Sequence[str]) -> PlanOutcome:
         if not owners:
@@ -207,15 +208,14 @@ def planner_for(model: HFModelSource, model_settings: ModelSettings, settings: P
             profiles = [client_profile(c) for c in clients]
         except ValueError as exc:
             raise PlanningError(f"a client's profile cannot be planned with: {exc}") from exc
+        chosen = planner_settings(model_settings, settings)
         try:
-            result = make_plan(
-                profile,
-                profiles,
-                owners=list(owners),
-                settings=planner_settings(model_settings, settings),
-            )
+            result = make_plan(profile, profiles, owners=list(owners), settings=chosen)
         except PlannerError as exc:
             raise PlanningError(str(exc)) from exc
-        return PlanOutcome(rows=rows_of(result), summary=summary_of(result))
+        loads = pipeline_loads(profile, result, profiles, batch_tokens=chosen.batch_tokens)
+        # Per owner, its pipeline's estimated seconds per step on each data path ([training] path of a run).
+        est = estimate_paths(loads, chosen.micro_batches)
+        return PlanOutcome(rows=rows_of(result), summary={**summary_of(result), "est_step_s": est})
 
     return plan

@@ -12,7 +12,8 @@ records it. The run's history keeps one entry per owner and turn, as plain JSON 
     samples, data_samples         sequences trained, and held (the FedAvg weight)
     seconds, stage_seconds, step_seconds   the round's wall time; mean waits per stage and step
 
-(the round machine adds ``round``, ``owner`` and ``bridge_run``). :func:`per_round` sums
+(the round machine adds ``round``, ``owner`` and ``bridge_run``; the run manager ``path``, the data
+path the round took, and ``est_step_s``, the plan's estimated step on it, when the plan has one). :func:`per_round` sums
 the history per round into the all-owner validation perplexity.
 """
 

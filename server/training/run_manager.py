@@ -74,7 +74,7 @@ from server.training.rounds import (
 )
 from server.training.seams import seams_for
 from server.training.signals import layer_norms
-from server.training.spec import RunSpec, prepare_command, spec_from_mapping, train_command
+from server.training.spec import RunSpec, chosen_path, prepare_command, spec_from_mapping, train_command
 from server.training.store import InMemoryRunStore, RunRecord, RunStore
 
 if TYPE_CHECKING:
@@ -256,6 +256,10 @@ class RunManager:
         round, work = record.asked[bridge_run]
         entry = history_entry(report.round_report, round=round)
         record.seams.local_work.check(work, report.round_report)
+        path = self._path_of(record.spec, bridge_run)
+        estimate = self._estimates_of(bridge_run).get(path)
+        if isinstance(estimate, int | float):  # the plan's step estimate on the path this round took
+            entry.update(path=path, est_step_s=float(estimate))
         return entry
 
     # -- carrying out actions --------------------------------------------------------------
@@ -269,6 +273,18 @@ class RunManager:
         command = self.handler.send_command(client_id, body)
         record.commands[command.command_id] = (kind, client_id, bridge_run)
 
+    def _estimates_of(self, bridge_run: str) -> dict[str, float]:
+        """The plan's estimated seconds per step of ``bridge_run``'s pipeline on each data path ({} without a plan)."""
+        deployment = self.state.get_deployment()
+        rows = [r for r in deployment.rows if r.run_id == bridge_run] if deployment is not None else []
+        if deployment is None or not rows:
+            return {}
+        return dict(deployment.summary.get("est_step_s", {}).get(rows[0].owner_id) or {})
+
+    def _path_of(self, spec: RunSpec, bridge_run: str) -> str:
+        """The run's data path for ``bridge_run``; ``auto``: the faster by the plan's estimate for its owner."""
+        return chosen_path(spec.training.path, self._estimates_of(bridge_run) or None)
+
     def _apply(self, record: RunRecord, actions: list[Action]) -> None:
         spec = record.spec
         for action in actions:
@@ -279,7 +295,8 @@ class RunManager:
                     record.machine.failed(str(exc))
                     return
                 owner = record.machine.pipelines[action.bridge_run].owner
-                self._send(record, "prepare", action.client_id, action.bridge_run, prepare_command(spec, action.bridge_run, owner))
+                prepare = prepare_command(spec, action.bridge_run, owner, path=self._path_of(spec, action.bridge_run))
+                self._send(record, "prepare", action.client_id, action.bridge_run, prepare)
             elif isinstance(action, SendTrain):
                 work = record.seams.local_work.assign(action.round, action.client_id)
                 record.asked[action.bridge_run] = (action.round, work)

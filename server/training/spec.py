@@ -37,6 +37,10 @@ stays complete and true). The model and its stages come from the server's ``[mod
     schedule_steps = 0     # steps the schedule spans per owner (0: rounds x [local_work] steps)
     min_lr = 0.0           # the schedule's floor, in [0, lr]
     clip_norm = 0.0        # bound on the joint gradient norm of all stages of a pipeline (0: no clipping; Photon: 1.0)
+    path = "relay"         # how activations travel (autograd_bridge.paths): relay: every boundary through the owner
+                           # | chain: each host hands its output to the next stage's host (the hosts must reach each other)
+                           # | auto: per pipeline, the path the plan estimates faster (est_step_s in `titanic-server plan`)
+    activation_compression = "none"  # activations and gradients between stages: none | fp16 | int8 (a row scale per vector)
 
     [forward_gradient]     # method = "forward_gradient" (FwdLLM): gradients estimated from perturbed forwards only
     h = 0.01               # central-difference step: (L(p + h v) - L(p - h v)) / 2h, v ~ N(0, I) drawn from a seed
@@ -214,15 +218,18 @@ class TrainingSection:
     min_lr: float = 0.0  # the schedule's floor, in [0, lr]
     clip_norm: float = 0.0  # bound on the joint gradient norm of all stages of a pipeline; 0: no clipping
     methods: Mapping[str, str] = dataclasses.field(default_factory=dict)  # owner id -> its own method (mixed runs)
+    path: str = "relay"  # how activations travel: relay (through the owner) | chain (host to host) | auto (the plan's faster)
+    activation_compression: str = "none"  # activations and gradients between stages: none | fp16 | int8
 
     def method_of(self, owner: str) -> str:
         """The method ``owner``'s pipeline trains with: its own when ``methods`` names one, else ``method``."""
         return self.methods.get(owner, self.method)
 
     def __post_init__(self) -> None:
+        from autograd_bridge.frames import COMPRESSIONS
         from autograd_bridge.methods import METHODS
         from autograd_bridge.optim import OPTIMIZERS, SCHEDULES
-
+        from autograd_bridge.paths import PATHS
 
         for name in ("batch_size", "micro_batches"):
             _check_count("[training] ", name, getattr(self, name))
@@ -246,6 +253,8 @@ class TrainingSection:
             raise ValueError(f"[training] min_lr must be a number in [0, lr], got {self.min_lr!r}")
         if not (_is_number(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             raise ValueError(f"[training] clip_norm must be a finite number >= 0 (0: no clipping), got {self.clip_norm!r}")
+        _check_member("[training] path", self.path, {**PATHS, "auto": None})
+        _check_member("[training] activation_compression", self.activation_compression, dict.fromkeys(COMPRESSIONS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -641,8 +650,16 @@ def aggregation_settings(spec: RunSpec) -> AggregationSettings:
     return spec.aggregation.settings()
 
 
-def prepare_command(spec: RunSpec, bridge_run: str, owner: str = "") -> PrepareRun:
-    """How every holder of ``bridge_run`` (``owner``'s pipeline) sets its stages up before the first round."""
+def chosen_path(path: str, estimates: Mapping[str, float] | None) -> str:
+    """The data path of a pipeline: ``path``, or for ``auto`` the one of ``estimates`` (seconds per step) that is
+    fastest (relay when the plan has no estimate)."""
+    if path != "auto":
+        return path
+    return min(estimates, key=lambda p: estimates[p]) if estimates else "relay"
+
+
+def prepare_command(spec: RunSpec, bridge_run: str, owner: str = "", *, path: str | None = None) -> PrepareRun:
+    """How every holder of ``bridge_run`` (``owner``'s pipeline) sets its stages up before the first round (``path``: resolved ``auto``)."""
     finetune = spec.finetune
     heads = HeadSettings(fraction=finetune.fraction_of(owner), choice=finetune.head_choice, adapter=finetune.adapter,
                          key=owner, schedule=finetune.head_fraction_schedule)  # fmt: skip
@@ -657,6 +674,8 @@ def prepare_command(spec: RunSpec, bridge_run: str, owner: str = "") -> PrepareR
         method=spec.training.method_of(owner),
         method_options=spec.forward_gradient.options(),  # each method reads the options it knows
         heads=heads,
+        path=path or chosen_path(spec.training.path, None),
+        activation_compression=spec.training.activation_compression,
     )
 
 

@@ -32,6 +32,8 @@ def _verify(*args: str) -> subprocess.CompletedProcess[str]:
     [
         ("llama", ["--stages", "4", "--attn", "eager"]),
         ("gpt2", ["--stages", "3", "--micro-batches", "2", "--batch-size", "4", "--schedule", "gpipe"]),
+        ("llama", ["--stages", "4", "--path", "chain"]),
+        ("llama", ["--stages", "4", "--path", "chain", "--micro-batches", "3", "--batch-size", "6"]),
     ],
 )
 def test_verify_cli_splits_over_websocket_processes_exactly(tiny_model_dir, family, extra):

@@ -48,13 +48,15 @@ def test_host_command_reaches_client_intact() -> None:
         m.PrepareRun(run_id="r", finetune="heads", seed=2,
                      heads=m.HeadSettings(fraction=0.25, choice="importance", adapter="lora", key="owner-1",
                                           schedule="redundancy")),
+        m.PrepareRun(run_id="r", path="chain", activation_compression="int8"),
+        m.ChainPeers(run_id="r", peers=(m.PeerEndpoint(partition=2, client_id="n", url="ws://n:2", token="mine"),)),
         m.LoadPartitions(run_id="r", partitions=(
             m.PartitionAssignment(index=0, num_stages=1, layer_start=0, layer_end=4, weights_sha256="ef" * 32, weights_bytes=9, local=True),
         ), round=2),
     ],
 )  # fmt: skip
 def test_other_commands_reach_client_intact(body: m.CommandBody) -> None:
-    """ConnectPeers, Train, Upload, StopRun, PrepareRun and LoadPartitions survive the trip, every field typed."""
+    """ConnectPeers, Train, Upload, StopRun, PrepareRun, LoadPartitions and ChainPeers survive the trip, every field typed."""
     assert trip(m.Command(command_id=1, body=body)).body == body
 
 
