@@ -100,7 +100,9 @@ class Coordinator:
         self._loop_task: asyncio.Task[None] | None = None
         self._tokens: dict[str, str] = {}  # run id -> the token of that pipeline's owner
         self._stage_cache: dict[tuple[int, int, int, int], Path] = {}
-        self._generations = itertools.count(1)
+        # Plan ids continue after those a persistent state remembers: a new plan never reuses an old one's.
+        previous = self.state.get_deployment()
+        self._generations = itertools.count(1 + (previous.generation if previous is not None else 0))
 
     # -- ControlListener -----------------------------------------------------------------
 

@@ -64,14 +64,12 @@ from server.training.rounds import (
     Merge,
     Phase,
     PipelineInfo,
-    RoundMachine,
     SendLoad,
     SendPrepare,
     SendTrain,
     SendUpload,
     Snapshot,
 )
-from server.training.seams import seams_for
 from server.training.signals import layer_norms
 from server.training.spec import RunSpec, prepare_command, spec_from_mapping, train_command
 from server.training.store import InMemoryRunStore, RunRecord, RunStore
@@ -119,6 +117,7 @@ class RunManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._scratch = Path(tempfile.mkdtemp(prefix="titanic-merged-"))
         self._tokenizers: dict[str, Any] = {}  # tokenizer name -> loaded (None: the model has none)
+        self._saved: dict[str, tuple[Any, ...]] = {}  # run id -> what it looked like when last put
 
     # -- operator API ----------------------------------------------------------------------
 
@@ -133,21 +132,40 @@ class RunManager:
         busy = [r.run_id for r in self.store.list_runs() if r.machine.active]
         if busy:
             raise ValueError(f"run {busy[0]} is still active; stop it first (titanic-server runs stop {busy[0]})")
-        seams = seams_for(spec)
-        machine = RoundMachine(
-            rounds=spec.rounds, participation=seams.participation,
-            # The starting state: a server optimizer steps from it, and changes (a sparse codec) add to it.
-            snapshot_first=seams.aggregator.steps_from_start or seams.communication.sends_changes,
-        )  # fmt: skip
-        record = RunRecord(
-            run_id=resume or self._new_id(), spec=spec, machine=machine, seams=seams, created_at=time.time()
-        )
-        if resume is not None:
+        return self._begin(RunRecord.new(resume or self._new_id(), spec, created_at=time.time()), resume=resume is not None)
+
+    def _begin(self, record: RunRecord, *, resume: bool) -> RunRecord:
+        """Put ``record`` (continuing from its last checkpoint when ``resume``) and follow the plan for it."""
+        if resume:
             self._resume(record)
         self.store.put(record)
         self._spawn(self._follow_plan(record))
-        log.info("%s started: %s", record.run_id, spec.to_json())
+        log.info("%s started: %s", record.run_id, record.spec.to_json())
         return record
+
+    def continue_interrupted(self) -> list[str]:
+        """Continue the runs a stopped server left active (a persistent store remembers them); returns their ids.
+
+        Each continues under its own id from its last checkpoint (afresh when it has none:
+        its seeds and data positions make that the same run) once a plan is connected.
+        """
+        continued = []
+        for old in self.store.list_runs():
+            if not old.machine.active:
+                continue
+            old.machine.stop("interrupted by a server restart")
+            self.checkpoints.remove_incomplete(old.run_id)
+            record = RunRecord.new(old.run_id, old.spec, created_at=old.created_at)
+            record.recoveries = [*old.recoveries, {"kind": "server restart", "round": old.machine.round,
+                                                   "phase": str(Phase.WAITING), "at": time.time()}]  # fmt: skip
+            try:
+                self._begin(record, resume=self.checkpoints.latest(old.run_id) is not None)
+            except ValueError as exc:
+                old.machine.phase, old.machine.error = Phase.FAILED, f"could not continue after a server restart: {exc}"
+                self.store.put(old)
+                continue
+            continued.append(record.run_id)
+        return continued
 
     def stop(self, run_id: str) -> RunRecord:
         """Stop a run (KeyError when unknown); it keeps its checkpoints."""
@@ -155,6 +173,7 @@ class RunManager:
         if record is None:
             raise KeyError(run_id)
         record.machine.stop()
+        self._save(record)
         return record
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -170,6 +189,15 @@ class RunManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _save(self, record: RunRecord) -> None:
+        """Put ``record`` again when it changed since it was last put (a persistent store writes it)."""
+        m = record.machine
+        mark = (m.phase, m.round, m.turn, m.error, len(m.history), len(record.checkpoints), len(record.signals),
+                len(record.recoveries), record.plan_id, sum(c["uploaded"] + c["downloaded"] for c in record.traffic_json()))  # fmt: skip
+        if self._saved.get(record.run_id) != mark:
+            self.store.put(record)
+            self._saved[record.run_id] = mark
 
     def _new_id(self) -> str:
         taken = {r.run_id for r in self.store.list_runs()}
@@ -302,6 +330,7 @@ class RunManager:
                     pipelines = self._pipelines(record, deployment)
                 except ValueError as exc:
                     machine.failed(str(exc))
+                    self._save(record)
                     return
                 record.plan_id = deployment.plan_id
                 self._apply(record, machine.pipelines_ready(pipelines))
@@ -312,8 +341,10 @@ class RunManager:
             if deployment is None or deployment.plan_id != record.plan_id or deployment.state == "failed":
                 reason = deployment.error if deployment is not None and deployment.error else "the plan changed"
                 machine.failed(f"the run's plan {record.plan_id} is gone ({reason}); resume from the last checkpoint")
-                return
+                break
+            self._save(record)
             await asyncio.sleep(_POLL_S)
+        self._save(record)
 
     def _pipelines(self, record: RunRecord, deployment: Deployment) -> dict[str, PipelineInfo]:
         wanted = record.spec.owners
