@@ -187,7 +187,7 @@ class Coordinator:
                 return self._fail(current, ready, f"preparing partition weights failed: {exc}")
 
     def _still_valid(self, current: Deployment, outcome: PlanOutcome) -> bool:
-        if not current.plan_id or current.state == "failed":
+        if not current.plan_id or current.state in ("failed", "retired"):  # retired: a run trained on it
             return False
         if current.assignment() != tuple(plan_key(r) for r in outcome.rows):
             return False

@@ -38,7 +38,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ from proto.messages import (
 from server.control.handler import ControlHandler
 from server.control.state import Deployment, PlanRow
 from server.errors import ServerError
+from server.training import recovery
 from server.training.aggregation import ClientUpdate
 from server.training.checkpoints import CheckpointStore, from_peft_names, to_peft_names
 from server.training.communication import elements_of
@@ -153,11 +154,13 @@ class RunManager:
         for old in self.store.list_runs():
             if not old.machine.active:
                 continue
+            entry = {"kind": recovery.SERVER_RESTART, "round": old.machine.round, "phase": str(old.machine.phase),
+                     "detected_at": time.time(), "steps_redone": recovery.steps_redone(old)}  # fmt: skip
             old.machine.stop("interrupted by a server restart")
             self.checkpoints.remove_incomplete(old.run_id)
-            record = RunRecord.new(old.run_id, old.spec, created_at=old.created_at)
-            record.recoveries = [*old.recoveries, {"kind": "server restart", "round": old.machine.round,
-                                                   "phase": str(Phase.WAITING), "at": time.time()}]  # fmt: skip
+            owners, _ = recovery.owners_for_replay(old, ())
+            record = recovery.replay_record(old, entry, owners)
+            record.wait_for_owners_until = 0.0  # after a restart the clients come back when they can
             try:
                 self._begin(record, resume=self.checkpoints.latest(old.run_id) is not None)
             except ValueError as exc:
@@ -192,6 +195,8 @@ class RunManager:
 
     def _save(self, record: RunRecord) -> None:
         """Put ``record`` again when it changed since it was last put (a persistent store writes it)."""
+        if self.store.get(record.run_id) not in (None, record):
+            return  # replaced by a replay (server.training.recovery)
         m = record.machine
         mark = (m.phase, m.round, m.turn, m.error, len(m.history), len(record.checkpoints), len(record.signals),
                 len(record.recoveries), record.plan_id, sum(c["uploaded"] + c["downloaded"] for c in record.traffic_json()))  # fmt: skip
@@ -244,7 +249,25 @@ class RunManager:
     # -- ControlListener -------------------------------------------------------------------
 
     def membership_changed(self) -> None:
-        """Nothing to do: a changed plan is noticed when the run's plan goes away."""
+        """A client came or went: a run that lost one of its holders replays its round without it."""
+        for record in self.store.list_runs():
+            if record.machine.active and record.machine.phase != Phase.WAITING:
+                gone = recovery.lost_holders(record, self.handler)
+                if gone:
+                    client = self.state.get_client(gone[0])
+                    self._recover(record, gone[0], client.status_reason if client is not None else "it is gone")
+
+    def _recover(self, record: RunRecord, lost: str, reason: str) -> None:
+        """Replay ``record``'s round after losing ``lost`` (or fail it when its retries are spent)."""
+        log.warning("%s: lost %s in round %d (%s); replaying the round", record.run_id, lost or "a client",
+                    record.machine.round, reason)  # fmt: skip
+        replay = recovery.recover(record, lost=lost, reason=reason, handler=self.handler, begin=self._begin_replay)
+        if replay is None:
+            log.error("%s: %s", record.run_id, record.machine.error)
+            self._save(record)
+
+    def _begin_replay(self, record: RunRecord) -> None:
+        self._begin(record, resume=self.checkpoints.latest(record.run_id) is not None)
 
     def status_reported(self, client_id: str, report: StatusReport) -> None:
         """Follow the commands this manager sent."""
@@ -261,7 +284,11 @@ class RunManager:
                 return
             del record.commands[report.command_id]
             if report.state == CommandState.FAILED:
-                record.machine.failed(f"{kind} on {client_id} ({bridge_run}) failed: {report.message}")
+                holders = record.machine.pipelines.get(bridge_run)
+                if report.lost_peer and holders is not None and report.lost_peer in holders.holders:
+                    self._recover(record, report.lost_peer, f"{client_id} lost it: {report.message}")
+                else:
+                    record.machine.failed(f"{kind} on {client_id} ({bridge_run}) failed: {report.message}")
                 return
             if kind == "train":
                 try:
@@ -301,6 +328,7 @@ class RunManager:
             if isinstance(action, SendPrepare):
                 self._send(record, "prepare", action.client_id, action.bridge_run, prepare_command(spec, action.bridge_run))
             elif isinstance(action, SendTrain):
+                recovery.note_resumed(record)
                 work = record.seams.local_work.assign(action.round, action.client_id)
                 record.asked[action.bridge_run] = (action.round, work)
                 body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work, model=self.model_name)
@@ -325,7 +353,17 @@ class RunManager:
         machine = record.machine
         while machine.phase == Phase.WAITING:
             deployment = self.state.get_deployment()
-            if deployment is not None and deployment.state == "connected" and deployment.plan_id:
+            if record.wait_for_owners_until and time.time() > record.wait_for_owners_until:
+                machine.failed(
+                    f"the data owners {sorted(record.owners_wanted)} were not all back in a plan within "
+                    f"[recovery] owner_wait_s = {record.spec.recovery.owner_wait_s:g} s; start them, then continue "
+                    f"with titanic-server runs start RUN_FILE --resume {record.run_id}"
+                )
+                break
+            if (
+                deployment is not None and deployment.state == "connected" and deployment.plan_id
+                and deployment.plan_id != record.replaces_plan and set(record.owners_wanted) <= set(deployment.owners)
+            ):  # fmt: skip
                 try:
                     pipelines = self._pipelines(record, deployment)
                 except ValueError as exc:
@@ -340,14 +378,24 @@ class RunManager:
             deployment = self.state.get_deployment()
             if deployment is None or deployment.plan_id != record.plan_id or deployment.state == "failed":
                 reason = deployment.error if deployment is not None and deployment.error else "the plan changed"
-                machine.failed(f"the run's plan {record.plan_id} is gone ({reason}); resume from the last checkpoint")
+                gone = recovery.lost_holders(record, self.handler)
+                self._recover(record, gone[0] if gone else "", f"the run's plan {record.plan_id} is gone ({reason})")
                 break
             self._save(record)
             await asyncio.sleep(_POLL_S)
         self._save(record)
+        if self.store.get(record.run_id) is record:
+            self._retire_plan(record)
+
+    def _retire_plan(self, record: RunRecord) -> None:
+        """The run ended: its plan's stages hold what it trained, so the next run gets a new plan (fresh weights)."""
+        deployment = self.state.get_deployment()
+        if deployment is not None and record.plan_id and deployment.plan_id == record.plan_id:
+            self.state.set_deployment(replace(deployment, state="retired", error=f"{record.run_id} trained on it"))
+            self.handler.request_replan()
 
     def _pipelines(self, record: RunRecord, deployment: Deployment) -> dict[str, PipelineInfo]:
-        wanted = record.spec.owners
+        wanted = record.owners_wanted or record.spec.owners
         owners = [o for o in deployment.owners if not wanted or o in wanted]
         absent = sorted(set(wanted) - set(owners))
         if absent:

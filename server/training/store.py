@@ -60,6 +60,11 @@ class RunRecord:
     # What automatic recovery did, one entry per recovery: round, the client lost, why, the
     # steps redone, seconds to detect and to resume (server.training.recovery).
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    # A replay (server.training.recovery) waits for a connected plan other than the one it lost,
+    # with these data owners in it, until this time (time.time(); 0: no limit).
+    replaces_plan: str = ""
+    owners_wanted: tuple[str, ...] = ()
+    wait_for_owners_until: float = 0.0
     # Owner -> the round it trains now, step by step as its progress reports come (for live views).
     live: dict[str, dict[str, Any]] = field(default_factory=dict)
 
