@@ -85,6 +85,8 @@ class SqliteRunStore(RunStore):
     def __init__(self, database: Database) -> None:
         self.db = database
         self._records: dict[str, RunRecord] = {}
+        self._aggregator_marks: dict[str, tuple[int, int]] = {}  # run id -> (record, merges) last written
+        self._aggregator_trees: dict[str, Any] = {}  # run id -> the JSON part of that state
         for run_id, text, blob in self.db.rows("SELECT run_id, run, aggregator FROM runs ORDER BY seq"):
             row = json.loads(text)
             self._records[run_id] = _record(run_id, row, _decode_aggregator(row.get("aggregator_tree"), blob))
@@ -92,13 +94,25 @@ class SqliteRunStore(RunStore):
     def put(self, record: RunRecord) -> None:
         from safetensors.torch import save
 
-        tree, tensors = _encode_state(record.seams.aggregator.state_dict())
-        row = {**_row(record), "aggregator_tree": tree}
-        self.db.execute(
-            "INSERT INTO runs (run_id, state, run, aggregator) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (run_id) DO UPDATE SET state = excluded.state, run = excluded.run, aggregator = excluded.aggregator",
-            (record.run_id, str(record.machine.phase), json.dumps(row), save(tensors) if tensors else b""),
-        )
+        # The aggregator changes only when a merge does (one signal per merge): its moments,
+        # large for full fine-tuning, are written again only then.
+        mark = (id(record), len(record.signals))
+        if self._aggregator_marks.get(record.run_id) != mark:
+            tree, tensors = _encode_state(record.seams.aggregator.state_dict())
+            self._aggregator_trees[record.run_id] = tree
+            blob: bytes | None = save(tensors) if tensors else b""
+        else:
+            blob = None
+        row = {**_row(record), "aggregator_tree": self._aggregator_trees[record.run_id]}
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO runs (run_id, state, run, aggregator) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (run_id) DO UPDATE SET state = excluded.state, run = excluded.run",
+                (record.run_id, str(record.machine.phase), json.dumps(row), blob or b""),
+            )
+            if blob is not None:
+                db.execute("UPDATE runs SET aggregator = ? WHERE run_id = ?", (blob, record.run_id))
+        self._aggregator_marks[record.run_id] = mark
         self._records[record.run_id] = record
 
     def get(self, run_id: str) -> RunRecord | None:

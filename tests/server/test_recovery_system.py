@@ -1,10 +1,11 @@
 """Automatic recovery over real processes: a helper killed or frozen mid-round, and a server killed mid-run.
 
-One federation serves the whole module: a server, a data owner and three helpers on
-loopback, planning three stages, so each run needs one helper for its middle stage. The
-planner takes the fastest helper left; each test that loses one leaves the next. Every run
-is compared with one undisturbed run of the same run file: a replayed round trains the same
-batches from the same starting state, so the final adapters agree (1e-4).
+One federation serves the whole module: a server, two data owners and three helpers on
+loopback, planning three stages per owner's pipeline (a helper may host both middle
+stages). The planner takes the fastest helper left; each test that loses one leaves the
+next. Alice's runs (case 1) are compared with one undisturbed run of the same run file: a
+replayed round trains the same batches from the same starting state, so the final
+adapters agree (1e-4). The last tests lose bob, the second owner of a case-3 run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Federation:
     run_file: Path
     model_dir: Path
     helpers: dict[str, Process]
+    root: Path
+    bob_data: Path
+    control: str
 
     @property
     def admin_url(self) -> str:
@@ -62,25 +66,23 @@ def federation(
         server, admin_url = restartable_server(root / "state", model_dir, port)
         started.append(server)
         control = f"127.0.0.1:{port}"
-        started.append(
-            spawn(
-                "alice",
-                "client.cli",
-                *client_args(control, "alice", root / "alice", "--data", str(owner_data[0])),
+        for name, data in (("alice", owner_data[0]), ("bob", owner_data[1])):
+            started.append(
+                spawn(name, "client.cli", *client_args(control, name, root / name, "--data", str(data)))
             )
-        )
         helpers = {}
         for i in range(HELPERS):
             name = f"helper{i}"
-            extra = [*flags, "--declare-flops-per-s", f"{5e10 / (i + 1):g}"]
+            extra = [*flags, "--declare-flops-per-s", f"{5e10 / (i + 1):g}", "--capacity", "2"]
             helpers[name] = spawn(name, "client.cli", *client_args(control, name, root / name, *extra))
             started.append(helpers[name])
         cluster = Cluster(
             server=server, admin_url=admin_url, state_dir=root / "state", port=port, started=started
         )
         run_file = write_run(root / "run.toml", model_dir, case=1, rounds=2, steps_per_round=8, batch_size=2,
-                             finetune="lora", lora_r=4, lr=1e-2)  # fmt: skip
-        yield Federation(cluster=cluster, run_file=run_file, model_dir=model_dir, helpers=helpers)
+                             finetune="lora", lora_r=4, lr=1e-2, owners=["alice"])  # fmt: skip
+        yield Federation(cluster=cluster, run_file=run_file, model_dir=model_dir, helpers=helpers, root=root,
+                         bob_data=owner_data[1], control=control)  # fmt: skip
 
 
 def final_adapters(run: dict[str, Any]) -> dict[str, Any]:
@@ -94,9 +96,9 @@ def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
     return max(float((a[n] - b[n]).abs().max()) for n in a)
 
 
-def start_run(f: Federation) -> str:
+def start_run(f: Federation, run_file: Path | None = None) -> str:
     wait_until(lambda: admin(f.admin_url, "/v1/plan")["state"] == "connected", 120, "a connected plan")
-    return str(json.loads(f.cluster.cli("runs", "start", str(f.run_file), "--json"))["run_id"])
+    return str(json.loads(f.cluster.cli("runs", "start", str(run_file or f.run_file), "--json"))["run_id"])
 
 
 def wait_done(f: Federation, run_id: str, timeout_s: float = 240) -> dict[str, Any]:
@@ -111,19 +113,20 @@ def wait_done(f: Federation, run_id: str, timeout_s: float = 240) -> dict[str, A
     return result
 
 
-def wait_mid_round(f: Federation, run_id: str, round_: int, steps: int = 2) -> None:
-    """Until the owner has trained ``steps`` steps of ``round_`` (and not finished it)."""
+def wait_mid_round(f: Federation, run_id: str, round_: int, steps: int = 2, owner: str = "alice") -> None:
+    """Until ``owner`` has trained ``steps`` steps of ``round_``."""
 
     def there() -> bool:
-        live = admin(f.admin_url, f"/v1/runs/{run_id}")["live"].get("alice")
+        live = admin(f.admin_url, f"/v1/runs/{run_id}")["live"].get(owner)
         return bool(live) and live["round"] == round_ and live["done"] >= steps
 
     wait_until(there, 120, f"round {round_} of {run_id} under way", interval_s=0.05)
 
 
 def middle_holder(f: Federation) -> str:
+    """The helper serving alice's middle stage."""
     plan = admin(f.admin_url, "/v1/plan")
-    (name,) = {r["client_id"] for r in plan["rows"] if not r["local"]}
+    (name,) = {r["client_id"] for r in plan["rows"] if not r["local"] and r["owner_id"] == "alice"}
     return str(name)
 
 
@@ -197,3 +200,70 @@ def test_a_run_survives_a_killed_server_and_continues_by_itself(
     assert run["recoveries"][-1]["kind"] == "server restart" and run["resumed_from"] == 1
     assert [h["round"] for h in run["history"]] == [1, 2]
     assert max_difference(final_adapters(run), reference) <= 1e-4
+
+
+def owners_run(f: Federation, name: str, **recovery: object) -> Path:
+    """A case-3 run of alice and bob, one round, with these [recovery] keys."""
+    path = f.root / f"{name}.toml"
+    write_run(
+        path,
+        f.model_dir,
+        case=3,
+        rounds=1,
+        steps_per_round=8,
+        batch_size=2,
+        finetune="lora",
+        lora_r=4,
+        lr=1e-2,
+    )
+    path.write_text(path.read_text() + "[recovery]\n" + "".join(f"{k} = {v}\n" for k, v in recovery.items()))
+    return path
+
+
+def kill_bob(f: Federation) -> None:
+    bob = next(p for p in f.cluster.started if p.name == "bob" and p.popen.poll() is None)
+    bob.popen.kill()
+    bob.popen.wait(10)
+
+
+@pytest.mark.slow
+def test_a_lost_owner_is_waited_for_and_without_a_quorum_the_run_fails_saying_why(
+    federation: Federation,
+) -> None:
+    """SIGKILL of a data owner of a case-3 run without owner_quorum: the round waits owner_wait_s for it, then fails."""
+    f = federation
+    run_id = start_run(f, owners_run(f, "no-quorum", owner_wait_s=3))
+    wait_mid_round(f, run_id, 1, owner="bob")
+    kill_bob(f)
+
+    def ended() -> dict[str, Any] | None:
+        run = admin(f.admin_url, f"/v1/runs/{run_id}")
+        return run if run["state"] in ("failed", "done") else None
+
+    run = wait_until(ended, 60, "the run to give up on bob", interval_s=0.3)
+    assert run["state"] == "failed" and run["recoveries"][0]["lost"] == "bob"
+    assert (
+        "['alice', 'bob']" in run["error"]
+        and "owner_wait_s" in run["error"]
+        and f"--resume {run_id}" in run["error"]
+    )
+    # bob comes back for the next test
+    f.cluster.started.append(
+        spawn("bob", "client.cli", *client_args(f.control, "bob", f.root / "bob", "--data", str(f.bob_data)))
+    )
+
+
+@pytest.mark.slow
+def test_a_lost_owner_within_the_quorum_lets_the_round_finish_without_it(federation: Federation) -> None:
+    """With owner_quorum = 0.5 the round is replayed with alice alone once bob is lost, and the run completes."""
+    f = federation
+    wait_until(lambda: "bob" in admin(f.admin_url, "/v1/plan")["owners"], 120, "bob back in the plan")
+    run_id = start_run(f, owners_run(f, "quorum", owner_quorum=0.5))
+    wait_mid_round(f, run_id, 1, owner="bob")
+    kill_bob(f)
+    run = wait_done(f, run_id)
+    (entry,) = run["recoveries"]
+    assert entry["lost"] == "bob" and entry["without_owners"] == ["bob"]
+    assert [(h["round"], h["owner"]) for h in run["history"]] == [(1, "alice")] and len(
+        run["checkpoints"]
+    ) == 1
