@@ -41,7 +41,15 @@ from server.control.state import LIVE_STATUSES
 from server.training.rounds import Phase
 from server.training.store import RunRecord
 
-__all__ = ["lost_holders", "note_resumed", "owners_for_replay", "recover", "replay_record", "steps_redone"]
+__all__ = [
+    "after_restart",
+    "lost_holders",
+    "note_resumed",
+    "owners_for_replay",
+    "recover",
+    "replay_record",
+    "steps_redone",
+]
 
 LOST_CLIENT = "lost client"
 SERVER_RESTART = "server restart"
@@ -98,6 +106,17 @@ def replay_record(old: RunRecord, entry: dict[str, Any], owners: tuple[str, ...]
     record.owners_wanted = owners
     record.wait_for_owners_until = time.time() + old.spec.recovery.owner_wait_s
     record.replaces_plan = old.plan_id
+    return record
+
+
+def after_restart(old: RunRecord) -> RunRecord:
+    """The record that continues ``old``, a run a stopped server left active (``old`` ends here)."""
+    entry = {"kind": SERVER_RESTART, "round": old.machine.round, "phase": str(old.machine.phase),
+             "detected_at": time.time(), "steps_redone": steps_redone(old)}  # fmt: skip
+    old.machine.stop("interrupted by a server restart")
+    owners, _ = owners_for_replay(old, ())
+    record = replay_record(old, entry, owners)
+    record.wait_for_owners_until = 0.0  # after a restart the clients come back when they can
     return record
 
 

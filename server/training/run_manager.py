@@ -154,13 +154,8 @@ class RunManager:
         for old in self.store.list_runs():
             if not old.machine.active:
                 continue
-            entry = {"kind": recovery.SERVER_RESTART, "round": old.machine.round, "phase": str(old.machine.phase),
-                     "detected_at": time.time(), "steps_redone": recovery.steps_redone(old)}  # fmt: skip
-            old.machine.stop("interrupted by a server restart")
+            record = recovery.after_restart(old)
             self.checkpoints.remove_incomplete(old.run_id)
-            owners, _ = recovery.owners_for_replay(old, ())
-            record = recovery.replay_record(old, entry, owners)
-            record.wait_for_owners_until = 0.0  # after a restart the clients come back when they can
             try:
                 self._begin(record, resume=self.checkpoints.latest(old.run_id) is not None)
             except ValueError as exc:

@@ -120,3 +120,12 @@ def test_recovery_settings_are_checked() -> None:
         spec_from_mapping({"recovery": {"owner_quorum": 1.5}})
     with pytest.raises(ValueError, match="retries must be an integer >= 0"):
         spec_from_mapping({"recovery": {"retries": -1}})
+
+
+def test_a_run_a_restart_interrupted_continues_with_its_owners_and_no_deadline() -> None:
+    """after_restart ends the old record and returns one that waits, without a time limit, for the same owners."""
+    old = training_run("parallel")
+    record = recovery.after_restart(old)
+    assert old.machine.phase == Phase.STOPPED and record.machine.phase == Phase.WAITING
+    assert record.owners_wanted == ("alice", "bob") and record.wait_for_owners_until == 0.0
+    assert record.recoveries == [{**record.recoveries[0], "kind": "server restart", "round": 2}]

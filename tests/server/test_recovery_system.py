@@ -120,7 +120,12 @@ def wait_mid_round(f: Federation, run_id: str, round_: int, steps: int = 2, owne
         live = admin(f.admin_url, f"/v1/runs/{run_id}")["live"].get(owner)
         return bool(live) and live["round"] == round_ and live["done"] >= steps
 
-    wait_until(there, 120, f"round {round_} of {run_id} under way", interval_s=0.05)
+    try:
+        wait_until(there, 120, f"round {round_} of {run_id} under way", interval_s=0.05)
+    except TimeoutError as exc:
+        run = admin(f.admin_url, f"/v1/runs/{run_id}")
+        shown = {k: run[k] for k in ("state", "round", "error", "recoveries", "live")}
+        raise AssertionError(f"{exc}: {shown}\n{f.cluster.server.output()[-4000:]}") from exc
 
 
 def middle_holder(f: Federation) -> str:
@@ -197,19 +202,20 @@ def test_a_run_survives_a_killed_server_and_continues_by_itself(
     listed = c.cli("runs")
     assert run_id in listed
     run = wait_done(federation, run_id)
-    assert run["recoveries"][-1]["kind"] == "server restart" and run["resumed_from"] == 1
+    # Clients come back one by one: a plan made before all are back may be replaced, and replayed on again.
+    assert run["recoveries"][0]["kind"] == "server restart" and run["resumed_from"] == 1
     assert [h["round"] for h in run["history"]] == [1, 2]
     assert max_difference(final_adapters(run), reference) <= 1e-4
 
 
 def owners_run(f: Federation, name: str, **recovery: object) -> Path:
-    """A case-3 run of alice and bob, one round, with these [recovery] keys."""
+    """A case-3 run of alice and bob, two rounds (a lost owner is missed in round 2 at the latest), with these [recovery] keys."""
     path = f.root / f"{name}.toml"
     write_run(
         path,
         f.model_dir,
         case=3,
-        rounds=1,
+        rounds=2,
         steps_per_round=8,
         batch_size=2,
         finetune="lora",
@@ -263,7 +269,11 @@ def test_a_lost_owner_within_the_quorum_lets_the_round_finish_without_it(federat
     kill_bob(f)
     run = wait_done(f, run_id)
     (entry,) = run["recoveries"]
-    assert entry["lost"] == "bob" and entry["without_owners"] == ["bob"]
-    assert [(h["round"], h["owner"]) for h in run["history"]] == [(1, "alice")] and len(
-        run["checkpoints"]
-    ) == 1
+    assert entry["lost"] == "bob" and entry["without_owners"] == ["bob"] and len(run["checkpoints"]) == 2
+    # The replayed round and those after it are alice's alone; rounds before it kept both owners.
+    assert [h["owner"] for h in run["history"] if h["round"] >= entry["round"]] == ["alice"] * (
+        3 - entry["round"]
+    )
+    assert sorted(h["owner"] for h in run["history"] if h["round"] < entry["round"]) == ["alice", "bob"] * (
+        entry["round"] - 1
+    )

@@ -66,3 +66,13 @@ def test_run_table_shows_step_and_stage_times_when_reported() -> None:
     assert "step s" in lines[1] and "s/step per stage" in lines[1]
     assert lines[3].split()[-4:] == ["0.250", "0.010", "0.200", "0.040"]
     assert lines[4].split()[-2:] == ["-", "-"]
+
+
+def test_run_table_lists_what_recovery_did() -> None:
+    """Each recovery is a row: round, kind, the client lost, steps redone, seconds until training resumed."""
+    from server.observe.tables import run_table
+
+    entry = {"kind": "lost client", "round": 2, "lost": "helper0", "steps_redone": 5, "recover_s": 1.25, "reason": "gone"}
+    text = run_table({"run_id": "run-1", "state": "done", "round": 2, "rounds": 2, "history": [], "recoveries": [entry]})
+    assert "lost client" in text and "helper0" in text and "1.25" in text
+    assert "recovery" not in run_table({"run_id": "run-1", "state": "done", "round": 2, "rounds": 2, "history": []})
