@@ -27,7 +27,8 @@ from .test_training_system import Cluster, free_port, model_dir, owner_data, wri
 __all__ = ["model_dir", "owner_data"]  # fixtures, shared with the training system tests
 
 HELPERS = 3
-TIMEOUT_S = 3.0  # the heartbeat timeout: a frozen helper is lost after this long
+OWNER_ROUNDS = 3
+TIMEOUT_S = 5.0  # the heartbeat timeout: a frozen helper is lost after this long (shorter ones lose starved clients on a loaded machine)
 
 
 @dataclass
@@ -114,11 +115,11 @@ def wait_done(f: Federation, run_id: str, timeout_s: float = 240) -> dict[str, A
 
 
 def wait_mid_round(f: Federation, run_id: str, round_: int, steps: int = 2, owner: str = "alice") -> None:
-    """Until ``owner`` has trained ``steps`` steps of ``round_``."""
+    """Until ``owner`` has trained ``steps`` steps of ``round_`` (or is further)."""
 
     def there() -> bool:
         live = admin(f.admin_url, f"/v1/runs/{run_id}")["live"].get(owner)
-        return bool(live) and live["round"] == round_ and live["done"] >= steps
+        return bool(live) and (live["round"], live["done"]) >= (round_, steps)
 
     try:
         wait_until(there, 120, f"round {round_} of {run_id} under way", interval_s=0.05)
@@ -209,13 +210,13 @@ def test_a_run_survives_a_killed_server_and_continues_by_itself(
 
 
 def owners_run(f: Federation, name: str, **recovery: object) -> Path:
-    """A case-3 run of alice and bob, two rounds (a lost owner is missed in round 2 at the latest), with these [recovery] keys."""
+    """A case-3 run of alice and bob (OWNER_ROUNDS rounds: an owner lost early is missed before the end), with these [recovery] keys."""
     path = f.root / f"{name}.toml"
     write_run(
         path,
         f.model_dir,
         case=3,
-        rounds=2,
+        rounds=OWNER_ROUNDS,
         steps_per_round=8,
         batch_size=2,
         finetune="lora",
@@ -269,10 +270,14 @@ def test_a_lost_owner_within_the_quorum_lets_the_round_finish_without_it(federat
     kill_bob(f)
     run = wait_done(f, run_id)
     (entry,) = run["recoveries"]
-    assert entry["lost"] == "bob" and entry["without_owners"] == ["bob"] and len(run["checkpoints"]) == 2
+    assert (
+        entry["lost"] == "bob"
+        and entry["without_owners"] == ["bob"]
+        and len(run["checkpoints"]) == OWNER_ROUNDS
+    )
     # The replayed round and those after it are alice's alone; rounds before it kept both owners.
     assert [h["owner"] for h in run["history"] if h["round"] >= entry["round"]] == ["alice"] * (
-        3 - entry["round"]
+        OWNER_ROUNDS + 1 - entry["round"]
     )
     assert sorted(h["owner"] for h in run["history"] if h["round"] < entry["round"]) == ["alice", "bob"] * (
         entry["round"] - 1
