@@ -153,7 +153,8 @@ class StageClient:
             self._fail_all(
                 PeerLostError(
                     f"the host of stage {self.stage} ({self.conn.peer}) went away{self._pending_work()} with "
-                    f"{len(self._pending)} request(s) pending: {exc}"
+                    f"{len(self._pending)} request(s) pending: {exc}",
+                    stage=self.stage,
                 )
             )
         except FrameError as exc:
@@ -161,7 +162,7 @@ class StageClient:
             self._fail_all(exc)
             await self.conn.close()
         except asyncio.CancelledError:
-            self._fail_all(PeerLostError(f"connection to stage {self.stage} host closed"))
+            self._fail_all(PeerLostError(f"connection to stage {self.stage} host closed", stage=self.stage))
             raise
 
     def _pending_work(self) -> str:
@@ -195,7 +196,7 @@ class StageClient:
         order and await the responses later, so the host works while the next one travels.
         """
         if self._lost is not None:
-            raise PeerLostError(f"connection to the host of stage {self.stage} is gone: {self._lost}")
+            raise PeerLostError(f"connection to the host of stage {self.stage} is gone: {self._lost}", stage=self.stage)
         self._ensure_reader()
         request_id = next(self._ids)
         frame = Frame(
@@ -231,7 +232,8 @@ class StageClient:
             self._pending_about.pop(request_id, None)
             raise BridgeTimeoutError(
                 f"the host of stage {self.stage} ({self.conn.peer}) did not answer {kind.name} for step "
-                f"{step} micro-batch {micro_batch} within {self.settings.timeout_s:g} s"
+                f"{step} micro-batch {micro_batch} within {self.settings.timeout_s:g} s",
+                stage=self.stage,
             ) from exc
 
     async def request(self, kind: MessageKind, **kwargs: Any) -> Frame:

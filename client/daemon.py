@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from autograd_bridge.codecs import decode_update
+from autograd_bridge.errors import BridgeTimeoutError, PeerLostError
 from proto.messages import (
     ChainPeers,
     ClientInfo,
@@ -57,7 +58,7 @@ from proto.messages import (
 from . import __version__
 from .channel import ControlChannel
 from .config import ClientConfig
-from .errors import ClientError, HostingError, ServerUnavailableError, SessionEndedError
+from .errors import ClientError, HostingError, PeerGoneError, ServerUnavailableError, SessionEndedError
 from .hosting import HostedRun, build_stages, chain_route, reach_peers, start_stage_host
 from .profiling import (
     ComputeMeasurement,
@@ -273,7 +274,10 @@ class ClientDaemon:
             if run is not None and not isinstance(body, StopRun):
                 run.state, run.message = RunState.FAILED, str(exc)
             failed_run = run.status() if run is not None else None
-            report = StatusReport(command_id=command.command_id, state=CommandState.FAILED, message=str(exc), run=failed_run)
+            lost = exc.peer if isinstance(exc, PeerGoneError) else ""
+            report = StatusReport(
+                command_id=command.command_id, state=CommandState.FAILED, message=str(exc), run=failed_run, lost_peer=lost
+            )
         else:
             report = StatusReport(
                 command_id=command.command_id, state=CommandState.DONE, run=status, round_report=report_of_round
@@ -468,6 +472,8 @@ class ClientDaemon:
             progress = _ProgressReporter(channel, _COMMAND_ID.get(), settings, asyncio.get_running_loop())
             report = await asyncio.to_thread(trainer.train_round, settings, progress.step_done)
             await progress.flush()
+        except (PeerLostError, BridgeTimeoutError) as exc:
+            raise _peer_gone(run, exc) from exc
         finally:
             if run.state == RunState.TRAINING:
                 run.state = RunState.CONNECTED
@@ -546,3 +552,12 @@ class _ProgressReporter:
             await asyncio.wrap_future(self.sending)
         if self.pending:
             await self._send(self._take())
+
+
+def _peer_gone(run: HostedRun, exc: PeerLostError | BridgeTimeoutError) -> PeerGoneError:
+    """The failure of a Train whose stage host went away, naming that host's client."""
+    names = {p.partition: p.client_id for p in run.peers}
+    peer = names.get(exc.stage, "") if exc.stage is not None else ""
+    what = "stopped answering" if isinstance(exc, BridgeTimeoutError) else "went away"
+    who = f"{peer} (stage {exc.stage})" if peer else "a stage host"
+    return PeerGoneError(f"{who} {what} during training of run {run.run_id}: {exc}", peer=peer)

@@ -457,20 +457,22 @@ class RoundProgress(_message.Message):
     def __init__(self, round: _Optional[int] = ..., first_step: _Optional[int] = ..., losses: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class StatusReport(_message.Message):
-    __slots__ = ("command_id", "state", "message", "run", "round_report", "progress")
+    __slots__ = ("command_id", "state", "message", "run", "round_report", "progress", "lost_peer")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     ROUND_REPORT_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LOST_PEER_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     state: CommandState
     message: str
     run: RunStatus
     round_report: RoundReport
     progress: RoundProgress
-    def __init__(self, command_id: _Optional[int] = ..., state: _Optional[_Union[CommandState, str]] = ..., message: _Optional[str] = ..., run: _Optional[_Union[RunStatus, _Mapping]] = ..., round_report: _Optional[_Union[RoundReport, _Mapping]] = ..., progress: _Optional[_Union[RoundProgress, _Mapping]] = ...) -> None: ...
+    lost_peer: str
+    def __init__(self, command_id: _Optional[int] = ..., state: _Optional[_Union[CommandState, str]] = ..., message: _Optional[str] = ..., run: _Optional[_Union[RunStatus, _Mapping]] = ..., round_report: _Optional[_Union[RoundReport, _Mapping]] = ..., progress: _Optional[_Union[RoundProgress, _Mapping]] = ..., lost_peer: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)

@@ -213,6 +213,7 @@ class StatusReport:
     run: RunStatus | None = None
     round_report: RoundReport | None = None  # a finished Train command
     progress: RoundProgress | None = None  # a Train command under way
+    lost_peer: str = ""  # a failed command: the client id of the stage host it lost (empty: none)
 
 
 # ------------------------------------------------------------------------------ commands

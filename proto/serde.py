@@ -288,7 +288,8 @@ def round_report_from_proto(msg: pb.RoundReport) -> RoundReport:
 
 def status_report_to_proto(report: StatusReport) -> pb.StatusReport:
     """Progress on one command."""
-    msg = pb.StatusReport(command_id=report.command_id, state=_COMMAND_STATES[report.state], message=report.message)
+    msg = pb.StatusReport(command_id=report.command_id, state=_COMMAND_STATES[report.state], message=report.message,
+                          lost_peer=report.lost_peer)  # fmt: skip
     if report.run is not None:
         msg.run.CopyFrom(run_status_to_proto(report.run))
     if report.round_report is not None:
@@ -312,6 +313,7 @@ def status_report_from_proto(msg: pb.StatusReport) -> StatusReport:
         run=run_status_from_proto(msg.run) if msg.HasField("run") else None,
         round_report=round_report_from_proto(msg.round_report) if msg.HasField("round_report") else None,
         progress=_progress_from_proto(msg.progress) if msg.HasField("progress") else None,
+        lost_peer=msg.lost_peer,
     )
 
 

@@ -164,8 +164,19 @@ def run_table(run: Mapping[str, Any]) -> str:
             est = h.get("est_step_s")
             row.append(f"{est:.3f} ({h.get('path', '?')})" if isinstance(est, int | float) else "-")
     table = format_table(headers, rows)
-    parts = [head + "\n" + table, ppl_table(run.get("per_round", [])), signals_table(run), traffic_table(run)]
+    parts = [head + "\n" + table, ppl_table(run.get("per_round", [])), signals_table(run), traffic_table(run),
+             recoveries_table(run)]  # fmt: skip
     return "\n\n".join(part for part in parts if part)
+
+
+def recoveries_table(run: Mapping[str, Any]) -> str:
+    """What automatic recovery did: per incident the round, the client lost, steps redone and the time to resume."""
+    rows = []
+    for e in run.get("recoveries", []):
+        took = e.get("recover_s")
+        rows.append([e.get("round", 0), e.get("kind", ""), e.get("lost", "") or "-", e.get("steps_redone", 0),
+                     f"{took:.2f}" if isinstance(took, int | float) else "-", str(e.get("reason", ""))[:80]])  # fmt: skip
+    return format_table(["round", "recovery", "lost", "steps redone", "resumed after s", "why"], rows) if rows else ""
 
 
 def traffic_table(run: Mapping[str, Any]) -> str:

@@ -104,7 +104,9 @@ class Coordinator:
         self._tokens: dict[str, str] = {}  # run id -> the token of that pipeline's owner
         self._chain_tokens: dict[tuple[str, str], str] = {}  # (run id, host) -> its token for its neighbours
         self._stage_cache: dict[tuple[int, int, int, int], Path] = {}
-        self._generations = itertools.count(1)
+        # Plan ids continue after those a persistent state remembers: a new plan never reuses an old one's.
+        previous = self.state.get_deployment()
+        self._generations = itertools.count(1 + (previous.generation if previous is not None else 0))
 
     # -- ControlListener -----------------------------------------------------------------
 
@@ -189,7 +191,7 @@ class Coordinator:
                 return self._fail(current, ready, f"preparing partition weights failed: {exc}")
 
     def _still_valid(self, current: Deployment, outcome: PlanOutcome) -> bool:
-        if not current.plan_id or current.state == "failed":
+        if not current.plan_id or current.state in ("failed", "retired"):  # retired: a run trained on it
             return False
         if current.assignment() != tuple(plan_key(r) for r in outcome.rows):
             return False

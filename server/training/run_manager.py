@@ -38,7 +38,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ from proto.messages import (
 from server.control.handler import ControlHandler
 from server.control.state import Deployment, PlanRow
 from server.errors import ServerError
+from server.training import recovery
 from server.training.aggregation import ClientUpdate
 from server.training.checkpoints import CheckpointStore, from_peft_names, to_peft_names
 from server.training.communication import elements_of
@@ -65,14 +66,12 @@ from server.training.rounds import (
     Merge,
     Phase,
     PipelineInfo,
-    RoundMachine,
     SendLoad,
     SendPrepare,
     SendTrain,
     SendUpload,
     Snapshot,
 )
-from server.training.seams import seams_for
 from server.training.signals import layer_norms
 from server.training.spec import RunSpec, chosen_path, prepare_command, spec_from_mapping, train_command
 from server.training.store import InMemoryRunStore, RunRecord, RunStore
@@ -121,6 +120,7 @@ class RunManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._scratch = Path(tempfile.mkdtemp(prefix="titanic-merged-"))
         self._tokenizers: dict[str, Any] = {}  # tokenizer name -> loaded (None: the model has none)
+        self._saved: dict[str, tuple[Any, ...]] = {}  # run id -> what it looked like when last put
 
     # -- operator API ----------------------------------------------------------------------
 
@@ -135,21 +135,37 @@ class RunManager:
         busy = [r.run_id for r in self.store.list_runs() if r.machine.active]
         if busy:
             raise ValueError(f"run {busy[0]} is still active; stop it first (titanic-server runs stop {busy[0]})")
-        seams = seams_for(spec)
-        machine = RoundMachine(
-            rounds=spec.rounds, participation=seams.participation,
-            # The starting state: a server optimizer steps from it, and changes (a sparse codec) add to it.
-            snapshot_first=seams.aggregator.steps_from_start or seams.communication.sends_changes,
-        )  # fmt: skip
-        record = RunRecord(
-            run_id=resume or self._new_id(), spec=spec, machine=machine, seams=seams, created_at=time.time()
-        )
-        if resume is not None:
+        return self._begin(RunRecord.new(resume or self._new_id(), spec, created_at=time.time()), resume=resume is not None)
+
+    def _begin(self, record: RunRecord, *, resume: bool) -> RunRecord:
+        """Put ``record`` (continuing from its last checkpoint when ``resume``) and follow the plan for it."""
+        if resume:
             self._resume(record)
         self.store.put(record)
         self._spawn(self._follow_plan(record))
-        log.info("%s started: %s", record.run_id, spec.to_json())
+        log.info("%s started: %s", record.run_id, record.spec.to_json())
         return record
+
+    def continue_interrupted(self) -> list[str]:
+        """Continue the runs a stopped server left active (a persistent store remembers them); returns their ids.
+
+        Each continues under its own id from its last checkpoint (afresh when it has none:
+        its seeds and data positions make that the same run) once a plan is connected.
+        """
+        continued = []
+        for old in self.store.list_runs():
+            if not old.machine.active:
+                continue
+            record = recovery.after_restart(old)
+            self.checkpoints.remove_incomplete(old.run_id)
+            try:
+                self._begin(record, resume=self.checkpoints.latest(old.run_id) is not None)
+            except ValueError as exc:
+                old.machine.phase, old.machine.error = Phase.FAILED, f"could not continue after a server restart: {exc}"
+                self.store.put(old)
+                continue
+            continued.append(record.run_id)
+        return continued
 
     def stop(self, run_id: str) -> RunRecord:
         """Stop a run (KeyError when unknown); it keeps its checkpoints."""
@@ -157,6 +173,7 @@ class RunManager:
         if record is None:
             raise KeyError(run_id)
         record.machine.stop()
+        self._save(record)
         return record
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -172,6 +189,17 @@ class RunManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _save(self, record: RunRecord) -> None:
+        """Put ``record`` again when it changed since it was last put (a persistent store writes it)."""
+        if self.store.get(record.run_id) not in (None, record):
+            return  # replaced by a replay (server.training.recovery)
+        m = record.machine
+        mark = (m.phase, m.round, m.turn, m.error, len(m.history), len(record.checkpoints), len(record.signals),
+                len(record.recoveries), record.plan_id, sum(c["uploaded"] + c["downloaded"] for c in record.traffic_json()))  # fmt: skip
+        if self._saved.get(record.run_id) != mark:
+            self.store.put(record)
+            self._saved[record.run_id] = mark
 
     def _new_id(self) -> str:
         taken = {r.run_id for r in self.store.list_runs()}
@@ -218,7 +246,25 @@ class RunManager:
     # -- ControlListener -------------------------------------------------------------------
 
     def membership_changed(self) -> None:
-        """Nothing to do: a changed plan is noticed when the run's plan goes away."""
+        """A client came or went: a run that lost one of its holders replays its round without it."""
+        for record in self.store.list_runs():
+            if record.machine.active and record.machine.phase != Phase.WAITING:
+                gone = recovery.lost_holders(record, self.handler)
+                if gone:
+                    client = self.state.get_client(gone[0])
+                    self._recover(record, gone[0], client.status_reason if client is not None else "it is gone")
+
+    def _recover(self, record: RunRecord, lost: str, reason: str) -> None:
+        """Replay ``record``'s round after losing ``lost`` (or fail it when its retries are spent)."""
+        log.warning("%s: lost %s in round %d (%s); replaying the round", record.run_id, lost or "a client",
+                    record.machine.round, reason)  # fmt: skip
+        replay = recovery.recover(record, lost=lost, reason=reason, handler=self.handler, begin=self._begin_replay)
+        if replay is None:
+            log.error("%s: %s", record.run_id, record.machine.error)
+            self._save(record)
+
+    def _begin_replay(self, record: RunRecord) -> None:
+        self._begin(record, resume=self.checkpoints.latest(record.run_id) is not None)
 
     def status_reported(self, client_id: str, report: StatusReport) -> None:
         """Follow the commands this manager sent."""
@@ -235,7 +281,11 @@ class RunManager:
                 return
             del record.commands[report.command_id]
             if report.state == CommandState.FAILED:
-                record.machine.failed(f"{kind} on {client_id} ({bridge_run}) failed: {report.message}")
+                holders = record.machine.pipelines.get(bridge_run)
+                if report.lost_peer and holders is not None and report.lost_peer in holders.holders:
+                    self._recover(record, report.lost_peer, f"{client_id} lost it: {report.message}")
+                else:
+                    record.machine.failed(f"{kind} on {client_id} ({bridge_run}) failed: {report.message}")
                 return
             if kind == "train":
                 try:
@@ -298,6 +348,7 @@ class RunManager:
                 prepare = prepare_command(spec, action.bridge_run, owner, path=self._path_of(spec, action.bridge_run))
                 self._send(record, "prepare", action.client_id, action.bridge_run, prepare)
             elif isinstance(action, SendTrain):
+                recovery.note_resumed(record)
                 work = record.seams.local_work.assign(action.round, action.client_id)
                 record.asked[action.bridge_run] = (action.round, work)
                 body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work,
@@ -323,11 +374,22 @@ class RunManager:
         machine = record.machine
         while machine.phase == Phase.WAITING:
             deployment = self.state.get_deployment()
-            if deployment is not None and deployment.state == "connected" and deployment.plan_id:
+            if record.wait_for_owners_until and time.time() > record.wait_for_owners_until:
+                machine.failed(
+                    f"the data owners {sorted(record.owners_wanted)} were not all back in a plan within "
+                    f"[recovery] owner_wait_s = {record.spec.recovery.owner_wait_s:g} s; start them, then continue "
+                    f"with titanic-server runs start RUN_FILE --resume {record.run_id}"
+                )
+                break
+            if (
+                deployment is not None and deployment.state == "connected" and deployment.plan_id
+                and deployment.plan_id != record.replaces_plan and set(record.owners_wanted) <= set(deployment.owners)
+            ):  # fmt: skip
                 try:
                     pipelines = self._pipelines(record, deployment)
                 except ValueError as exc:
                     machine.failed(str(exc))
+                    self._save(record)
                     return
                 record.plan_id = deployment.plan_id
                 self._apply(record, machine.pipelines_ready(pipelines))
@@ -337,12 +399,24 @@ class RunManager:
             deployment = self.state.get_deployment()
             if deployment is None or deployment.plan_id != record.plan_id or deployment.state == "failed":
                 reason = deployment.error if deployment is not None and deployment.error else "the plan changed"
-                machine.failed(f"the run's plan {record.plan_id} is gone ({reason}); resume from the last checkpoint")
-                return
+                gone = recovery.lost_holders(record, self.handler)
+                self._recover(record, gone[0] if gone else "", f"the run's plan {record.plan_id} is gone ({reason})")
+                break
+            self._save(record)
             await asyncio.sleep(_POLL_S)
+        self._save(record)
+        if self.store.get(record.run_id) is record:
+            self._retire_plan(record)
+
+    def _retire_plan(self, record: RunRecord) -> None:
+        """The run ended: its plan's stages hold what it trained, so the next run gets a new plan (fresh weights)."""
+        deployment = self.state.get_deployment()
+        if deployment is not None and record.plan_id and deployment.plan_id == record.plan_id:
+            self.state.set_deployment(replace(deployment, state="retired", error=f"{record.run_id} trained on it"))
+            self.handler.request_replan()
 
     def _pipelines(self, record: RunRecord, deployment: Deployment) -> dict[str, PipelineInfo]:
-        wanted = record.spec.owners
+        wanted = record.owners_wanted or record.spec.owners
         owners = [o for o in deployment.owners if not wanted or o in wanted]
         absent = sorted(set(wanted) - set(owners))
         if absent:

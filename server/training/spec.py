@@ -87,6 +87,11 @@ stays complete and true). The model and its stages come from the server's ``[mod
     val_fraction = 0.1     # share of each owner's sequences held out, in (0, 1), so owners can report perplexity
     eval_batch_size = 8    # sequences per validation batch
 
+    [recovery]             # what the server does when it loses a client mid-round (server.training.recovery)
+    retries = 3            # times one round is replayed (replanned, reloaded from its start, same batches) before the run fails
+    owner_quorum = 0.0     # parallel owners: share of a round's owners that may finish it without a lost one, in [0, 1] (0: wait for every owner)
+    owner_wait_s = 60.0    # how long a round waits for a lost data owner to come back before the run fails
+
 ``fedavg`` takes the copies' average weighted by the owners' training samples. A server
 optimizer takes the round's starting state minus that average as a pseudo-gradient and
 makes one step with it: ``fedavg`` with a ``server_lr`` other than 1 a plain SGD step (Photon
@@ -458,6 +463,22 @@ class EvaluationSection:
         _check_count("[evaluation] ", "eval_batch_size", self.eval_batch_size)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoverySection:
+    """``[recovery]``: replaying a round after a client is lost (:mod:`server.training.recovery`)."""
+
+    retries: int = 3  # replays of one round before the run fails (0: a lost client fails the run)
+    owner_quorum: float = 0.0  # parallel owners: share that may finish a round without a lost one (0: all must)
+    owner_wait_s: float = 60.0  # how long a round waits for a lost data owner before the run fails
+
+    def __post_init__(self) -> None:
+        _check_count("[recovery] ", "retries", self.retries, least=0)
+        if not (_is_number(self.owner_quorum) and 0.0 <= self.owner_quorum <= 1.0):
+            raise ValueError(f"[recovery] owner_quorum must be in [0, 1] (0: wait for every owner), got {self.owner_quorum!r}")
+        if not (_is_number(self.owner_wait_s) and math.isfinite(self.owner_wait_s) and self.owner_wait_s > 0):
+            raise ValueError(f"[recovery] owner_wait_s must be a number of seconds > 0, got {self.owner_wait_s!r}")
+
+
 #: section name -> its dataclass (and the RunSpec field holding it)
 SECTIONS: dict[str, type[Any]] = {
     "participation": ParticipationSection,
@@ -468,6 +489,7 @@ SECTIONS: dict[str, type[Any]] = {
     "aggregation": AggregationSection,
     "communication": CommunicationSection,
     "evaluation": EvaluationSection,
+    "recovery": RecoverySection,
 }
 
 #: the keys at the top level of a run file (besides the sections and the flat keys)
@@ -518,6 +540,7 @@ class RunSpec:
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     communication: CommunicationSection = field(default_factory=CommunicationSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    recovery: RecoverySection = field(default_factory=RecoverySection)
 
     def __post_init__(self) -> None:
         for key in ("name", "model", "tokenizer"):

@@ -77,3 +77,13 @@ def test_run_table_puts_the_plans_estimate_beside_the_measured_step() -> None:
     lines = run_table({"run_id": "run-1", "state": "done", "round": 1, "rounds": 1, "history": [entry]}).splitlines()
     assert lines[1].endswith("est. step s")
     assert lines[3].split()[-3:] == ["-", "4.103", "(chain)"]
+
+
+def test_run_table_lists_what_recovery_did() -> None:
+    """Each recovery is a row: round, kind, the client lost, steps redone, seconds until training resumed."""
+    from server.observe.tables import run_table
+
+    entry = {"kind": "lost client", "round": 2, "lost": "helper0", "steps_redone": 5, "recover_s": 1.25, "reason": "gone"}
+    text = run_table({"run_id": "run-1", "state": "done", "round": 2, "rounds": 2, "history": [], "recoveries": [entry]})
+    assert "lost client" in text and "helper0" in text and "1.25" in text
+    assert "recovery" not in run_table({"run_id": "run-1", "state": "done", "round": 2, "rounds": 2, "history": []})
