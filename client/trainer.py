@@ -50,6 +50,8 @@ def check_train(cmd: Train) -> Train:
         raise HostingError(f"training setting 'min_lr' must be in [0, lr], got {cmd.min_lr!r}")
     if not (math.isfinite(cmd.clip_norm) and cmd.clip_norm >= 0):
         raise HostingError(f"training setting 'clip_norm' must be a finite number >= 0 (0: off), got {cmd.clip_norm!r}")
+    if not (math.isfinite(cmd.time_budget_s) and cmd.time_budget_s >= 0):
+        raise HostingError(f"training setting 'time_budget_s' must be a finite number >= 0 (0: none), got {cmd.time_budget_s!r}")
     if cmd.warmup_steps > cmd.total_steps > 0:
         raise HostingError(f"training setting 'warmup_steps' ({cmd.warmup_steps}) exceeds total_steps ({cmd.total_steps})")
     if cmd.batch_size % cmd.micro_batches:
@@ -164,6 +166,8 @@ class OwnerTrainer:
         # build_owner_optimizer when the run is prepared, over stages tie_owner_stages tied,
         # so that a handed-over optimizer state can be loaded before round 1.
         self.optimizer: Any = optimizer
+        self._last_evaluation_s: float | None = None  # how long the last round's evaluation took
+        self._batch_size = settings.batch_size  # of the round being trained (for the first evaluation's guess)
 
     def train_round(self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None) -> RoundReport:
         """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking).
@@ -181,7 +185,9 @@ class OwnerTrainer:
             total_steps=settings.total_steps, min_lr=settings.min_lr,
         )  # fmt: skip
         began = time.perf_counter()
+        self._batch_size = settings.batch_size
         self.pipeline.reset_stage_times()  # this round's steps only
+        budget = settings.time_budget_s or None
         steps = run_steps(
             self.pipeline,
             self.dataset,
@@ -195,22 +201,36 @@ class OwnerTrainer:
             schedule=schedule,
             clip_norm=settings.clip_norm or None,
             on_step=on_step,
+            time_budget_s=budget,
+            after_s=self._evaluation_seconds,
         )
         # Per stage, the owner's wait per step (transfers + the host's compute), before evaluation adds none.
         stage_seconds = tuple(self.pipeline.stage_seconds())
         step_seconds = self.pipeline.step_seconds()
+        evaluation_began = time.perf_counter()
         val_loss, ppl = evaluate(self.pipeline, self.dataset, settings.eval_batch_size)
+        self._last_evaluation_s = time.perf_counter() - evaluation_began
         val_tokens = sum(b.num_targets for b in self.dataset.validation_batches(settings.eval_batch_size))
         return RoundReport(
             round=settings.round,
             steps=tuple(steps),
             evaluation=Evaluation(loss=val_loss, perplexity=ppl, tokens=val_tokens),
-            samples=settings.steps * settings.batch_size,  # sequences trained this round
+            samples=len(steps) * settings.batch_size,  # sequences trained this round
             data_samples=self.dataset.num_samples,  # training sequences held: the FedAvg weight
             seconds=time.perf_counter() - began,
             stage_seconds=stage_seconds,
             step_seconds=step_seconds,
         )
+
+    def _evaluation_seconds(self, step_s: float) -> float:
+        """What the evaluation after training will take: as long as the last one, or (round 1) a guess from the step time.
+
+        A forward pass costs about a third of a training step's forward and backward, per
+        sequence; the guess assumes the training batch of the last Train.
+        """
+        if self._last_evaluation_s is not None:
+            return self._last_evaluation_s
+        return self.dataset.num_validation * step_s / (3 * max(self._batch_size, 1))
 
     def close(self) -> None:
         """Close the connections and the pipeline (blocking)."""
