@@ -159,8 +159,21 @@ def run_table(run: Mapping[str, Any]) -> str:
                      f"{step:.3f}" if isinstance(step, int | float) else "-", " ".join(f"{x:.3f}" for x in stages) or "-"])
     headers = ["round", "owner", "first loss", "last loss", "val loss", "val ppl", "samples", "step s", "s/step per stage"]
     table = format_table(headers, rows)
-    parts = [head + "\n" + table, ppl_table(run.get("per_round", [])), signals_table(run), traffic_table(run)]
+    parts = [head + "\n" + table, ppl_table(run.get("per_round", [])), idle_table(run), signals_table(run),
+             traffic_table(run)]  # fmt: skip
     return "\n\n".join(part for part in parts if part)
+
+
+def idle_table(run: Mapping[str, Any]) -> str:
+    """How each device spent each round's training time: busy, pipeline bubble, waiting for the round's end (ratios)."""
+    rows = []
+    for r in run.get("per_round", []):
+        for device, f in sorted((r.get("idle") or {}).items()):
+            rows.append([r.get("round", 0), device, *(f"{100 * f.get(k, 0.0):.1f} %" for k in ("busy", "bubble", "wait", "idle")),
+                         f"{f.get('wall_s', 0.0):.2f}"])  # fmt: skip
+    if not rows:
+        return ""
+    return format_table(["round", "device", "busy", "bubble", "waiting", "idle", "round s"], rows)
 
 
 def traffic_table(run: Mapping[str, Any]) -> str:

@@ -242,8 +242,12 @@ def test_the_dashboard_shows_the_run_live_and_its_numbers_match_the_api(
         want = latest[row["run_id"]]["stage_seconds"][row["partition"]]
         assert float(read(browser, measured, "data-seconds")) == pytest.approx(want)
         assert read(browser, measured).startswith("measured ")
-    # No idle ratio in these round reports: the panel says so rather than inventing one.
-    assert "Not reported" in read(browser, "#idle")
+    # Idle ratios: one row per device of the plan, one cell per round, as the history entries carry them.
+    ratios = {(d, h["round"]): v for h in run["history"] for d, v in h["idle_ratio"].items()}
+    assert {d for d, _ in ratios} == {*OWNERS, HELPER}
+    for (device, round_), ratio in ratios.items():
+        cell = f'#idle-table tr[data-device="{device}"] td[data-round="{round_}"]'
+        assert read(browser, cell) == f"{100 * ratio:.1f} %"
 
     # Logging out ends the session: the login form, and no cookie left.
     browser.find_element(By.ID, "logout").click()
