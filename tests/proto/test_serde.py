@@ -72,7 +72,8 @@ def test_registration_reaches_server_intact() -> None:
     got = serde.registration_from_proto(pb.RegisterRequest.FromString(request.SerializeToString()), address="ipv4:x")
     assert got.join_token == "tok" and got.client_key is None and got.address == "ipv4:x"
     assert got.info == info
-    assert got.profile.declared == frozenset({"upload_bytes_per_s"}) and got.profile.upload_bytes_per_s == 7.0
+    assert got.profile.declared == frozenset({"upload_bytes_per_s", "max_micro_batch"}) and got.profile.upload_bytes_per_s == 7.0
+    assert got.profile.max_micro_batch == 4
 
 
 def test_a_key_wins_over_a_join_token() -> None:
