@@ -167,12 +167,15 @@ class OwnerTrainer:
         # so that a handed-over optimizer state can be loaded before round 1.
         self.optimizer: Any = optimizer
         self._last_evaluation_s: float | None = None  # how long the last round's evaluation took
-        self._batch_size = settings.batch_size  # of the round being trained (for the first evaluation's guess)
 
-    def train_round(self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None) -> RoundReport:
-        """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking).
+    def train_round(
+        self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None, *, received: float | None = None
+    ) -> RoundReport:
+        """Train ``settings.steps`` steps (or until its time budget is spent), then evaluate; what the owner reports (blocking).
 
         ``on_step(i, record)`` is called after step ``i`` (0-based, within the round) of the round.
+        ``received`` (``time.perf_counter()``) is when the Train command arrived: a time budget
+        counts from then, so what came before this call (building the trainer) is spent of it.
         """
         from functools import partial
 
@@ -185,9 +188,13 @@ class OwnerTrainer:
             total_steps=settings.total_steps, min_lr=settings.min_lr,
         )  # fmt: skip
         began = time.perf_counter()
-        self._batch_size = settings.batch_size
         self.pipeline.reset_stage_times()  # this round's steps only
-        budget = settings.time_budget_s or None
+        budget = None
+        if settings.time_budget_s > 0:
+            deadline = (received if received is not None else began) + settings.time_budget_s
+            if self._last_evaluation_s is None:
+                self._last_evaluation_s = self._first_evaluation_guess(settings.eval_batch_size)
+            budget = max(deadline - time.perf_counter(), 1e-3)  # at least one step, whatever is left
         steps = run_steps(
             self.pipeline,
             self.dataset,
@@ -222,15 +229,19 @@ class OwnerTrainer:
             step_seconds=step_seconds,
         )
 
-    def _evaluation_seconds(self, step_s: float) -> float:
-        """What the evaluation after training will take: as long as the last one, or (round 1) a guess from the step time.
+    def _first_evaluation_guess(self, batch_size: int) -> float:
+        """Before any evaluation was timed: one validation batch's forward pass, times the number of batches."""
+        batches = list(self.dataset.validation_batches(batch_size))
+        if not batches:
+            return 0.0
+        first = batches[0]
+        began = time.perf_counter()
+        self.pipeline.eval_loss(first.input_ids, first.attention_mask, first.labels)
+        return (time.perf_counter() - began) * len(batches)
 
-        A forward pass costs about a third of a training step's forward and backward, per
-        sequence; the guess assumes the training batch of the last Train.
-        """
-        if self._last_evaluation_s is not None:
-            return self._last_evaluation_s
-        return self.dataset.num_validation * step_s / (3 * max(self._batch_size, 1))
+    def _evaluation_seconds(self, step_s: float) -> float:
+        """What the evaluation after training will take: as long as the last one (or the first one's guess)."""
+        return self._last_evaluation_s or 0.0
 
     def close(self) -> None:
         """Close the connections and the pipeline (blocking)."""

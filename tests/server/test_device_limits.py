@@ -40,7 +40,9 @@ def test_the_limit_follows_from_memory_and_the_owner_partitions() -> None:
     profiles = {"o": DeviceProfile(memory_bytes=memory, flops_per_s=1e9), "h": DeviceProfile(flops_per_s=2e9)}
     got = owner_devices(rows, costs, profiles, seq_len=SEQ_LEN)["o"]  # type: ignore[arg-type]
     assert got.max_micro_batch == 5 and not got.declared
-    want = sum(costs[("p0", k)].train_flops_per_token * SEQ_LEN / f for k, f in ((0, 1e9), (1, 2e9), (2, 1e9)))  # type: ignore[attr-defined]
+    want = sum(
+        costs[("p0", k)].train_flops_per_token * SEQ_LEN / f for k, f in ((0, 1e9), (1, 2e9), (2, 1e9))
+    )  # type: ignore[attr-defined]
     assert got.seconds_per_sequence == pytest.approx(want)
 
 

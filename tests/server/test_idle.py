@@ -27,24 +27,49 @@ def test_owner_and_helper_of_a_three_stage_pipeline() -> None:
 
 def test_a_helper_of_two_pipelines_adds_its_work() -> None:
     """A device serving two owners is busy for both and active as long as the longer one."""
-    one = PipelineTiming(owner="a", active_s=2.0, steps=1, stage_seconds=(0.2, 0.6, 0.2), holders={0: "a", 1: "h", 2: "a"})
-    two = PipelineTiming(owner="b", active_s=1.0, steps=1, stage_seconds=(0.2, 0.3, 0.2), holders={0: "b", 1: "h", 2: "b"})
+    one = PipelineTiming(
+        owner="a", active_s=2.0, steps=1, stage_seconds=(0.2, 0.6, 0.2), holders={0: "a", 1: "h", 2: "a"}
+    )
+    two = PipelineTiming(
+        owner="b", active_s=1.0, steps=1, stage_seconds=(0.2, 0.3, 0.2), holders={0: "b", 1: "h", 2: "b"}
+    )
     got = turn_idle(2.0, [one, two])["h"]
-    assert got["busy_s"] == pytest.approx(0.9) and got["bubble_s"] == pytest.approx(1.1) and got["wait_s"] == 0.0
+    assert (
+        got["busy_s"] == pytest.approx(0.9) and got["bubble_s"] == pytest.approx(1.1) and got["wait_s"] == 0.0
+    )
 
 
 def test_rounds_count_each_device_once_per_turn() -> None:
     """per_round sums a device's seconds over a round's turns, once each even when two entries of a turn carry it."""
+
     def fig(wall: float, busy: float, wait: float) -> dict[str, float]:
         return {"wall_s": wall, "busy_s": busy, "bubble_s": 0.0, "wait_s": wait}
 
     history = [
-        {"round": 1, "turn": 0, "owner": "a", "val_loss": 1.0, "ppl": 2.7, "idle": {"a": fig(2, 2, 0), "h": fig(2, 1, 1)}},
-        {"round": 1, "turn": 0, "owner": "b", "val_loss": 1.0, "ppl": 2.7, "idle": {"b": fig(2, 1, 1), "h": fig(2, 1, 1)}},
+        {
+            "round": 1,
+            "turn": 0,
+            "owner": "a",
+            "val_loss": 1.0,
+            "ppl": 2.7,
+            "idle": {"a": fig(2, 2, 0), "h": fig(2, 1, 1)},
+        },
+        {
+            "round": 1,
+            "turn": 0,
+            "owner": "b",
+            "val_loss": 1.0,
+            "ppl": 2.7,
+            "idle": {"b": fig(2, 1, 1), "h": fig(2, 1, 1)},
+        },
         {"round": 1, "turn": 1, "owner": "a", "val_loss": 1.0, "ppl": 2.7, "idle": {"a": fig(6, 3, 3)}},
     ]
     idle = per_round_idle(history)[1]
-    assert idle["a"]["wait"] == pytest.approx(3 / 8) and idle["h"]["idle"] == pytest.approx(0.5) and idle["b"]["busy"] == 0.5
+    assert (
+        idle["a"]["wait"] == pytest.approx(3 / 8)
+        and idle["h"]["idle"] == pytest.approx(0.5)
+        and idle["b"]["busy"] == 0.5
+    )
     (entry,) = per_round(history)
     assert entry["idle"] == idle
     table = idle_table({"per_round": [entry]})
