@@ -32,7 +32,7 @@ their length and then over owners), and the validation perplexity of the final c
 every owner's held-out sequences (token-weighted), computed in this process.
 
     python -m bench.heterogeneity --quick --configs s3            # tiny Llama, 2 rounds of 8 steps: about 4 minutes
-    for c in s1 s2a s2b s3 homogeneous; do                          # 3 rounds of 24 steps, 4-8 minutes each
+    for c in s1 s2a s2b s3 homogeneous; do                          # 3 rounds of 16 steps, 4-8 minutes each
         python -m bench.heterogeneity --configs $c --results het.json; done
     python -m bench.heterogeneity --configs smha25,smha50,s1_smha,s3_smha --results het.json
 
@@ -87,14 +87,12 @@ class HeterogeneitySettings:
     )
     configs: tuple[str, ...] = DEFAULT_CONFIGS
     rounds: int = 3  # rounds of every configuration
-    steps: int = (
-        24  # s1's steps per round; s2's samples are steps x batch_size; s3's budget is sized for these steps
-    )
+    steps: int = 16  # s1's steps per round (s2: steps x batch_size samples; s3: the budget's steps)
     batch_size: int = 4  # the run's batch (s2a's steps)
     seq_len: int = 32
     lr: float = 3e-3
     seed: int = 0
-    cpu_unit: float = 0.15  # share of one core per unit of speed (the fastest owner: 4 x cpu_unit)
+    cpu_unit: float = 0.1  # share of one core per unit of speed (the fastest owner: 4 x cpu_unit)
     max_chars_per_owner: int = 8_000  # KJV text per owner
     val_fraction: float = 0.1
     tiny_layers: int = 2
@@ -272,6 +270,7 @@ class CpuShares:
     """One cgroup per owner process with a CFS quota (v1 ``cpu`` or v2 ``cpu.max``); off when neither can be written."""
 
     PERIOD_US = 100_000
+    WEIGHT = 8192  # cpu.shares (v1; the default is 1024), scaled for v2's cpu.weight (default 100)
 
     def __init__(self, tag: str) -> None:
         self.tag = tag
@@ -297,11 +296,15 @@ class CpuShares:
             folder.mkdir(exist_ok=True)
             if folder not in self.made:
                 self.made.append(folder)
+            # The quota caps the process; the raised weight lets it reach its cap on a machine other jobs keep busy
+            # (at the default weight a busy machine, not the quota, would set every owner's speed).
             if self.v2:
                 (folder / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+                (folder / "cpu.weight").write_text(str(self.WEIGHT * 100 // 1024))
             else:
                 (folder / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
                 (folder / "cpu.cfs_quota_us").write_text(str(quota))
+                (folder / "cpu.shares").write_text(str(self.WEIGHT))
             (folder / "cgroup.procs").write_text(str(pid))
         except OSError as exc:
             print(

@@ -82,8 +82,10 @@ def run_steps(
     if time_budget_s is not None and not (math.isfinite(time_budget_s) and time_budget_s > 0):
         raise ValueError(f"time_budget_s must be a finite number > 0, got {time_budget_s}")
     records: list[StepRecord] = []
+    # An epoch's last, smaller batch may have fewer rows than the pipeline's micro-batches: leave it out then.
+    stream = dataset.stream(batch_size, start=start, drop_last=pipeline.settings.micro_batches > 1)
     loop_began = time.perf_counter()
-    for index, batch in enumerate(itertools.islice(dataset.stream(batch_size, start=start), steps), start=start):
+    for index, batch in enumerate(itertools.islice(stream, steps), start=start):
         if time_budget_s is not None and records:
             spent = time.perf_counter() - loop_began
             mean = spent / len(records)

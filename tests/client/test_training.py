@@ -154,3 +154,22 @@ def test_a_time_budget_must_be_positive():
 
     with pytest.raises(ValueError, match="time_budget_s"):
         run_steps(None, _dataset(), steps=1, batch_size=1, start=0, local_optimizer=None, time_budget_s=0.0)  # type: ignore[arg-type]
+
+
+def test_micro_batches_skip_an_epoch_end_too_small_to_split():
+    """With 4 micro-batches, an epoch's last batch of 2 rows is left out and the stream goes on into the next epoch."""
+    from autograd_bridge.pipeline import PipelineSettings
+    from client.training import run_steps
+
+    dataset = _dataset()
+    assert dataset.num_samples % 4 == 2  # the epoch ends in a batch of 2 rows
+    split = memory_split(_model(), 1)
+    try:
+        optimizer = build_local_optimizer(split.stages, lr=LR)
+        pipeline = Pipeline(split.chain(), split.runtime, PipelineSettings(micro_batches=4))
+        records = run_steps(pipeline, dataset, steps=dataset.num_samples // 4 + 1, batch_size=4, start=0,
+                            local_optimizer=optimizer, lr=LR)  # fmt: skip
+        pipeline.close()
+    finally:
+        split.close()
+    assert len(records) == dataset.num_samples // 4 + 1 and all(r.tokens > 0 for r in records)
