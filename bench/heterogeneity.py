@@ -31,7 +31,7 @@ training time, as the server's idle accounting reports it, averaged over rounds 
 their length and then over owners), and the validation perplexity of the final checkpoint on
 every owner's held-out sequences (token-weighted), computed in this process.
 
-    python -m bench.heterogeneity --quick --configs s3            # tiny Llama, 2 rounds of 8 steps: about 4 minutes
+    python -m bench.heterogeneity --quick --configs s3            # tiny Llama, 2 rounds of 8 steps: about 2 minutes
     for c in s1 s2a s2b s3 homogeneous; do                          # 3 rounds of 16 steps, 4-8 minutes each
         python -m bench.heterogeneity --configs $c --results het.json; done
     python -m bench.heterogeneity --configs smha25,smha50,s1_smha,s3_smha --results het.json
