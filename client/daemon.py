@@ -448,6 +448,7 @@ class ClientDaemon:
 
     async def _train(self, channel: ControlChannel, cmd: Train) -> tuple[RunStatus, RoundReport]:
         """Train one round through the run's pipeline; its report goes back with the status."""
+        received = time.perf_counter()  # a time budget counts from here: setting the trainer up is part of the round
         data = self.config.client.data
         if data is None:
             raise HostingError("this client has no data to train on; start it with --data")
@@ -470,7 +471,7 @@ class ClientDaemon:
                 )  # fmt: skip
                 self._trainers[cmd.run_id] = trainer
             progress = _ProgressReporter(channel, _COMMAND_ID.get(), settings, asyncio.get_running_loop())
-            report = await asyncio.to_thread(trainer.train_round, settings, progress.step_done)
+            report = await asyncio.to_thread(trainer.train_round, settings, progress.step_done, received=received)
             await progress.flush()
         except (PeerLostError, BridgeTimeoutError) as exc:
             raise _peer_gone(run, exc) from exc

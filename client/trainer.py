@@ -54,6 +54,8 @@ def check_train(cmd: Train) -> Train:
         raise HostingError(f"training setting 'min_lr' must be in [0, lr], got {cmd.min_lr!r}")
     if not (math.isfinite(cmd.clip_norm) and cmd.clip_norm >= 0):
         raise HostingError(f"training setting 'clip_norm' must be a finite number >= 0 (0: off), got {cmd.clip_norm!r}")
+    if not (math.isfinite(cmd.time_budget_s) and cmd.time_budget_s >= 0):
+        raise HostingError(f"training setting 'time_budget_s' must be a finite number >= 0 (0: none), got {cmd.time_budget_s!r}")
     if cmd.warmup_steps > cmd.total_steps > 0:
         raise HostingError(f"training setting 'warmup_steps' ({cmd.warmup_steps}) exceeds total_steps ({cmd.total_steps})")
     if cmd.batch_size % cmd.micro_batches:
@@ -189,11 +191,16 @@ class OwnerTrainer:
         # build_owner_optimizer when the run is prepared, over stages tie_owner_stages tied,
         # so that a handed-over optimizer state can be loaded before round 1.
         self.optimizer: Any = optimizer
+        self._last_evaluation_s: float | None = None  # how long the last round's evaluation took
 
-    def train_round(self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None) -> RoundReport:
-        """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking).
+    def train_round(
+        self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None, *, received: float | None = None
+    ) -> RoundReport:
+        """Train ``settings.steps`` steps (or until its time budget is spent), then evaluate; what the owner reports (blocking).
 
         ``on_step(i, record)`` is called after step ``i`` (0-based, within the round) of the round.
+        ``received`` (``time.perf_counter()``) is when the Train command arrived: a time budget
+        counts from then, so what came before this call (building the trainer) is spent of it.
         """
         from functools import partial
 
@@ -207,6 +214,12 @@ class OwnerTrainer:
         )  # fmt: skip
         began = time.perf_counter()
         self.pipeline.reset_stage_times()  # this round's steps only
+        budget = None
+        if settings.time_budget_s > 0:
+            deadline = (received if received is not None else began) + settings.time_budget_s
+            if self._last_evaluation_s is None:
+                self._last_evaluation_s = self._first_evaluation_guess(settings.eval_batch_size)
+            budget = max(deadline - time.perf_counter(), 1e-3)  # at least one step, whatever is left
         steps = run_steps(
             self.pipeline,
             self.dataset,
@@ -220,22 +233,40 @@ class OwnerTrainer:
             schedule=schedule,
             clip_norm=settings.clip_norm or None,
             on_step=on_step,
+            time_budget_s=budget,
+            after_s=self._evaluation_seconds,
         )
         # Per stage, the owner's wait per step (transfers + the host's compute), before evaluation adds none.
         stage_seconds = tuple(self.pipeline.stage_seconds())
         step_seconds = self.pipeline.step_seconds()
+        evaluation_began = time.perf_counter()
         val_loss, ppl = evaluate(self.pipeline, self.dataset, settings.eval_batch_size)
+        self._last_evaluation_s = time.perf_counter() - evaluation_began
         val_tokens = sum(b.num_targets for b in self.dataset.validation_batches(settings.eval_batch_size))
         return RoundReport(
             round=settings.round,
             steps=tuple(steps),
             evaluation=Evaluation(loss=val_loss, perplexity=ppl, tokens=val_tokens),
-            samples=settings.steps * settings.batch_size,  # sequences trained this round
+            samples=len(steps) * settings.batch_size,  # sequences trained this round
             data_samples=self.dataset.num_samples,  # training sequences held: the FedAvg weight
             seconds=time.perf_counter() - began,
             stage_seconds=stage_seconds,
             step_seconds=step_seconds,
         )
+
+    def _first_evaluation_guess(self, batch_size: int) -> float:
+        """Before any evaluation was timed: one validation batch's forward pass, times the number of batches."""
+        batches = list(self.dataset.validation_batches(batch_size))
+        if not batches:
+            return 0.0
+        first = batches[0]
+        began = time.perf_counter()
+        self.pipeline.eval_loss(first.input_ids, first.attention_mask, first.labels)
+        return (time.perf_counter() - began) * len(batches)
+
+    def _evaluation_seconds(self, step_s: float) -> float:
+        """What the evaluation after training will take: as long as the last one (or the first one's guess)."""
+        return self._last_evaluation_s or 0.0
 
     def close(self) -> None:
         """Close the connections and the pipeline (blocking)."""

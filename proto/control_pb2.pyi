@@ -42,7 +42,7 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("flops_per_s", "memory_bytes", "gpu_memory_bytes", "device", "accelerator", "upload_bytes_per_s", "download_bytes_per_s", "rtt_s", "capacity", "declared", "flops_method")
+    __slots__ = ("flops_per_s", "memory_bytes", "gpu_memory_bytes", "device", "accelerator", "upload_bytes_per_s", "download_bytes_per_s", "rtt_s", "capacity", "declared", "flops_method", "max_micro_batch")
     FLOPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class DeviceProfile(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DECLARED_FIELD_NUMBER: _ClassVar[int]
     FLOPS_METHOD_FIELD_NUMBER: _ClassVar[int]
+    MAX_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     flops_per_s: float
     memory_bytes: int
     gpu_memory_bytes: int
@@ -65,7 +66,8 @@ class DeviceProfile(_message.Message):
     capacity: int
     declared: _containers.RepeatedScalarFieldContainer[str]
     flops_method: str
-    def __init__(self, flops_per_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., accelerator: _Optional[str] = ..., upload_bytes_per_s: _Optional[float] = ..., download_bytes_per_s: _Optional[float] = ..., rtt_s: _Optional[float] = ..., capacity: _Optional[int] = ..., declared: _Optional[_Iterable[str]] = ..., flops_method: _Optional[str] = ...) -> None: ...
+    max_micro_batch: int
+    def __init__(self, flops_per_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., accelerator: _Optional[str] = ..., upload_bytes_per_s: _Optional[float] = ..., download_bytes_per_s: _Optional[float] = ..., rtt_s: _Optional[float] = ..., capacity: _Optional[int] = ..., declared: _Optional[_Iterable[str]] = ..., flops_method: _Optional[str] = ..., max_micro_batch: _Optional[int] = ...) -> None: ...
 
 class ClientInfo(_message.Message):
     __slots__ = ("version", "hostname", "platform", "has_data", "data_bytes", "bridge_host")
@@ -220,7 +222,7 @@ class ChainPeers(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerEndpoint, _Mapping]]] = ...) -> None: ...
 
 class Train(_message.Message):
-    __slots__ = ("run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed", "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps", "min_lr", "clip_norm")
+    __slots__ = ("run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed", "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps", "min_lr", "clip_norm", "time_budget_s")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +241,7 @@ class Train(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     steps: int
@@ -257,7 +260,8 @@ class Train(_message.Message):
     total_steps: int
     min_lr: float
     clip_norm: float
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., start: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_batch_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., clip_norm: _Optional[float] = ...) -> None: ...
+    time_budget_s: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., start: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_batch_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
 
 class Upload(_message.Message):
     __slots__ = ("run_id", "partitions", "round", "density", "optimizer_state")

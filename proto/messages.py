@@ -47,6 +47,7 @@ class DeviceProfile:
     capacity: int = 1  # most partitions it hosts at once
     declared: frozenset[str] = frozenset()  # fields set by the operator rather than measured
     flops_method: str = ""  # how flops_per_s was measured
+    max_micro_batch: int = 0  # largest micro-batch it trains at once, declared; 0: the server derives it
 
     @property
     def has_link(self) -> bool:
@@ -298,6 +299,7 @@ class Train:
     total_steps: int = 0  # the run's steps per owner: where the schedule ends
     min_lr: float = 0.0  # the schedule's floor
     clip_norm: float = 0.0  # bound on the joint gradient norm of every stage; 0: no clipping
+    time_budget_s: float = 0.0  # > 0: train until the round has taken this long (steps: the most)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

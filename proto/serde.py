@@ -95,6 +95,7 @@ def device_profile_to_proto(profile: DeviceProfile) -> pb.DeviceProfile:
         capacity=profile.capacity,
         declared=sorted(profile.declared),
         flops_method=profile.flops_method,
+        max_micro_batch=profile.max_micro_batch,
     )
 
 
@@ -112,6 +113,7 @@ def device_profile_from_proto(msg: pb.DeviceProfile) -> DeviceProfile:
         capacity=msg.capacity,
         declared=frozenset(msg.declared),
         flops_method=msg.flops_method,
+        max_micro_batch=msg.max_micro_batch,
     )
 
 
@@ -352,7 +354,7 @@ def _partition_from_proto(msg: pb.PartitionAssignment) -> PartitionAssignment:
 _TRAIN_FIELDS = (
     "run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed",
     "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps",
-    "min_lr", "clip_norm",
+    "min_lr", "clip_norm", "time_budget_s",
 )  # fmt: skip
 
 

@@ -174,6 +174,12 @@ def _timed_run(bed: Testbed, run_file: Path, reports: list[ClientReport], *, as_
     links = "shaped" if bed.links_shaped else "unshaped"
     print(f"after the run ({links} links):", flush=True)
     print(reports_json(timed) if as_json else report_table(timed))
+    if not as_json:
+        from server.observe.tables import idle_table
+
+        for run in runs:  # each device's busy, bubble and waiting share of every round (server/training/idle.py)
+            if table := idle_table(run):
+                print(f"idle per device and round ({run.get('run_id')}):\n{table}", flush=True)
     step = "?" if timing.step_seconds is None else f"{timing.step_seconds:.4f}"
     print(f"links={links} step_s={step} steps={timing.steps}", flush=True)
     return timing

@@ -59,7 +59,9 @@ from server.training import recovery
 from server.training.aggregation import ClientUpdate
 from server.training.checkpoints import CheckpointStore, from_peft_names, to_peft_names
 from server.training.communication import elements_of
+from server.training.device_limits import OwnerDevice, owner_devices
 from server.training.global_model import PartitionTensors, optimizer_state_for, partition_names
+from server.training.idle import PipelineTiming, turn_idle
 from server.training.reports import history_entry, per_round
 from server.training.rounds import (
     Action,
@@ -294,7 +296,13 @@ class RunManager:
                     record.machine.failed(f"the round report of {client_id} ({bridge_run}) was refused: {exc}")
                     return
                 log.info("%s round %d, %s: ppl %.4f", record.run_id, record.machine.round, client_id, metrics["ppl"])
-                self._apply(record, record.machine.train_done(bridge_run, metrics))
+                training = record.machine.phase == Phase.TRAINING
+                if training:
+                    record.clock_train(bridge_run, ended=True)
+                actions = record.machine.train_done(bridge_run, metrics)
+                if training and record.machine.phase != Phase.TRAINING:
+                    self._account_idle(record)  # the turn's last report
+                self._apply(record, actions)
             else:
                 self._apply(record, record.machine.command_done(bridge_run, client_id))
             return
@@ -305,7 +313,9 @@ class RunManager:
             raise ValueError("the Train command finished without a round report; the client must answer Train with one")
         round, work = record.asked[bridge_run]
         entry = history_entry(report.round_report, round=round)
-        record.seams.local_work.check(work, report.round_report)
+        local_work = record.seams.local_work
+        local_work.check(work, report.round_report)
+        entry["weight"] = local_work.record(record.machine.pipelines[bridge_run].owner, report.round_report)
         path = self._path_of(record.spec, bridge_run)
         estimate = self._estimates_of(bridge_run).get(path)
         if isinstance(estimate, int | float):  # the plan's step estimate on the path this round took
@@ -351,6 +361,7 @@ class RunManager:
                 recovery.note_resumed(record)
                 work = record.seams.local_work.assign(action.round, action.client_id)
                 record.asked[action.bridge_run] = (action.round, work)
+                record.clock_train(action.bridge_run, ended=False)
                 body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work,
                                           model=self.model_name, owner=action.client_id)  # fmt: skip
                 self._send(record, "train", action.client_id, action.bridge_run, body)
@@ -387,10 +398,12 @@ class RunManager:
             ):  # fmt: skip
                 try:
                     pipelines = self._pipelines(record, deployment)
+                    devices = await asyncio.to_thread(self._owner_devices, record, deployment)
                 except ValueError as exc:
                     machine.failed(str(exc))
                     self._save(record)
                     return
+                record.seams.local_work.plan(devices, record.spec.training)
                 record.plan_id = deployment.plan_id
                 self._apply(record, machine.pipelines_ready(pipelines))
                 break
@@ -435,6 +448,27 @@ class RunManager:
             pipelines[rows[0].run_id] = PipelineInfo(owner=owner, holders={c: tuple(p) for c, p in holders.items()})
         return pipelines
 
+    def _owner_devices(self, record: RunRecord, deployment: Deployment) -> dict[str, OwnerDevice]:
+        """Each owner's micro-batch limit and guessed speed, from the clients' profiles and the model's costs (blocking)."""
+        from transformers import AutoConfig
+
+        from autograd_bridge.partition import stage_specs_from_counts
+        from autograd_bridge.profile import profile_model, profile_partitions
+
+        assert self.model is not None  # start() checked
+        seq_len = record.spec.training.seq_len
+        with tempfile.TemporaryDirectory(prefix="titanic-config-") as tmp:
+            (Path(tmp) / "config.json").write_text(self.model.config_json())
+            model = profile_model(AutoConfig.from_pretrained(tmp), seq_len=seq_len)
+        rows = [r for r in deployment.rows if r.run_id in record.partitions]
+        costs = {}
+        for run_id in {r.run_id for r in rows}:
+            pipeline = sorted((r for r in rows if r.run_id == run_id), key=lambda r: r.partition)
+            for row, cost in zip(pipeline, profile_partitions(model, stage_specs_from_counts([r.blocks for r in pipeline])), strict=True):
+                costs[(run_id, row.partition)] = cost
+        profiles = {c: self._profile(c) for c in {r.client_id for r in rows}}
+        return owner_devices(rows, costs, profiles, seq_len=seq_len)
+
     def _partition_tensors(self, row: PlanRow) -> PartitionTensors:
         """What partition ``row`` holds: its blocks, and the names in the weight file it was planned with."""
         from safetensors import safe_open  # reads the header only
@@ -446,6 +480,31 @@ class RunManager:
         with safe_open(str(stored.path), framework="pt") as f:
             names = frozenset(f.keys())
         return PartitionTensors(index=row.partition, layer_start=row.layer_start, layer_end=row.layer_end, stored=names)
+
+    @staticmethod
+    def _account_idle(record: RunRecord) -> None:
+        """The turn's pipelines all reported: add each device's idle figures to their history entries."""
+        machine = record.machine
+        group = machine.turns[machine.turn]
+        entries = {h["bridge_run"]: h for h in machine.history[-len(group):] if h["round"] == machine.round}
+        clocks = {run: record.train_clock[run] for run in group if run in record.train_clock}
+        if set(entries) != set(group) or set(clocks) != set(group):
+            return  # a turn resumed halfway has no clock for it
+        began = min(sent for sent, _ in clocks.values())
+        wall = max(ended for _, ended in clocks.values()) - began
+        timings = [
+            PipelineTiming(
+                owner=machine.pipelines[run].owner, active_s=clocks[run][1] - clocks[run][0], steps=len(entries[run]["losses"]),
+                stage_seconds=entries[run]["stage_seconds"],
+                holders={p: c for c, parts in machine.pipelines[run].holders.items() for p in parts},
+            )
+            for run in group
+        ]  # fmt: skip
+        figures = turn_idle(wall, timings)
+        for run in group:
+            devices = sorted(set(machine.pipelines[run].holders) | {machine.pipelines[run].owner})
+            entries[run]["idle"] = {d: figures[d] for d in devices}
+            entries[run]["idle_ratio"] = {d: figures[d]["idle"] for d in devices}
 
     # -- merging, distributing, checkpointing ----------------------------------------------
 

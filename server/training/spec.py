@@ -21,8 +21,15 @@ stays complete and true). The model and its stages come from the server's ``[mod
     count = 0              # sampled: owners training each round, >= 1 (0: unset); set exactly one of the two
 
     [local_work]           # how much each owner trains in a round (server.training.local_work)
-    mode = "steps"         # steps: a fixed number of optimizer steps
-    steps = 10             # optimizer steps per owner and round
+    mode = "steps"         # steps: a fixed number of optimizer steps | samples: the same sequences per owner
+                           # | time: a wall-time budget per round, every owner trains until it is spent
+    steps = 10             # optimizer steps per owner and round (steps); the steps a time budget is sized for (time)
+    samples = 0            # samples: sequences per owner and round (0: steps x [training] batch_size)
+    accumulate = true      # samples: steps of batch_size, micro-batched to each device's limit (true), or
+                           # one step per micro-batch of the device's largest size (false: more steps on small devices)
+    batch = "run"          # steps, time: each owner's batch is batch_size ("run", micro-batched to fit its
+                           # device) or its device's largest micro-batch ("device")
+    seconds = 0.0          # time: the budget per round, seconds (0: from the owners' profiles, then their measured steps)
 
     [training]             # how an owner's pipeline trains
     batch_size = 4         # sequences per optimizer step
@@ -200,11 +207,22 @@ class LocalWorkSection:
     """``[local_work]``: how much each owner trains in a round."""
 
     mode: str = "steps"  # a name in server.training.local_work.LOCAL_WORK
-    steps: int = 10  # optimizer steps per owner and round (mode "steps")
+    steps: int = 10  # optimizer steps per owner and round (steps); the steps a time budget is sized for (time)
+    samples: int = 0  # sequences per owner and round (samples); 0: steps x [training] batch_size
+    accumulate: bool = True  # samples: the run's batch micro-batched to each device (2a), or device-sized steps (2b)
+    batch: str = "run"  # steps, time: "run" ([training] batch_size) or "device" (each owner's largest micro-batch)
+    seconds: float = 0.0  # time: the budget per round; 0: sized from the owners' profiles and measured steps
 
     def __post_init__(self) -> None:
         _check_member("[local_work] mode", self.mode, LOCAL_WORK)
         _check_count("[local_work] ", "steps", self.steps)
+        _check_count("[local_work] ", "samples", self.samples, least=0)
+        if not isinstance(self.accumulate, bool):
+            raise ValueError(f"[local_work] accumulate must be true or false, got {self.accumulate!r}")
+        if self.batch not in ("run", "device"):
+            raise ValueError(f'[local_work] batch must be "run" or "device", got {self.batch!r}')
+        if not (_is_number(self.seconds) and math.isfinite(self.seconds) and self.seconds >= 0):
+            raise ValueError(f"[local_work] seconds must be a finite number >= 0 (0: sized by the server), got {self.seconds!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -710,9 +728,9 @@ def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, mod
         round=round,
         steps=work.steps,
         start=work.start,
-        batch_size=training.batch_size,
+        batch_size=work.batch_size or training.batch_size,
         seq_len=training.seq_len,
-        micro_batches=training.micro_batches,
+        micro_batches=work.micro_batches or training.micro_batches,
         lr=float(training.lr),
         seed=spec.seed,
         val_fraction=float(evaluation.val_fraction),
@@ -724,4 +742,5 @@ def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, mod
         total_steps=training.schedule_steps or spec.rounds * spec.local_work.steps,
         min_lr=float(training.min_lr),
         clip_norm=float(training.clip_norm),
+        time_budget_s=float(work.time_budget_s),
     )

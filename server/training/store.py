@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,16 @@ class RunRecord:
     wait_for_owners_until: float = 0.0
     # Owner -> the round it trains now, step by step as its progress reports come (for live views).
     live: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Bridge run -> (its last Train sent, its round report received): the server's monotonic clock.
+    train_clock: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def clock_train(self, bridge_run: str, *, ended: bool) -> None:
+        """Note the time a pipeline's Train was sent (``ended=False``) or its round report came (``ended=True``)."""
+        now = time.monotonic()
+        if not ended:
+            self.train_clock[bridge_run] = (now, now)
+        elif bridge_run in self.train_clock:
+            self.train_clock[bridge_run] = (self.train_clock[bridge_run][0], now)
 
     @classmethod
     def new(cls, run_id: str, spec: RunSpec, *, created_at: float) -> RunRecord:

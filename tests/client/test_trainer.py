@@ -34,6 +34,8 @@ def test_valid_settings_pass() -> None:
         ({"round": 0}, "round"),
         ({"batch_size": 6, "micro_batches": 4}, "micro_batches"),
         ({"method": "telepathy"}, "method"),
+        ({"time_budget_s": -1.0}, "time_budget_s"),
+        ({"time_budget_s": float("nan")}, "time_budget_s"),
     ],
 )
 def test_bad_settings_are_refused(change: dict[str, object], message: str) -> None:

@@ -39,6 +39,7 @@ def test_host_command_reaches_client_intact() -> None:
         m.ConnectPeers(run_id="r", peers=(m.PeerEndpoint(partition=1, client_id="h", url="ws://x:1", token="t"),)),
         m.Train(run_id="r", round=3, steps=1000, start=2000, batch_size=4, seq_len=64, micro_batches=2, lr=1e-3,
                 seed=7, val_fraction=0.2, eval_batch_size=16, tokenizer="/models/t", method="backprop"),
+        m.Train(run_id="r", round=1, steps=640, batch_size=8, seq_len=64, tokenizer="t", time_budget_s=12.5),
         m.Upload(run_id="r", partitions=(1, 2), round=4),
         m.Upload(run_id="r", partitions=(0,), round=2, density=0.05, optimizer_state=False),
         m.StopRun(run_id="r", reason="replaced"),
@@ -69,13 +70,15 @@ def test_command_of_unknown_kind_is_an_error_on_the_client() -> None:
 
 def test_registration_reaches_server_intact() -> None:
     """A client's registration arrives with its credential, info and declared fields."""
-    profile = m.DeviceProfile(flops_per_s=2e9, memory_bytes=5, upload_bytes_per_s=7.0, declared=frozenset({"upload_bytes_per_s"}))
+    profile = m.DeviceProfile(flops_per_s=2e9, memory_bytes=5, upload_bytes_per_s=7.0, max_micro_batch=4,
+                              declared=frozenset({"upload_bytes_per_s", "max_micro_batch"}))  # fmt: skip
     info = m.ClientInfo(version="1", hostname="h", platform="p", has_data=True, data_bytes=10, bridge_host="10.0.0.2")
     request = serde.registration_to_proto(m.Registration(name="c1", join_token="tok", info=info, profile=profile))
     got = serde.registration_from_proto(pb.RegisterRequest.FromString(request.SerializeToString()), address="ipv4:x")
     assert got.join_token == "tok" and got.client_key is None and got.address == "ipv4:x"
     assert got.info == info
-    assert got.profile.declared == frozenset({"upload_bytes_per_s"}) and got.profile.upload_bytes_per_s == 7.0
+    assert got.profile.declared == frozenset({"upload_bytes_per_s", "max_micro_batch"}) and got.profile.upload_bytes_per_s == 7.0
+    assert got.profile.max_micro_batch == 4
 
 
 def test_a_key_wins_over_a_join_token() -> None:

@@ -95,7 +95,7 @@ def test_case_is_an_alias_of_the_participation_mode(case: int, mode: str) -> Non
 
 def test_unknown_sections_and_keys_are_named_with_the_known_ones() -> None:
     """A key a section does not have lists the section's keys; an unknown top-level name lists sections and keys."""
-    with pytest.raises(ValueError, match=r"unknown key\(s\) stepz in \[local_work\]; known keys: mode, steps"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) stepz in \[local_work\]; known keys: accumulate, batch, mode, samples, seconds, steps"):
         spec_from_mapping({"local_work": {"stepz": 3}})
     with pytest.raises(ValueError, match=r"unknown run setting\(s\) trainin.*\[training\].*steps_per_round"):
         spec_from_mapping({"trainin": {"lr": 1.0}})
