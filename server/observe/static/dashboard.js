@@ -163,13 +163,14 @@ function stageName(row, last) {
   return row.partition === last ? "head" : "(no blocks)";
 }
 
-/** Measured seconds per stage, from the run's latest round of each pipeline: bridge run id -> stage_seconds. */
+/** Measured seconds per stage, from the run's latest round of each owner's pipeline: owner -> stage_seconds.
+ *  By owner, not by bridge run: a run that ended (or recovered) leaves a new plan with new pipeline ids. */
 function measuredStages(run) {
   const out = new Map();
   if (!run) return out;
   for (const h of run.history) {
-    const seen = out.get(h.bridge_run);
-    if (h.stage_seconds && (!seen || seen.round <= h.round)) out.set(h.bridge_run, { round: h.round, stages: h.stage_seconds });
+    const seen = out.get(h.owner);
+    if (h.stage_seconds && (!seen || seen.round <= h.round)) out.set(h.owner, { round: h.round, stages: h.stage_seconds });
   }
   return out;
 }
@@ -206,7 +207,7 @@ function drawPlan(snap) {
   const drawn = pipelines.map(([index, rows]) => {
     rows.sort((a, b) => a.partition - b.partition);
     const last = rows[rows.length - 1].partition;
-    const seen = measured.get(rows[0].run_id);
+    const seen = measured.get(rows[0].owner_id);
     const boxes = [];
     rows.forEach((row, i) => {
       if (i > 0) boxes.push(link(rows[i - 1], row, profiles));
