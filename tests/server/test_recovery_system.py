@@ -80,7 +80,7 @@ def federation(
         cluster = Cluster(
             server=server, admin_url=admin_url, state_dir=root / "state", port=port, started=started
         )
-        run_file = write_run(root / "run.toml", model_dir, case=1, rounds=2, steps_per_round=8, batch_size=2,
+        run_file = write_run(root / "run.toml", model_dir, case=1, rounds=2, steps_per_round=24, batch_size=2,
                              finetune="lora", lora_r=4, lr=1e-2, owners=["alice"])  # fmt: skip
         yield Federation(cluster=cluster, run_file=run_file, model_dir=model_dir, helpers=helpers, root=root,
                          bob_data=owner_data[1], control=control)  # fmt: skip
