@@ -24,11 +24,10 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from proto import control_pb2_grpc as pb_grpc
 from proto.messages import StatusReport
 from server.config import MIB, AuthSettings, ServerConfig
 from server.control.handler import ControlHandler, ControlListener
-from server.control.servicer import ControlServicer
+from server.control.servicer import ControlServicer, add_to_server
 from server.control.state import ControlState, InMemoryState
 from server.control.weights import WeightStore
 from server.observe.admin import AdminContext, admin_app
@@ -145,7 +144,7 @@ class ServerApp:
         handler.listener = _Listeners(self._coordinator, self.runs)
 
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_ControlServicer_to_server(ControlServicer(handler), server)
+        add_to_server(ControlServicer(handler), server)
         address = f"{cfg.server.host}:{cfg.server.port}"
         if cfg.tls is not None:
             credentials = grpc.ssl_server_credentials([(cfg.tls.key.read_bytes(), cfg.tls.cert.read_bytes())])
