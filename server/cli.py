@@ -164,8 +164,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 # client/cli.py has the same two: the server and the client import nothing from each other.
 def _run(args: argparse.Namespace) -> int:
-    from server.app import ServerApp, serve
-
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
     model = plan = None
@@ -173,7 +171,10 @@ def _run(args: argparse.Namespace) -> int:
         from server.planning.model_source import hf_model_source, planner_for
 
         model = hf_model_source(config.model, work_dir=Path(config.server.state_dir) / "model")
+        model.check()  # a missing model stops the server before it loads the rest
         plan = planner_for(model, config.model, config.planning)
+    from server.app import ServerApp, serve
+
     app = ServerApp(config, model=model, plan=plan)
     asyncio.run(serve(app))
     return 0

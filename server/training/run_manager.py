@@ -117,7 +117,9 @@ class RunManager:
         self.checkpoints = checkpoints
         self.store = store if store is not None else InMemoryRunStore()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._scratch = Path(tempfile.mkdtemp(prefix="titanic-merged-"))
+        # Removed by close() (and, should the process end without it, at interpreter exit).
+        self._scratch_dir = tempfile.TemporaryDirectory(prefix="titanic-merged-")
+        self._scratch = Path(self._scratch_dir.name)
         self._tokenizers: dict[str, Any] = {}  # tokenizer name -> loaded (None: the model has none)
 
     # -- operator API ----------------------------------------------------------------------
@@ -170,6 +172,7 @@ class RunManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._scratch_dir.cleanup()
 
     def _new_id(self) -> str:
         taken = {r.run_id for r in self.store.list_runs()}
