@@ -17,6 +17,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -87,7 +88,11 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if args.exit_with_stdin:
-        loop.run_in_executor(None, lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)))
+        # A daemon thread, not the loop's executor: at exit asyncio.run waits for its executor's
+        # threads, and this one blocks until stdin closes, so SIGTERM would never end the process.
+        threading.Thread(
+            target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)), daemon=True
+        ).start()
     await stop.wait()
     await server.close()  # type: ignore[attr-defined]
     host.close()
