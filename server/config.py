@@ -137,10 +137,13 @@ class PlanningSettings:
     steps_per_round: int = 1  # steps between two weight exchanges with the server
     max_step_time_s: float | None = None  # clients slower than this per step get no stage
     solver: str = "auto"  # "cvxpy", "matching" or "auto"
+    serve_timeout_s: float = 120.0  # a planned host not serving by then is left out and the plan redone
 
     def __post_init__(self) -> None:
         if self.settle_s < 0:
             raise ValueError("[planning] settle_s must not be negative")
+        if not self.serve_timeout_s > 0:
+            raise ValueError("[planning] serve_timeout_s must be a positive number of seconds")
         if self.seq_len < 1 or self.batch_tokens < 1 or self.micro_batches < 1 or self.steps_per_round < 1:
             raise ValueError("[planning] seq_len, batch_tokens, micro_batches and steps_per_round must be >= 1")
         if self.solver not in ("auto", "cvxpy", "matching"):
