@@ -584,7 +584,9 @@ async def fuzz(
             growth = max(growth, *(rss[n] - baseline[n] for n in rss))
         if batches % 10 == 0:
             print(
-                f"{tally.inputs} inputs, RSS " + ", ".join(f"{n} {v:.0f} MiB" for n, v in rss.items()),
+                f"{tally.inputs} inputs, crashes {tally.crashes}, hangs {tally.hangs}, 5xx {tally.five_xx}, "
+                f"unexpected {tally.unexpected_status}; RSS "
+                + ", ".join(f"{n} {v:.0f} MiB" for n, v in rss.items()),
                 flush=True,
             )
     await fuzzers[1].close()  # type: ignore[attr-defined]

@@ -54,7 +54,9 @@ from proto import control_pb2 as pb  # noqa: E402
 from proto import control_pb2_grpc as pb_grpc  # noqa: E402
 from proto.messages import PROTOCOL_VERSION  # noqa: E402
 
-SESSION_KEY = "x-titanic-session"  # server.control.servicer.SESSION_METADATA_KEY (bench stays torch- and server-free)
+SESSION_KEY = (
+    "x-titanic-session"  # server.control.servicer.SESSION_METADATA_KEY (bench stays torch- and server-free)
+)
 
 # A tiny Llama's config: the server draws its weights (init = "random"); nothing is ever trained.
 TINY_LLAMA = {
@@ -92,7 +94,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def start_server(state_dir: Path, model_dir: Path, token: str, admin_token: str) -> tuple[subprocess.Popen[str], str, str]:
+def start_server(
+    state_dir: Path, model_dir: Path, token: str, admin_token: str
+) -> tuple[subprocess.Popen[str], str, str]:
     """``titanic-server run`` on free loopback ports; returns it, its control address and admin URL."""
     server = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "run", "--port", "0", "--admin-port", "0",
@@ -154,7 +158,9 @@ class LightClient:
         profile.upload_bytes_per_s = profile.download_bytes_per_s = 1e8
         profile.rtt_s = 0.001
         try:
-            await self.stub.ReportProfile(pb.ProfileReport(profile=profile), metadata=self.metadata, timeout=60)
+            await self.stub.ReportProfile(
+                pb.ProfileReport(profile=profile), metadata=self.metadata, timeout=60
+            )
         except grpc.aio.AioRpcError as exc:
             self.measured.fail(f"profile {exc.code().name}")
             return False
@@ -183,7 +189,9 @@ class LightClient:
         await self.channel.close()
 
 
-async def drive(clients: int, seconds: float, join_rate: float, address: str, token: str) -> tuple[Measurements, float]:
+async def drive(
+    clients: int, seconds: float, join_rate: float, address: str, token: str
+) -> tuple[Measurements, float]:
     """Join ``clients`` at ``join_rate`` a second, then beat for ``seconds``; returns the measurements and join time."""
     measured = Measurements()
     fleet = [LightClient(i, address, token, measured) for i in range(clients)]
@@ -215,7 +223,11 @@ def first_full_plan(admin: str, token: str, clients: int, timeout_s: float) -> f
     """plan_s (ms) of the first plan whose planner saw every client; NaN if none came in time."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        plan = admin_get(admin, "/v1/plan", token)
+        try:
+            plan = admin_get(admin, "/v1/plan", token)
+        except OSError as exc:  # a server too busy to answer within the request's timeout
+            print(f"GET /v1/plan failed: {exc!r}")
+            continue
         if len(plan.get("clients", ())) >= clients and "plan_s" in plan.get("summary", {}):
             return float(plan["summary"]["plan_s"]) * 1e3
         time.sleep(0.5)
@@ -223,9 +235,13 @@ def first_full_plan(admin: str, token: str, clients: int, timeout_s: float) -> f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=30.0, help="seconds of heartbeats once every client joined")
+    parser.add_argument(
+        "--seconds", type=float, default=30.0, help="seconds of heartbeats once every client joined"
+    )
     parser.add_argument("--join-rate", type=float, default=100.0, help="registrations started per second")
     parser.add_argument("--quick", action="store_true", help="50 clients, 8 s")
     args = parser.parse_args(argv)
@@ -238,16 +254,26 @@ def main(argv: list[str] | None = None) -> int:
         (model / "config.json").write_text(json.dumps(TINY_LLAMA))
         server, address, admin = start_server(Path(tmp) / "state", model, token, admin_token)
         try:
-            print(f"server pid {server.pid} at {address}; {args.clients} clients joining at {args.join_rate:g}/s")
+            print(
+                f"server pid {server.pid} at {address}; {args.clients} clients joining at {args.join_rate:g}/s"
+            )
             measured, join_s = asyncio.run(drive(args.clients, args.seconds, args.join_rate, address, token))
-            plan_ms = first_full_plan(admin, admin_token, args.clients, timeout_s=60)
-            status = admin_get(admin, "/v1/status", admin_token)
             rss = rss_mib(server.pid)
+            plan_ms = first_full_plan(admin, admin_token, args.clients, timeout_s=60)
+            try:
+                by_status = admin_get(admin, "/v1/status", admin_token)["clients"]
+            except OSError as exc:
+                by_status = f"unknown ({exc!r})"
         finally:
             server.terminate()
-            server.wait(30)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                print("the server did not stop within 30 s of SIGTERM; killed")
+                server.kill()
+                server.wait()
     ms = 1e3
-    print(f"joined in {join_s:.1f} s; clients by status at the end: {status['clients']}")
+    print(f"joined in {join_s:.1f} s; clients by status at the end: {by_status}")
     print(f"register  n={len(measured.register_s)} p50={percentile(measured.register_s, 50) * ms:.1f} ms "
           f"p99={percentile(measured.register_s, 99) * ms:.1f} ms")  # fmt: skip
     print(f"heartbeat n={len(measured.heartbeat_s)} p50={percentile(measured.heartbeat_s, 50) * ms:.1f} ms "
