@@ -37,7 +37,9 @@ _INTS = {
     _F.TYPE_UINT64: (0, (1 << 64) - 1),
 }
 # Strings a server treats specially, beside arbitrary text.
-_WORDS = st.sampled_from(["", "c1", "fuzzer", "plan-1-p0", "r1", "0" * 64, "cpu", "cuda", "x" * 200, "../..", "é"])
+_WORDS = st.sampled_from(
+    ["", "c1", "fuzzer", "plan-1-p0", "r1", "0" * 64, "cpu", "cuda", "x" * 200, "../..", "é"]
+)
 
 
 def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
