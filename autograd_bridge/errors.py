@@ -47,12 +47,28 @@ class RemoteStageError(BridgeError):
 
 
 class PeerLostError(BridgeError):
-    """The peer disconnected while a request to it was outstanding."""
+    """The peer disconnected while a request to it was outstanding.
+
+    ``stage`` is the pipeline stage whose host was lost, when the caller knows it (a
+    :class:`~autograd_bridge.remote.StageClient` does), so a data owner can name the client.
+    """
+
+    def __init__(self, message: str, *, stage: int | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class BridgeTimeoutError(BridgeError):
-    """A peer did not answer within the configured time."""
+    """A peer did not answer within the configured time (``stage``: as for PeerLostError)."""
+
+    def __init__(self, message: str, *, stage: int | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class StateLimitError(BridgeError):
     """A stage host refused a micro-batch because it already holds its maximum."""
+
+
+class BadRequestError(BridgeError):
+    """A request a host cannot carry out as sent (a missing or malformed option or tensor); code BAD_REQUEST."""

@@ -9,16 +9,21 @@ cannot answer:
   OPT's ``project_out``), so the last stage can apply them;
 * which attention mask each block gets (full, sliding window, chunked), and which
   constant inputs a family's blocks expect besides it;
-* which configurations are known not to work (ALiBi, router losses, bidirectional masks).
+* which families' blocks take an attention bias the stack builds (ALiBi: BLOOM, MPT,
+  Falcon with ``alibi=True``), and the :mod:`autograd_bridge.alibi` class that builds
+  it for a stage;
+* which configurations are known not to work (router losses, bidirectional masks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 from transformers import PretrainedConfig
+
+from autograd_bridge.alibi import BloomAlibi, FalconAlibi, MptAlibi, StageBias
 
 #: Names a decoder stack uses for its final norm, in the order we look for them.
 FINAL_NORM_NAMES: tuple[str, ...] = (
@@ -45,15 +50,18 @@ MASK_FUNCTION_NAMES: dict[str, str] = {
     "chunked_attention": "create_chunked_causal_mask",
 }
 
-#: Constant block inputs some families' stacks pass (Falcon without ALiBi passes ``alibi=None``).
+#: Constant block inputs some families' stacks pass (Falcon without ALiBi passes ``alibi=None``;
+#: with it, the attention bias below replaces that).
 _EXTRA_BLOCK_INPUTS: dict[str, dict[str, Any]] = {
     "falcon": {"alibi": None},
 }
 
-#: Families whose blocks need inputs the generic stage cannot build.
-_UNSUPPORTED_FAMILIES: dict[str, str] = {
-    "bloom": "BLOOM blocks take an ALiBi bias built from the whole attention mask",
-    "mpt": "MPT blocks take an ALiBi bias built by the decoder stack",
+#: Families whose blocks take an attention bias their stack builds (ALiBi), and the
+#: class that builds it for one stage's blocks.
+_ATTENTION_BIASES: dict[str, Callable[[PretrainedConfig], StageBias | None]] = {
+    "bloom": BloomAlibi,
+    "mpt": MptAlibi,
+    "falcon": lambda config: FalconAlibi(config) if getattr(config, "alibi", False) else None,
 }
 
 
@@ -93,13 +101,14 @@ def extra_block_inputs(config: PretrainedConfig) -> dict[str, Any]:
     return dict(_EXTRA_BLOCK_INPUTS.get(getattr(config, "model_type", ""), {}))
 
 
+def attention_bias(config: PretrainedConfig) -> StageBias | None:
+    """The builder of this family's per-stage attention bias (ALiBi), or ``None`` when it has none."""
+    make = _ATTENTION_BIASES.get(getattr(config, "model_type", ""))
+    return make(config) if make is not None else None
+
+
 def unsupported_reason(config: PretrainedConfig) -> str | None:
     """Why this configuration cannot be split, or ``None`` when nothing known stops it."""
-    model_type = getattr(config, "model_type", "")
-    if model_type in _UNSUPPORTED_FAMILIES:
-        return _UNSUPPORTED_FAMILIES[model_type]
-    if model_type == "falcon" and getattr(config, "alibi", False):
-        return "Falcon with alibi=True builds its attention bias inside the decoder stack"
     if getattr(config, "output_router_logits", False):
         return (
             "output_router_logits=True adds a router loss computed from every block's outputs; "

@@ -29,6 +29,7 @@ from autograd_bridge.errors import FrameError, FrameTooLargeError
 from proto import bridge_pb2 as pb
 
 __all__ = [
+    "COMPRESSIONS",
     "FRAME_VERSION",
     "MAGIC",
     "Compression",
@@ -73,10 +74,19 @@ class MessageKind(enum.IntEnum):
     ERROR = 14
     GET_GRAD_NORM = 15
     GRAD_NORM = 16
+    PERTURB = 20
+    APPLY_DIRECTIONAL = 21
+    ALIGNMENT = 22
+    DIRECTIONAL_RESULT = 23
+    CHAIN_FORWARD = 30
+    CHAIN_BACKWARD = 31
+    AWAIT_FORWARD = 32
+    AWAIT_BACKWARD = 33
 
 
 Compression = Literal["none", "fp16", "int8"]
 _COMPRESSIONS: tuple[str, ...] = get_args(Compression)
+COMPRESSIONS = _COMPRESSIONS  # every Compression, for settings that name one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -409,7 +419,7 @@ def _validate_header(header: pb.FrameHeader, limits: FrameLimits) -> MessageKind
     if header.version != FRAME_VERSION:
         raise FrameError(f"header version is {header.version}, this reader supports only {FRAME_VERSION}")
     if header.kind not in _SENDABLE_KINDS:
-        raise FrameError(f"header kind is {header.kind}, expected a MessageKind from 1 to {max(_SENDABLE_KINDS)}")
+        raise FrameError(f"header kind is {header.kind}, expected one of {sorted(_SENDABLE_KINDS)}")
     if len(header.tensors) > limits.max_tensors:
         raise FrameTooLargeError(f"frame has {len(header.tensors)} tensors, over the limit of {limits.max_tensors}")
     if len(header.options) > limits.max_options:

@@ -15,6 +15,10 @@ RELEASE            -                               ACK (options: dropped)
 GET_GRADS          -                               GRADS  (whole-model parameter names)
 GET_WEIGHTS        -                               WEIGHTS
 GET_GRAD_NORM      -                               GRAD_NORM sq (sum of squared gradients, float64)
+CHAIN_FORWARD      as FORWARD                      FORWARD_RESULT (empty); y goes on (see chain.py)
+CHAIN_BACKWARD     as BACKWARD                     BACKWARD_RESULT (empty); grad goes back a hop
+AWAIT_FORWARD      -                               FORWARD_RESULT [y] once the stage's forward is done
+AWAIT_BACKWARD     -                               BACKWARD_RESULT [grad] once its backward is done
 =================  ==============================  ============================================
 
 Anything else, or anything wrong with a request, gets an ERROR frame with a code and a message
@@ -27,12 +31,16 @@ with a close reason and one log line, never a traceback.
 
 Compute runs on one worker thread so that the event loop keeps reading frames and answering
 pings while a stage computes; requests are therefore computed one at a time, in arrival order.
+The AWAIT requests of the chained path are answered when their stage is done, so they do not
+hold up the requests behind them on their connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import logging
 import math
 import ssl as ssl_lib
@@ -44,8 +52,10 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .errors import BridgeError, FrameError, PeerLostError
+from .chain import ChainLinks, Direction
+from .errors import BadRequestError, BridgeError, FrameError, PeerLostError, RemoteStageError
 from .frames import Compression, Frame, FrameLimits, MessageKind, decode_frame, encode_frame, error_frame
+from .methods.remote_space import DirectionalHandlers
 from .optim import build_optimizer, check_optimizer_name
 from .transport import Connection
 
@@ -109,6 +119,11 @@ class _MicroBatchState:
 
 _Key = tuple[str, int, int, int]  # (run_id, step, micro_batch, stage)
 
+# Requests answered whenever their stage is done, off the connection's in-order loop.
+_DEFERRED = frozenset({MessageKind.AWAIT_FORWARD, MessageKind.AWAIT_BACKWARD})
+_COMPUTE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+_CHAIN = 0  # the owner id of micro-batch states made by chained forwards (no connection's id)
+
 
 def _model_named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     named = getattr(module, "named_model_parameters", None)
@@ -153,6 +168,10 @@ class StageHost:
         params = [p for m in self.stages.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(params)
         self.steps_taken = 0
+        # The chained path: neighbours and the outcomes the owner collects (chain.set_route to use it).
+        self.chain = ChainLinks(
+            run_id, compression=self.settings.compression, max_outcomes=4 * self.settings.max_micro_batches
+        )
         self._handlers: dict[MessageKind, Callable[[Frame, int], Awaitable[Frame]]] = {
             MessageKind.HELLO: self._hello,
             MessageKind.FORWARD: self._forward,
@@ -163,13 +182,25 @@ class StageHost:
             MessageKind.GET_GRADS: self._get_grads,
             MessageKind.GET_WEIGHTS: self._get_weights,
             MessageKind.GET_GRAD_NORM: self._get_grad_norm,
+            MessageKind.CHAIN_FORWARD: self._chain_forward,
+            MessageKind.CHAIN_BACKWARD: self._chain_backward,
+            MessageKind.AWAIT_FORWARD: self._await_forward,
+            MessageKind.AWAIT_BACKWARD: self._await_backward,
         }
+        # Forward gradients: perturb and step this host's tensors along seeded directions.
+        self._handlers.update(DirectionalHandlers(self._stage, self._compute).handlers())
+        self.received: collections.Counter[MessageKind] = collections.Counter()  # requests by kind
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
         if not params:
             return None
         s = self.settings
         return build_optimizer(s.optimizer, params, lr=s.lr, weight_decay=s.weight_decay)
+
+    def set_compression(self, compression: Compression) -> None:
+        """Compress the activations and gradients this host sends (to the owner and its neighbours) so."""
+        self.settings = replace(self.settings, compression=compression)
+        self.chain.compression = compression
 
     def reset_optimizer(self, optimizer: str | None = None) -> None:
         """Rebuild the optimizer over the parameters that require grad now (after add_lora, say).
@@ -196,6 +227,17 @@ class StageHost:
     async def serve(self, conn: Connection) -> None:
         """Answer ``conn``'s requests until the peer closes it; drops the peer's state then."""
         conn_id = id(conn)
+        sending = asyncio.Lock()  # deferred answers and in-order ones share the connection
+        deferred: set[asyncio.Task[None]] = set()
+
+        async def reply(response: Frame) -> None:
+            async with sending:
+                await conn.send(encode_frame(response, compression=self._compression_for(response)))
+
+        async def answer_later(frame: Frame) -> None:
+            with contextlib.suppress(PeerLostError):
+                await reply(await self.handle(frame, conn_id))
+
         try:
             while True:
                 try:
@@ -206,12 +248,24 @@ class StageHost:
                     # The transport closed the connection with the reason already; nothing to answer on.
                     log.warning("peer %s broke the message framing: %s", conn.peer, exc)
                     return
-                response = await self.handle_bytes(data, conn_id)
                 try:
-                    await conn.send(encode_frame(response, compression=self._compression_for(response)))
+                    frame = decode_frame(data, limits=self.settings.limits)
+                except FrameError as exc:
+                    response = error_frame(None, "BAD_FRAME", str(exc))
+                else:
+                    if frame.kind in _DEFERRED:
+                        task = asyncio.get_running_loop().create_task(answer_later(frame))
+                        deferred.add(task)
+                        task.add_done_callback(deferred.discard)
+                        continue
+                    response = await self.handle(frame, conn_id)
+                try:
+                    await reply(response)
                 except PeerLostError:
                     return
         finally:
+            for task in list(deferred):
+                task.cancel()
             dropped = self._drop(lambda key, st: st.owner == conn_id)
             if dropped:
                 log.info("peer %s went away; dropped %d micro-batch states", conn.peer, dropped)
@@ -232,6 +286,9 @@ class StageHost:
 
     async def handle(self, frame: Frame, conn_id: int = 0) -> Frame:
         """Carry out one decoded request."""
+        self.received[frame.kind] += 1
+        if self.received[frame.kind] == 1:  # one line per kind: what a run asked of this host
+            log.info("run %s: first %s request", self.run_id, frame.kind.name)
         try:
             handler = self._handlers.get(frame.kind)
             if handler is None:
@@ -243,9 +300,13 @@ class StageHost:
             return await handler(frame, conn_id)
         except _Refused as exc:
             return error_frame(frame, exc.code, str(exc))
+        except BadRequestError as exc:
+            return error_frame(frame, "BAD_REQUEST", str(exc))
+        except RemoteStageError as exc:
+            return error_frame(frame, exc.code, str(exc))
         except BridgeError as exc:
             return error_frame(frame, type(exc).__name__, str(exc))
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        except _COMPUTE_ERRORS as exc:
             # A computation that failed on this input; the host stays up for the next request.
             log.warning("stage compute failed: %s", exc)
             return error_frame(frame, "COMPUTE_ERROR", f"{type(exc).__name__}: {exc}")
@@ -442,6 +503,7 @@ class StageHost:
         if scale is not None and not (math.isfinite(scale) and 0 <= scale <= 1):
             raise _Refused("BAD_REQUEST", f"option grad_scale must be in [0, 1] (clipping only shrinks), got {scale_text!r}")
         dropped = self._drop(lambda key, st: key[0] == frame.run_id and key[1] <= frame.step)
+        self.chain.release(frame.step, up_to=True)
         optimizer = self.optimizer
 
         def run() -> None:
@@ -471,6 +533,7 @@ class StageHost:
 
     async def _release(self, frame: Frame, conn_id: int) -> Frame:
         dropped = self._drop(lambda key, st: key[0] == frame.run_id and key[1] == frame.step)
+        self.chain.release(frame.step)
         return Frame(
             kind=MessageKind.ACK,
             request_id=frame.request_id,
@@ -501,6 +564,88 @@ class StageHost:
         weights = {name: p.detach() for name, p in _model_named_parameters(module)}
         return self._result(frame, MessageKind.WEIGHTS, weights)
 
+    # -- the chained path (see autograd_bridge.chain) ----------------------------------------
+
+    def _check_routed(self) -> None:
+        if not self.chain.routed:
+            raise _Refused("NO_ROUTE", "this host has not been told its neighbours yet; retry once the run is set up")
+
+    async def _chain_forward(self, frame: Frame, conn_id: int) -> Frame:
+        """FORWARD (EVAL_FORWARD with option eval=1), then hand the output on; answer empty."""
+        self._check_routed()
+        train = frame.options.get("eval") != "1"
+        key: tuple[Direction, int, int, int] = ("forward", frame.step, frame.micro_batch, frame.stage)
+        try:
+            # The state outlives the neighbour's connection: a neighbour that goes away must not
+            # take this stage's state with it (the owner releases a failed step everywhere).
+            result = await (self._forward(frame, _CHAIN) if train else self._eval_forward(frame, _CHAIN))
+            onward = {"x": result.tensors["y"]}
+            for name in ("attention_mask", "position_ids"):
+                if name in frame.tensors:
+                    onward[name] = frame.tensors[name]
+            await self._pass_on("forward", frame, onward, conn_id, to_owner={"y": result.tensors["y"]})
+        except (_Refused, BridgeError, *_COMPUTE_ERRORS) as exc:
+            self.chain.fail(key, self._chain_error("forward", frame, exc))
+            raise
+        return self._result(frame, MessageKind.FORWARD_RESULT, {})
+
+    async def _chain_backward(self, frame: Frame, conn_id: int) -> Frame:
+        """BACKWARD, then hand the input gradient back a hop; answer empty."""
+        self._check_routed()
+        key: tuple[Direction, int, int, int] = ("backward", frame.step, frame.micro_batch, frame.stage)
+        try:
+            result = await self._backward(frame, conn_id)
+            grad = result.tensors.get("grad")
+            to_owner = {} if grad is None else {"grad": grad}
+            await self._pass_on("backward", frame, to_owner, conn_id, to_owner=to_owner)
+        except (_Refused, BridgeError, *_COMPUTE_ERRORS) as exc:
+            self.chain.fail(key, self._chain_error("backward", frame, exc))
+            raise
+        return self._result(frame, MessageKind.BACKWARD_RESULT, {})
+
+    async def _pass_on(
+        self,
+        direction: Direction,
+        frame: Frame,
+        onward: Mapping[str, torch.Tensor],
+        conn_id: int,
+        *,
+        to_owner: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Send a stage's result to the neighbour's host, this host's next stage, or the owner."""
+        key: tuple[Direction, int, int, int] = (direction, frame.step, frame.micro_batch, frame.stage)
+        neighbour = frame.stage + 1 if direction == "forward" else frame.stage - 1
+        if self.chain.next_hop(direction, frame.stage) is not None:
+            if direction == "backward" and "grad" not in onward:
+                raise _Refused("BAD_ROUTE", f"stage {frame.stage} takes token ids: no gradient to send back")
+            await self.chain.hand_on(direction, frame.stage, frame, onward)
+            self.chain.succeed(key, {})
+        elif neighbour in self.stages:
+            self.chain.succeed(key, {})
+            kind = MessageKind.CHAIN_FORWARD if direction == "forward" else MessageKind.CHAIN_BACKWARD
+            handler = self._chain_forward if direction == "forward" else self._chain_backward
+            await handler(replace(frame, kind=kind, stage=neighbour, tensors=dict(onward)), conn_id)
+        else:
+            self.chain.succeed(key, to_owner)
+
+    def _chain_error(self, direction: str, frame: Frame, exc: Exception) -> RemoteStageError:
+        code = exc.code if isinstance(exc, _Refused | RemoteStageError) else type(exc).__name__
+        return RemoteStageError(
+            f"stage {frame.stage} failed its {direction} of step {frame.step} micro-batch {frame.micro_batch}: "
+            f"{type(exc).__name__}: {exc}",
+            code=code,
+        )
+
+    async def _await_forward(self, frame: Frame, conn_id: int) -> Frame:
+        self._stage(frame)
+        tensors = await self.chain.collect(("forward", frame.step, frame.micro_batch, frame.stage))
+        return self._result(frame, MessageKind.FORWARD_RESULT, tensors)
+
+    async def _await_backward(self, frame: Frame, conn_id: int) -> Frame:
+        self._stage(frame)
+        tensors = await self.chain.collect(("backward", frame.step, frame.micro_batch, frame.stage))
+        return self._result(frame, MessageKind.BACKWARD_RESULT, tensors)
+
     def _result(self, frame: Frame, kind: MessageKind, tensors: Mapping[str, torch.Tensor]) -> Frame:
         return Frame(
             kind=kind,
@@ -512,8 +657,13 @@ class StageHost:
             tensors=dict(tensors),
         )
 
+    async def aclose(self) -> None:
+        """Close the connections to neighbouring hosts, then :meth:`close`."""
+        await self.chain.close()
+        self.close()
+
     def close(self) -> None:
-        """Release the compute thread and all held state."""
+        """Release the compute thread and all held state (:meth:`aclose` also closes neighbour links)."""
         self._states.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -223,6 +223,16 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
          "bos_token_id": 1, "eos_token_id": 2},
     ),
     "mixtral": ("MixtralConfig", {**_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4}),
+    "bloom": (
+        "BloomConfig",
+        {"vocab_size": 256, "hidden_size": 64, "n_layer": 4, "n_head": 4, "bos_token_id": 1, "eos_token_id": 2,
+         "pad_token_id": 0},
+    ),
+    "mpt": (
+        "MptConfig",
+        {"vocab_size": 256, "d_model": 64, "n_layers": 4, "n_heads": 4, "expansion_ratio": 2, "max_seq_len": 128,
+         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+    ),
 }
 
 #: Families :func:`tiny_config` knows.

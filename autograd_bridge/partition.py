@@ -16,9 +16,10 @@ How the pieces are reproduced exactly, without family-specific code:
   and nothing after it.
 * **Blocks.** Every stage builds the block inputs itself from ``attention_mask`` and
   ``position_ids``: the mask with ``transformers.masking_utils`` (full, sliding or
-  chunked per layer, see :mod:`autograd_bridge.families`) and the rotary
-  ``(cos, sin)`` with the stack's rotary module. Keyword arguments are filtered to what
-  each block's ``forward`` accepts.
+  chunked per layer, see :mod:`autograd_bridge.families`), the rotary ``(cos, sin)``
+  with the stack's rotary module, and for ALiBi families (BLOOM, MPT, Falcon with
+  ``alibi=True``) the attention bias with :mod:`autograd_bridge.alibi`. Keyword
+  arguments are filtered to what each block's ``forward`` accepts.
 * **After the last block.** The final norm (named in ``families``) is applied, then the
   root model's *own* forward runs with its stack replaced by a pass-through, so the head
   and any logit processing the family does are applied as in the whole model.
@@ -466,7 +467,11 @@ class StageModule(nn.Module):
         holders = [model] + [model.get_submodule(".".join(stack_parts[: i + 1])) for i in range(len(stack_parts))]
         object.__setattr__(self, "_templates", [_hollow(holder) for holder in holders])
         self._extra_block_inputs = families.extra_block_inputs(model.config)
+        # ALiBi families: the stage builds the bias its blocks take (autograd_bridge.alibi).
+        self._attention_bias = families.attention_bias(model.config)
         extra = frozenset(self._extra_block_inputs)
+        if self._attention_bias is not None:
+            extra |= self._attention_bias.argument_names
         self._block_args = {
             layer: _block_argument_names(self._block(layer), layer, extra)
             for layer in range(spec.layer_start, spec.layer_end)
@@ -566,6 +571,9 @@ class StageModule(nn.Module):
         rotary: dict[str, Any] = {}
         if self._needs_rotary:
             rotary = self._position_embeddings(kinds, hidden, position_ids)
+        biased: dict[str, dict[str, Any]] = {}
+        if self._attention_bias is not None:
+            biased = {kind: self._attention_bias.block_inputs(hidden, attention_mask, masks[kind]) for kind in kinds}
         for layer, accepted in self._block_args.items():
             kind = layer_types[layer]
             offered: dict[str, Any] = {
@@ -574,6 +582,7 @@ class StageModule(nn.Module):
                 "position_ids": position_ids,
                 "position_embeddings": rotary.get(kind),
                 "use_cache": False,
+                **biased.get(kind, {}),
             }
             out = self._block(layer)(hidden, **{name: offered[name] for name in accepted})
             hidden = out[0] if isinstance(out, tuple) else out  # (B, T, C)
@@ -584,12 +593,16 @@ class StageModule(nn.Module):
         if function_name is None:
             raise UnsupportedModelError(f"no mask builder for layer type {kind!r}; add it to families.py")
         build = getattr(masking_utils, function_name)
+        options: dict[str, Any] = {}
+        if self._attention_bias is not None and self._attention_bias.needs_full_mask:
+            options["allow_is_causal_skip"] = False  # the bias is added onto the mask
         return build(
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
             past_key_values=None,
             position_ids=position_ids,
+            **options,
         )
 
     def _position_embeddings(self, kinds: set[str], hidden: Tensor, position_ids: Tensor) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from .errors import BridgeError
 from .partition import causal_lm_loss
+from .paths import PATHS, get_path
 from .remote import RemoteStage, StageClient
 from .runtime import EventLoopThread
 
@@ -78,8 +79,11 @@ class PipelineSettings:
 
     micro_batches: int = 1  # M: the batch is split into this many micro-batches (along dim 0)
     schedule: Schedule = "1f1b"  # gpipe: all forwards, then all backwards; 1f1b: bounded in-flight
+    path: str = "relay"  # relay: every boundary through the owner; chain: host to host (autograd_bridge.paths)
 
     def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {sorted(PATHS)}, not {self.path!r}")
         if self.micro_batches < 1:
             raise ValueError("micro_batches must be at least 1")
         if self.schedule not in ("gpipe", "1f1b"):
@@ -143,6 +147,7 @@ class Pipeline:
         self.stages = list(stages)
         self.runtime = runtime
         self.settings = settings or PipelineSettings()
+        self.path = get_path(self.settings.path)
         self.step = 0
         self._compute_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="titanic-owner")
         # Timing since reset_stage_times(): seconds per stage and per whole step, summed over steps.
@@ -306,11 +311,15 @@ class Pipeline:
             try:
                 mask = mask_mb[m]
                 saved: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * (n + 1)
-                h = cast(torch.Tensor, ids_mb[m])
+                h: torch.Tensor | None = cast(torch.Tensor, ids_mb[m])
                 for s, stage in enumerate(self.stages):
                     h = await self._stage_forward(s, stage, h, mask, step, m, fwd_turn[s], saved, spent)
                 labels_m = cast(torch.Tensor, labels_mb[m])
                 await fwd_turn[n].wait_for(m)
+                if h is None:
+                    raise BridgeError(
+                        f"the last stage's output for micro-batch {m} did not come back to the owner"
+                    )
                 logits_in = h.detach().requires_grad_(True)
                 loss = await self._local_timed(
                     lambda: causal_lm_loss(logits_in, labels_m, num_items=num_items), spent, n - 1
@@ -349,19 +358,23 @@ class Pipeline:
         self,
         s: int,
         stage: _Stage,
-        h: torch.Tensor,
+        h: torch.Tensor | None,
         mask: torch.Tensor | None,
         step: int,
         m: int,
         turn: _Turnstile,
         saved: list[tuple[torch.Tensor, torch.Tensor] | None],
         spent: list[float],
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
+        """Stage ``s``'s forward of micro-batch ``m``; None when its output went on to another host."""
         await turn.wait_for(m)
         if isinstance(stage, StageClient):
             began = time.perf_counter()
             try:
-                pending = await stage.start_forward(h, step=step, micro_batch=m, attention_mask=mask)
+                pending = await self.path.start_forward(
+                    stage, h, fed=self._owner_feeds(s), collects=self._owner_collects(s), step=step,
+                    micro_batch=m, attention_mask=mask,
+                )  # fmt: skip
             finally:
                 await turn.advance()
             y = await pending
@@ -369,6 +382,8 @@ class Pipeline:
             return y
 
         module = stage
+        if h is None:
+            raise BridgeError(f"stage {s - 1}'s output for micro-batch {m} did not come back to the owner")
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
             inputs = h.detach().requires_grad_(True) if h.is_floating_point() else h
@@ -395,11 +410,12 @@ class Pipeline:
         await turn.wait_for(m)
         stage = self.stages[s] if s < len(self.stages) else None
         if isinstance(stage, StageClient):
-            if grad is None:
-                raise BridgeError(f"no gradient reached stage {s} for micro-batch {m}")
             began = time.perf_counter()
             try:
-                pending = await stage.start_backward(grad, step=step, micro_batch=m)
+                pending = await self.path.start_backward(
+                    stage, grad, fed=self._owner_collects(s), collects=s > 0 and self._owner_feeds(s),
+                    step=step, micro_batch=m,
+                )  # fmt: skip
             finally:
                 await turn.advance()
             grad_in = await pending
@@ -424,6 +440,14 @@ class Pipeline:
         finally:
             await turn.advance()
 
+    def _owner_feeds(self, s: int) -> bool:
+        """Whether the owner gives remote stage ``s`` its input (the stage before it is the owner's)."""
+        return s == 0 or not isinstance(self.stages[s - 1], StageClient)
+
+    def _owner_collects(self, s: int) -> bool:
+        """Whether the owner takes remote stage ``s``'s output (the next stage, or the loss, is the owner's)."""
+        return s == len(self.stages) - 1 or not isinstance(self.stages[s + 1], StageClient)
+
     async def _release_remote(self, step: int) -> None:
         async def release(client: StageClient) -> None:
             # A host that fails here is the one that broke the step; nothing is left to free there.
@@ -436,17 +460,25 @@ class Pipeline:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
     ) -> StepResult:
         num_items = self._count_tokens(labels)
-        h = input_ids
-        for stage in self.stages:
+        h: torch.Tensor | None = input_ids
+        for s, stage in enumerate(self.stages):
             if isinstance(stage, StageClient):
-                h = await stage.forward(h, step=self.step, micro_batch=0, attention_mask=attention_mask, train=False)
+                pending = await self.path.start_forward(
+                    stage, h, fed=self._owner_feeds(s), collects=self._owner_collects(s), step=self.step,
+                    micro_batch=0, attention_mask=attention_mask, train=False,
+                )  # fmt: skip
+                h = await pending
             else:
+                if h is None:
+                    raise BridgeError(f"stage {s - 1}'s output did not come back to the owner")
 
                 def run(module: nn.Module = stage, inp: torch.Tensor = h) -> torch.Tensor:
                     with torch.no_grad():
                         return module(inp, attention_mask=attention_mask)
 
                 h = await self._local(run)
+        if h is None:
+            raise BridgeError("the last stage's output did not come back to the owner")
         logits = h
         loss = await self._local(lambda: causal_lm_loss(logits, labels))
         return StepResult(loss=float(loss), tokens=num_items)

@@ -38,6 +38,13 @@ _RESPONSES = {
     MessageKind.GET_GRADS: (MessageKind.GRADS,),
     MessageKind.GET_WEIGHTS: (MessageKind.WEIGHTS,),
     MessageKind.GET_GRAD_NORM: (MessageKind.GRAD_NORM,),
+    MessageKind.PERTURB: (MessageKind.ACK,),
+    MessageKind.APPLY_DIRECTIONAL: (MessageKind.ACK, MessageKind.DIRECTIONAL_RESULT),
+    MessageKind.ALIGNMENT: (MessageKind.DIRECTIONAL_RESULT,),
+    MessageKind.CHAIN_FORWARD: (MessageKind.FORWARD_RESULT,),
+    MessageKind.CHAIN_BACKWARD: (MessageKind.BACKWARD_RESULT,),
+    MessageKind.AWAIT_FORWARD: (MessageKind.FORWARD_RESULT,),
+    MessageKind.AWAIT_BACKWARD: (MessageKind.BACKWARD_RESULT,),
 }
 
 
@@ -71,6 +78,9 @@ class StageClient:
         self.settings = settings or ClientSettings()
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[MessageKind, asyncio.Future[Frame]]] = {}
+        self._pending_about: dict[
+            int, tuple[MessageKind, int, int]
+        ] = {}  # request -> (kind, step, micro-batch)
         self._reader: asyncio.Task[None] | None = None
         self._lost: BaseException | None = None
         # Frame bytes over this connection so far, both ways (what the owner reports per step).
@@ -103,6 +113,11 @@ class StageClient:
             )
         return client
 
+    @property
+    def lost(self) -> bool:
+        """Whether the connection is gone (every later request fails at once)."""
+        return self._lost is not None or self.conn.closed
+
     def _ensure_reader(self) -> None:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_responses())
@@ -114,6 +129,7 @@ class StageClient:
                 self.bytes_received += memoryview(data).nbytes
                 frame = decode_frame(data, limits=self.settings.limits)
                 entry = self._pending.pop(frame.request_id, None)
+                self._pending_about.pop(frame.request_id, None)
                 if entry is None:
                     raise FrameError(
                         f"stage {self.stage} host sent a response to unknown request {frame.request_id}"
@@ -136,8 +152,9 @@ class StageClient:
         except PeerLostError as exc:
             self._fail_all(
                 PeerLostError(
-                    f"the host of stage {self.stage} ({self.conn.peer}) went away with "
-                    f"{len(self._pending)} request(s) pending: {exc}"
+                    f"the host of stage {self.stage} ({self.conn.peer}) went away{self._pending_work()} with "
+                    f"{len(self._pending)} request(s) pending: {exc}",
+                    stage=self.stage,
                 )
             )
         except FrameError as exc:
@@ -145,8 +162,15 @@ class StageClient:
             self._fail_all(exc)
             await self.conn.close()
         except asyncio.CancelledError:
-            self._fail_all(PeerLostError(f"connection to stage {self.stage} host closed"))
+            self._fail_all(PeerLostError(f"connection to stage {self.stage} host closed", stage=self.stage))
             raise
+
+    def _pending_work(self) -> str:
+        """' during step S micro-batch M (KIND)' for the oldest pending request, or ''."""
+        if not self._pending:
+            return ""
+        kind, step, micro_batch = self._pending_about[min(self._pending)]
+        return f" during step {step} micro-batch {micro_batch} ({kind.name})"
 
     def _fail_all(self, exc: BaseException) -> None:
         self._lost = exc
@@ -154,6 +178,7 @@ class StageClient:
             if not future.done():
                 future.set_exception(exc)
         self._pending.clear()
+        self._pending_about.clear()
 
     async def start_request(
         self,
@@ -171,7 +196,7 @@ class StageClient:
         order and await the responses later, so the host works while the next one travels.
         """
         if self._lost is not None:
-            raise PeerLostError(f"connection to the host of stage {self.stage} is gone: {self._lost}")
+            raise PeerLostError(f"connection to the host of stage {self.stage} is gone: {self._lost}", stage=self.stage)
         self._ensure_reader()
         request_id = next(self._ids)
         frame = Frame(
@@ -186,12 +211,14 @@ class StageClient:
         )
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (kind, future)
+        self._pending_about[request_id] = (kind, step, micro_batch)
         parts = encode_frame(frame, compression=compression)
         self.bytes_sent += sum(memoryview(part).nbytes for part in parts)
         try:
             await self.conn.send(parts)
         except BaseException:
             self._pending.pop(request_id, None)
+            self._pending_about.pop(request_id, None)
             raise
         return self._await_response(request_id, kind, step, micro_batch, future)
 
@@ -202,9 +229,11 @@ class StageClient:
             return await asyncio.wait_for(future, self.settings.timeout_s)
         except TimeoutError as exc:
             self._pending.pop(request_id, None)
+            self._pending_about.pop(request_id, None)
             raise BridgeTimeoutError(
                 f"the host of stage {self.stage} ({self.conn.peer}) did not answer {kind.name} for step "
-                f"{step} micro-batch {micro_batch} within {self.settings.timeout_s:g} s"
+                f"{step} micro-batch {micro_batch} within {self.settings.timeout_s:g} s",
+                stage=self.stage,
             ) from exc
 
     async def request(self, kind: MessageKind, **kwargs: Any) -> Frame:

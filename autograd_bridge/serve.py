@@ -5,6 +5,11 @@ weights (``save_stage_weights``), start one of these per host, and point a data 
 :class:`~autograd_bridge.remote.StageClient` at the printed URL. The process prints one line
 ``listening <url>`` once it accepts connections, and serves until SIGTERM, SIGINT, or (with
 ``--exit-with-stdin``) until its standard input closes, so a parent that dies takes it along.
+
+For the chained path (:mod:`autograd_bridge.chain`) the parent, which alone knows where every
+stage is hosted, writes one line ``route <json>`` to standard input (``--exit-with-stdin``):
+``{"next": {"<stage>": "<url>"}, "prev": {...}, "token": "<this host's token>"}``. The
+neighbours present their own tokens, which this host accepts by ``--peer-token``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -22,6 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .chain import ChainRoute, PeerAddress
 from .host import HostSettings, StageHost, serve_stage_host
 from .partition import StageSpec
 
@@ -48,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--token", help="peers must present this bearer token")
+    p.add_argument(
+        "--peer-token",
+        action="append",
+        default=[],
+        help="also accept this token (a chain neighbour's; repeatable)",
+    )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve wss:// (needs --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--attn-implementation", default=None, help="eager, sdpa, ...")
@@ -72,8 +85,8 @@ async def _serve(args: argparse.Namespace) -> None:
         )
     settings = HostSettings(lr=args.lr, optimizer=args.optimizer, compression=args.compression)
     host = StageHost(stages, run_id=args.run_id, settings=settings)
-    token = args.token
-    authenticate = (lambda presented: presented == token) if token else None
+    accepted = {t for t in [args.token, *args.peer_token] if t}
+    authenticate = (lambda presented: presented in accepted) if accepted else None
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -88,14 +101,34 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if args.exit_with_stdin:
+
+        async def set_route(route: ChainRoute) -> None:
+            host.chain.set_route(route)
+
+        def read_commands() -> None:
+            for line in sys.stdin:
+                if line.startswith("route "):
+                    route = parse_route(line.removeprefix("route "))
+                    asyncio.run_coroutine_threadsafe(set_route(route), loop).result()
+                    print("routed", flush=True)
+            loop.call_soon_threadsafe(stop.set)
+
         # A daemon thread, not the loop's executor: at exit asyncio.run waits for its executor's
         # threads, and this one blocks until stdin closes, so SIGTERM would never end the process.
-        threading.Thread(
-            target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)), daemon=True
-        ).start()
+        threading.Thread(target=read_commands, daemon=True).start()
     await stop.wait()
     await server.close()  # type: ignore[attr-defined]
-    host.close()
+    await host.aclose()
+
+
+def parse_route(text: str) -> ChainRoute:
+    """The ChainRoute of a ``route`` line's JSON (from the parent process, not from a peer)."""
+    raw = json.loads(text)
+    token = raw.get("token")
+    return ChainRoute(
+        next={int(k): PeerAddress(url=v, token=token) for k, v in raw.get("next", {}).items()},
+        prev={int(k): PeerAddress(url=v, token=token) for k, v in raw.get("prev", {}).items()},
+    )
 
 
 class StageHostProcess:
@@ -113,6 +146,7 @@ class StageHostProcess:
         run_id: str,
         attn_implementation: str | None = None,
         token: str | None = None,
+        peer_tokens: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = 180.0,
@@ -125,6 +159,7 @@ class StageHostProcess:
             cmd += ["--attn-implementation", attn_implementation]
         if token:
             cmd += [f"--token={token}"]  # "=": a token may begin with "-"
+        cmd += [f"--peer-token={t}" for t in peer_tokens]
         cmd += list(extra_args)
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(env or os.environ)
@@ -144,17 +179,37 @@ class StageHostProcess:
         return self._url
 
     def _wait_listening(self) -> str:
+        return self._wait_for_line("listening ").split(" ", 1)[1].strip()
+
+    def _wait_for_line(self, prefix: str) -> str:
         stdout = self._proc.stdout
         if stdout is None:
             raise RuntimeError("stage host process has no stdout pipe")
         deadline = time.monotonic() + self._start_timeout_s
         while time.monotonic() < deadline:
             line = stdout.readline()
-            if line.startswith("listening "):
-                return line.split(" ", 1)[1].strip()
+            if line.startswith(prefix):
+                return line
             if not line and self._proc.poll() is not None:
-                raise RuntimeError(f"stage host exited with status {self._proc.returncode} before listening")
-        raise RuntimeError(f"stage host did not listen within {self._start_timeout_s:g} s")
+                raise RuntimeError(
+                    f"stage host exited with status {self._proc.returncode} before {prefix.strip()!r}"
+                )
+        raise RuntimeError(f"stage host did not print {prefix.strip()!r} within {self._start_timeout_s:g} s")
+
+    def set_route(self, next: Mapping[int, str], prev: Mapping[int, str], token: str | None = None) -> None:
+        """Tell the host where its stages' neighbours are (the chained path); ``token`` is its own."""
+        if self._proc.stdin is None:
+            raise RuntimeError("stage host process has no stdin pipe")
+        route: dict[str, object] = {
+            "next": {str(k): v for k, v in next.items()},
+            "prev": {str(k): v for k, v in prev.items()},
+        }
+        if token:
+            route["token"] = token
+        self.url  # noqa: B018 - the "listening" line comes first
+        self._proc.stdin.write("route " + json.dumps(route) + "\n")
+        self._proc.stdin.flush()
+        self._wait_for_line("routed")
 
     def kill(self) -> None:
         """Kill the host abruptly (to test peers that vanish)."""

@@ -4,6 +4,8 @@ Splits a causal LM into K stages, hosts them in separate processes connected by 
 WebSockets on loopback (or in memory with ``--transport memory``), runs one training step on a
 random padded batch, and compares the loss and every parameter gradient with the unsplit model.
 The data owner hosts the first and the last stage (U-shape) unless ``--layout all-remote``.
+With ``--path chain`` the hosts hand activations and gradients to each other (each accepting
+only its neighbours' tokens and the owner's) and the owner feeds only the ends of the chain.
 
 It prints a table and ends with ``max_abs_diff=<x> stages=<K> model=<name>``; the exit status is
 1 when the difference is above ``--tolerance``. Dropout is off (modules in eval mode) on both
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -55,6 +58,7 @@ class VerifyOptions:
     schedule: str = "1f1b"  # with M > 1: gpipe or 1f1b
     transport: str = "websocket"  # websocket (separate processes) or memory (one process)
     layout: str = "u-shape"  # u-shape: the owner keeps first and last stage; all-remote: it keeps none
+    path: str = "relay"  # relay: every boundary through the owner; chain: host to host (websocket only)
     batch_size: int = 2
     seq_len: int = 24
     tolerance: float = 1e-5
@@ -67,6 +71,10 @@ class VerifyOptions:
             raise ValueError("--transport must be websocket or memory")
         if self.layout not in ("u-shape", "all-remote"):
             raise ValueError("--layout must be u-shape or all-remote")
+        if self.path not in ("relay", "chain"):
+            raise ValueError("--path must be relay or chain")
+        if self.path == "chain" and self.transport != "websocket":
+            raise ValueError("--path chain needs --transport websocket: hosts connect to each other")
         if self.batch_size < self.micro_batches:
             raise ValueError("--batch-size must be at least --micro-batches")
 
@@ -171,12 +179,23 @@ def run_verify(opts: VerifyOptions, *, log: bool = True) -> VerifyReport:
             where: dict[int, str] = {i: "owner (this process)" for i in local}
             clients: dict[int, StageClient] = {}
             if opts.transport == "websocket":
+                owner_token = secrets.token_urlsafe(16)
+                tokens = {i: secrets.token_urlsafe(16) for i in remote_indices}  # each host's own
                 for i in remote_indices:  # start them all, then wait: they load in parallel
+                    neighbours = [tokens[j] for j in (i - 1, i + 1) if j in tokens]
                     procs.append(StageHostProcess(tmpdir, [files[i]], [specs[i]], run_id=run_id,
-                                                  attn_implementation=opts.attn_implementation))  # fmt: skip
+                                                  attn_implementation=opts.attn_implementation, token=owner_token,
+                                                  peer_tokens=neighbours if opts.path == "chain" else ()))  # fmt: skip
+                urls = {i: proc.url for i, proc in zip(remote_indices, procs, strict=True)}
                 for i, proc in zip(remote_indices, procs, strict=True):
                     where[i] = proc.url
-                    clients[i] = runtime.run(StageClient.connect(proc.url, run_id=run_id, stage=i))
+                    if opts.path == "chain":
+                        nxt = {i: urls[i + 1]} if i + 1 in urls else {}
+                        prev = {i: urls[i - 1]} if i - 1 in urls else {}
+                        proc.set_route(nxt, prev, token=tokens[i])
+                    clients[i] = runtime.run(
+                        StageClient.connect(proc.url, run_id=run_id, stage=i, token=owner_token)
+                    )
             else:
                 for i in remote_indices:
                     module = load_stage(cfg, specs[i], [str(files[i])], attn_implementation=attn)
@@ -240,7 +259,7 @@ def _split_step(
     mask: torch.Tensor,
     labels: torch.Tensor,
 ) -> tuple[float, dict[int, dict[str, torch.Tensor]]]:
-    if opts.micro_batches == 1:
+    if opts.micro_batches == 1 and opts.path == "relay":
         # The autograd-function path: one graph, loss.backward() reaches every host.
         modules: list[nn.Module] = [
             local[s.index] if s.index in local else RemoteStage(clients[s.index], runtime) for s in specs
@@ -252,7 +271,7 @@ def _split_step(
         loss_value = float(loss.detach())
     else:
         chain = [local[s.index] if s.index in local else clients[s.index] for s in specs]
-        settings = PipelineSettings(micro_batches=opts.micro_batches, schedule=opts.schedule)  # type: ignore[arg-type]
+        settings = PipelineSettings(micro_batches=opts.micro_batches, schedule=opts.schedule, path=opts.path)  # type: ignore[arg-type]
         pipeline = Pipeline(chain, runtime, settings)
         try:
             loss_value = pipeline.train_step(ids, mask, labels).loss
@@ -280,7 +299,7 @@ def format_report(report: VerifyReport, opts: VerifyOptions) -> str:
     verdict = "OK" if report.max_abs_diff <= opts.tolerance and not report.missing else "MISMATCH"
     lines.append(
         f"{verdict}: tolerance {opts.tolerance:g}, transport {opts.transport}, layout {opts.layout}, "
-        f"micro-batches {opts.micro_batches}"
+        f"path {opts.path}, micro-batches {opts.micro_batches}"
     )
     lines.append(f"max_abs_diff={report.max_abs_diff:.3e} stages={opts.stages} model={report.model}")
     return "\n".join(lines)
@@ -295,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
     p.add_argument("--transport", choices=["websocket", "memory"], default="websocket")
     p.add_argument("--layout", choices=["u-shape", "all-remote"], default="u-shape")
+    p.add_argument(
+        "--path", choices=["relay", "chain"], default="relay", help="relay (default) or chain: host to host"
+    )
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=24)
     p.add_argument("--tolerance", type=float, default=1e-5)
@@ -312,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = VerifyOptions(
             model=args.model, stages=args.stages, attn_implementation=args.attn,
             micro_batches=args.micro_batches, schedule=args.schedule, transport=args.transport,
-            layout=args.layout, batch_size=max(args.batch_size, args.micro_batches), seq_len=args.seq_len,
+            layout=args.layout, path=args.path, batch_size=max(args.batch_size, args.micro_batches), seq_len=args.seq_len,
             tolerance=args.tolerance, seed=args.seed,
         )  # fmt: skip
         report = run_verify(opts)

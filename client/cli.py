@@ -101,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> ClientConfig:
         config.profile, quick=True if args.quick_profile else None, device=args.device, link_seconds=args.link_seconds
     )
     declared = {name: getattr(args, f"declare_{name}") for name in DeclaredProfile.__dataclass_fields__}
-    for name in ("memory_bytes", "gpu_memory_bytes"):
+    for name in ("memory_bytes", "gpu_memory_bytes", "max_micro_batch"):
         if declared[name] is not None:
             declared[name] = int(declared[name])
     declare = _replace(config.declare, **declared)

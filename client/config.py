@@ -7,7 +7,8 @@ A config file has one table per dataclass below (every key optional, flags win):
     [bridge]     host, port, advertise
     [profile]    quick, device, matmul_size, compute_seconds, link_seconds, pings, chunk_bytes
     [declare]    flops_per_s, memory_bytes, gpu_memory_bytes, upload_bytes_per_s,
-                 download_bytes_per_s, rtt_s        (overrides for emulation; marked "declared")
+                 download_bytes_per_s, rtt_s, max_micro_batch
+                                                    (overrides for emulation; marked "declared")
     [reconnect]  initial_s, max_s, multiplier, jitter
 
 An unknown table or key is an error that names the known ones.
@@ -121,12 +122,17 @@ class DeclaredProfile:
     upload_bytes_per_s: float | None = None
     download_bytes_per_s: float | None = None
     rtt_s: float | None = None
+    # The largest micro-batch (sequences) this device trains at once; unset, the server
+    # derives it from the memory above and the partitions the device holds.
+    max_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None and not value >= 0:
                 raise ValueError(f"[declare] {f.name} must be a non-negative number, got {value}")
+        if self.max_micro_batch is not None and (int(self.max_micro_batch) != self.max_micro_batch or self.max_micro_batch < 1):
+            raise ValueError(f"[declare] max_micro_batch must be an integer >= 1, got {self.max_micro_batch}")
 
     def values(self) -> dict[str, float | int]:
         """The declared fields and their values."""

@@ -24,11 +24,15 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from autograd_bridge.codecs import decode_update
+from autograd_bridge.errors import BridgeTimeoutError, PeerLostError
 from proto.messages import (
+    ChainPeers,
     ClientInfo,
     Command,
     CommandState,
@@ -54,8 +58,8 @@ from proto.messages import (
 from . import __version__
 from .channel import ControlChannel
 from .config import ClientConfig
-from .errors import ClientError, HostingError, ServerUnavailableError, SessionEndedError
-from .hosting import HostedRun, build_stages, reach_peers, start_stage_host
+from .errors import ClientError, HostingError, PeerGoneError, ServerUnavailableError, SessionEndedError
+from .hosting import HostedRun, build_stages, chain_route, reach_peers, start_stage_host
 from .profiling import (
     ComputeMeasurement,
     LinkMeasurement,
@@ -117,6 +121,7 @@ class ClientDaemon:
         self._handlers: dict[type, Callable[[ControlChannel, Any], Awaitable[CommandResult]]] = {
             HostRun: self._host,
             ConnectPeers: self._connect,
+            ChainPeers: self._chain,
             PrepareRun: self._prepare,
             LoadPartitions: self._load,
             Train: self._train,
@@ -269,7 +274,10 @@ class ClientDaemon:
             if run is not None and not isinstance(body, StopRun):
                 run.state, run.message = RunState.FAILED, str(exc)
             failed_run = run.status() if run is not None else None
-            report = StatusReport(command_id=command.command_id, state=CommandState.FAILED, message=str(exc), run=failed_run)
+            lost = exc.peer if isinstance(exc, PeerGoneError) else ""
+            report = StatusReport(
+                command_id=command.command_id, state=CommandState.FAILED, message=str(exc), run=failed_run, lost_peer=lost
+            )
         else:
             report = StatusReport(
                 command_id=command.command_id, state=CommandState.DONE, run=status, round_report=report_of_round
@@ -326,6 +334,18 @@ class ClientDaemon:
         log.info("run %s: reached %d peer(s)", cmd.run_id, len(cmd.peers))
         return run.status()
 
+    async def _chain(self, channel: ControlChannel, cmd: ChainPeers) -> RunStatus:
+        """Tell this client's stage host where the neighbouring partitions are (the chained path)."""
+        preparing = self._host_tasks.get(cmd.run_id)
+        if preparing is not None:
+            await asyncio.wait({preparing})
+        run = self.runs.get(cmd.run_id)
+        if run is None or run.served is None or run.served.host is None:
+            raise HostingError(f"run {cmd.run_id} is not served here; the server sent ChainPeers before HostRun")
+        run.served.host.chain.set_route(chain_route(run.served.host.stages, cmd.peers))
+        log.info("run %s: %d neighbouring host(s)", cmd.run_id, len(cmd.peers))
+        return run.status()
+
     async def _upload(self, channel: ControlChannel, cmd: Upload) -> RunStatus:
         from autograd_bridge.partition import save_stage_weights
 
@@ -349,10 +369,14 @@ class ClientDaemon:
                     data = await asyncio.to_thread(updates.encode, index, stage, optimizer, cmd)
                     await asyncio.to_thread(path.write_bytes, data)
                 sha = await asyncio.to_thread(file_sha256, path)
-                header = WeightHeader(
-                    run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha, round=cmd.round
-                )
+                prepared = self._prepared.get(cmd.run_id)
+                slices = tuple(prepared.finetune.trained_slices(stage).values()) if prepared is not None else ()
+                header = WeightHeader(run_id=cmd.run_id, partition=index, total_bytes=path.stat().st_size, sha256=sha,
+                                      round=cmd.round, slices=slices)  # fmt: skip
                 await channel.upload_partition(header, path, chunk)
+        prepared = self._prepared.get(cmd.run_id)
+        if prepared is not None:  # the round is over here: what trains next (heads mode draws new heads)
+            await asyncio.to_thread(prepared.finetune.begin_round, run.stages, cmd.round + 1)
         return run.status()
 
     async def _prepare(self, channel: ControlChannel, cmd: PrepareRun) -> RunStatus:
@@ -368,6 +392,11 @@ class ClientDaemon:
         if earlier is not None:
             if earlier.key != prepared.key:
                 raise HostingError(f"run {cmd.run_id} was prepared differently before; replan to change it")
+            if (earlier.path, earlier.compression) != (prepared.path, prepared.compression):
+                # How activations travel may change between runs on one plan: rebuild the owner's pipeline.
+                self._prepared[cmd.run_id] = replace(earlier, path=prepared.path, compression=prepared.compression)
+                self._set_compression(run, prepared.compression)
+                await self._close_trainer(cmd.run_id)
             return run.status()
         try:
             await asyncio.to_thread(prepared.finetune.prepare, run.stages, prepared.settings)
@@ -376,6 +405,7 @@ class ClientDaemon:
         if run.served is not None and run.served.host is not None:
             # Over what the stages train now (the adapters, say), with the run's optimizer.
             run.served.host.reset_optimizer(prepared.optimizer)
+        self._set_compression(run, prepared.compression)
         local = [run.stages[p.index] for p in run.partitions if p.local]
         run.optimizer = build_owner_optimizer(local, prepared.optimizer)  # before any Load, which may bring its state
         self._prepared[cmd.run_id] = prepared
@@ -383,6 +413,11 @@ class ClientDaemon:
         for index, stage in run.stages.items():
             updates.mark_start(index, stage)
         return run.status()
+
+    @staticmethod
+    def _set_compression(run: HostedRun, compression: str) -> None:
+        if run.served is not None and run.served.host is not None:
+            run.served.host.set_compression(compression)
 
     def _optimizer_for(self, run: HostedRun, index: int) -> Any:
         """The optimizer that trains partition ``index`` here: the stage host's, or the owner's own."""
@@ -413,6 +448,7 @@ class ClientDaemon:
 
     async def _train(self, channel: ControlChannel, cmd: Train) -> tuple[RunStatus, RoundReport]:
         """Train one round through the run's pipeline; its report goes back with the status."""
+        received = time.perf_counter()  # a time budget counts from here: setting the trainer up is part of the round
         data = self.config.client.data
         if data is None:
             raise HostingError("this client has no data to train on; start it with --data")
@@ -430,12 +466,15 @@ class ClientDaemon:
             trainer = self._trainers.get(cmd.run_id)
             if trainer is None:
                 trainer = await asyncio.to_thread(
-                    OwnerTrainer, cmd.run_id, run.stages, run.peers, data, settings, run.optimizer, prepared.method
-                )
+                    partial(OwnerTrainer, path=prepared.path, compression=prepared.compression),
+                    cmd.run_id, run.stages, run.peers, data, settings, run.optimizer, prepared.method,
+                )  # fmt: skip
                 self._trainers[cmd.run_id] = trainer
             progress = _ProgressReporter(channel, _COMMAND_ID.get(), settings, asyncio.get_running_loop())
-            report = await asyncio.to_thread(trainer.train_round, settings, progress.step_done)
+            report = await asyncio.to_thread(trainer.train_round, settings, progress.step_done, received=received)
             await progress.flush()
+        except (PeerLostError, BridgeTimeoutError) as exc:
+            raise _peer_gone(run, exc) from exc
         finally:
             if run.state == RunState.TRAINING:
                 run.state = RunState.CONNECTED
@@ -514,3 +553,12 @@ class _ProgressReporter:
             await asyncio.wrap_future(self.sending)
         if self.pending:
             await self._send(self._take())
+
+
+def _peer_gone(run: HostedRun, exc: PeerLostError | BridgeTimeoutError) -> PeerGoneError:
+    """The failure of a Train whose stage host went away, naming that host's client."""
+    names = {p.partition: p.client_id for p in run.peers}
+    peer = names.get(exc.stage, "") if exc.stage is not None else ""
+    what = "stopped answering" if isinstance(exc, BridgeTimeoutError) else "went away"
+    who = f"{peer} (stage {exc.stage})" if peer else "a stage host"
+    return PeerGoneError(f"{who} {what} during training of run {run.run_id}: {exc}", peer=peer)

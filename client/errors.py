@@ -52,3 +52,15 @@ class WeightsError(ClientError):
 
 class HostingError(ClientError):
     """A run's stages could not be built, served, or its peers reached."""
+
+
+class PeerGoneError(ClientError):
+    """A stage host of the owner's pipeline went away (or stopped answering) mid-command.
+
+    An expected event on edge devices: the daemon reports the command failed and names the
+    client (``peer``) so the server can replan without it and replay the round.
+    """
+
+    def __init__(self, message: str, *, peer: str) -> None:
+        super().__init__(message)
+        self.peer = peer

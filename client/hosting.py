@@ -129,10 +129,25 @@ async def start_stage_host(
 
     async def close() -> None:
         await server.close()
-        host.close()
+        await host.aclose()
 
     log.info("run %s: serving stages %s at %s", run_id, sorted(stages), url)
     return ServedStages(url=url, close=close, host=host)
+
+
+def chain_route(served: Mapping[int, Any], peers: Sequence[PeerEndpoint]) -> Any:
+    """The bridge's ChainRoute of a host serving ``served`` from the server's neighbour list.
+
+    A partition next to one served here goes to its host in ``peers``; one missing there (the
+    owner's, or served here too) is not routed, and the bridge hands that result to the owner
+    or to the next stage here.
+    """
+    from autograd_bridge.chain import ChainRoute, PeerAddress
+
+    where = {p.partition: PeerAddress(url=p.url, token=p.token) for p in peers}
+    nxt = {s: where[s + 1] for s in served if s + 1 in where and s + 1 not in served}
+    prev = {s: where[s - 1] for s in served if s - 1 in where and s - 1 not in served}
+    return ChainRoute(next=nxt, prev=prev)
 
 
 async def reach_peers(run_id: str, peers: Sequence[PeerEndpoint], *, timeout_s: float = 30.0) -> None:

@@ -17,11 +17,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from autograd_bridge.codecs import CodecSettings as CodecChoice
 from autograd_bridge.codecs import UpdateCodec, decode_update, get_codec
 from autograd_bridge.finetune import Finetune, FinetuneSettings, get_finetune
+from autograd_bridge.frames import COMPRESSIONS, Compression
 from autograd_bridge.methods import TrainingMethod, get_method
 from autograd_bridge.optim import check_optimizer_name, check_schedule_name
+from autograd_bridge.paths import get_path
 from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, StepRecord, Train, Upload
 
 from .errors import HostingError
@@ -50,6 +54,8 @@ def check_train(cmd: Train) -> Train:
         raise HostingError(f"training setting 'min_lr' must be in [0, lr], got {cmd.min_lr!r}")
     if not (math.isfinite(cmd.clip_norm) and cmd.clip_norm >= 0):
         raise HostingError(f"training setting 'clip_norm' must be a finite number >= 0 (0: off), got {cmd.clip_norm!r}")
+    if not (math.isfinite(cmd.time_budget_s) and cmd.time_budget_s >= 0):
+        raise HostingError(f"training setting 'time_budget_s' must be a finite number >= 0 (0: none), got {cmd.time_budget_s!r}")
     if cmd.warmup_steps > cmd.total_steps > 0:
         raise HostingError(f"training setting 'warmup_steps' ({cmd.warmup_steps}) exceeds total_steps ({cmd.total_steps})")
     if cmd.batch_size % cmd.micro_batches:
@@ -73,6 +79,8 @@ class Preparation:
     codec_choice: CodecChoice  # the codec's value dtype and top-k scope
     error_feedback: bool  # keep what a sparse upload left out and add it to the next one
     method: TrainingMethod  # how the owner trains a step
+    path: str = "relay"  # how activations travel between the stages (autograd_bridge.paths)
+    compression: Compression = "none"  # of the activations and gradients between stages
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -88,11 +96,20 @@ class Preparation:
             raise HostingError(f"the upload cannot be encoded: {exc}") from exc
 
 
+def check_compression(name: str) -> Compression:
+    """``name`` as a Compression of the frames, or ValueError naming the choices."""
+    if name not in COMPRESSIONS:
+        raise ValueError(f"activation_compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
+    return name  # type: ignore[return-value]
+
+
 def prepare_from_command(cmd: PrepareRun) -> Preparation:
     """Resolve and check a PrepareRun (network input) into the objects the daemon keeps."""
     settings = FinetuneSettings(
-        lora_r=cmd.lora.r, lora_alpha=cmd.lora.alpha, lora_targets=tuple(cmd.lora.targets), seed=cmd.seed
-    )
+        lora_r=cmd.lora.r, lora_alpha=cmd.lora.alpha, lora_targets=tuple(cmd.lora.targets), seed=cmd.seed,
+        head_fraction=cmd.heads.fraction, head_choice=cmd.heads.choice, head_adapter=cmd.heads.adapter,
+        head_key=cmd.heads.key, head_schedule=cmd.heads.schedule or "fixed",
+    )  # fmt: skip
     if not all(cmd.lora.targets):
         raise HostingError("run setting 'lora targets' must be module names, not empty strings")
     try:
@@ -107,7 +124,9 @@ def prepare_from_command(cmd: PrepareRun) -> Preparation:
             codec=cmd.codec.name,
             codec_choice=choice,
             error_feedback=cmd.codec.error_feedback,
-            method=get_method(cmd.method),
+            method=get_method(cmd.method, cmd.method_options),
+            path=get_path(cmd.path).name,
+            compression=check_compression(cmd.activation_compression),
         )
     except ValueError as exc:
         raise HostingError(f"run {cmd.run_id}: {exc}") from exc
@@ -125,10 +144,13 @@ class OwnerTrainer:
         settings: Train,
         optimizer: Any,
         method: TrainingMethod,
+        *,
+        path: str = "relay",
+        compression: Compression = "none",
     ) -> None:
         from autograd_bridge.models import load_tokenizer
         from autograd_bridge.pipeline import Pipeline, PipelineSettings
-        from autograd_bridge.remote import StageClient
+        from autograd_bridge.remote import ClientSettings, StageClient
         from autograd_bridge.runtime import EventLoopThread
 
         from .data import DataSettings, OwnerDataset
@@ -154,21 +176,31 @@ class OwnerTrainer:
                 chain.append(stages[k].train())
             else:
                 peer = remote[k]
-                client = self.runtime.run(StageClient.connect(peer.url, run_id=run_id, stage=k, token=peer.token))
+                client = self.runtime.run(
+                    StageClient.connect(
+                        peer.url, run_id=run_id, stage=k, token=peer.token,
+                        settings=ClientSettings(compression=compression),
+                    )
+                )  # fmt: skip
                 self.clients.append(client)
                 chain.append(client)
         self.local_stages = [stages[k] for k in sorted(stages)]
-        pipeline_settings = PipelineSettings(micro_batches=settings.micro_batches)
+        pipeline_settings = PipelineSettings(micro_batches=settings.micro_batches, path=path)
         self.pipeline = Pipeline(chain, self.runtime, pipeline_settings)
         # The optimizer of the owner's own stages (None: they train nothing), built by
         # build_owner_optimizer when the run is prepared, over stages tie_owner_stages tied,
         # so that a handed-over optimizer state can be loaded before round 1.
         self.optimizer: Any = optimizer
+        self._last_evaluation_s: float | None = None  # how long the last round's evaluation took
 
-    def train_round(self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None) -> RoundReport:
-        """Train ``settings.steps`` steps, then evaluate; what the owner reports (blocking).
+    def train_round(
+        self, settings: Train, on_step: Callable[[int, StepRecord], None] | None = None, *, received: float | None = None
+    ) -> RoundReport:
+        """Train ``settings.steps`` steps (or until its time budget is spent), then evaluate; what the owner reports (blocking).
 
         ``on_step(i, record)`` is called after step ``i`` (0-based, within the round) of the round.
+        ``received`` (``time.perf_counter()``) is when the Train command arrived: a time budget
+        counts from then, so what came before this call (building the trainer) is spent of it.
         """
         from functools import partial
 
@@ -182,6 +214,12 @@ class OwnerTrainer:
         )  # fmt: skip
         began = time.perf_counter()
         self.pipeline.reset_stage_times()  # this round's steps only
+        budget = None
+        if settings.time_budget_s > 0:
+            deadline = (received if received is not None else began) + settings.time_budget_s
+            if self._last_evaluation_s is None:
+                self._last_evaluation_s = self._first_evaluation_guess(settings.eval_batch_size)
+            budget = max(deadline - time.perf_counter(), 1e-3)  # at least one step, whatever is left
         steps = run_steps(
             self.pipeline,
             self.dataset,
@@ -195,22 +233,40 @@ class OwnerTrainer:
             schedule=schedule,
             clip_norm=settings.clip_norm or None,
             on_step=on_step,
+            time_budget_s=budget,
+            after_s=self._evaluation_seconds,
         )
         # Per stage, the owner's wait per step (transfers + the host's compute), before evaluation adds none.
         stage_seconds = tuple(self.pipeline.stage_seconds())
         step_seconds = self.pipeline.step_seconds()
+        evaluation_began = time.perf_counter()
         val_loss, ppl = evaluate(self.pipeline, self.dataset, settings.eval_batch_size)
+        self._last_evaluation_s = time.perf_counter() - evaluation_began
         val_tokens = sum(b.num_targets for b in self.dataset.validation_batches(settings.eval_batch_size))
         return RoundReport(
             round=settings.round,
             steps=tuple(steps),
             evaluation=Evaluation(loss=val_loss, perplexity=ppl, tokens=val_tokens),
-            samples=settings.steps * settings.batch_size,  # sequences trained this round
+            samples=len(steps) * settings.batch_size,  # sequences trained this round
             data_samples=self.dataset.num_samples,  # training sequences held: the FedAvg weight
             seconds=time.perf_counter() - began,
             stage_seconds=stage_seconds,
             step_seconds=step_seconds,
         )
+
+    def _first_evaluation_guess(self, batch_size: int) -> float:
+        """Before any evaluation was timed: one validation batch's forward pass, times the number of batches."""
+        batches = list(self.dataset.validation_batches(batch_size))
+        if not batches:
+            return 0.0
+        first = batches[0]
+        began = time.perf_counter()
+        self.pipeline.eval_loss(first.input_ids, first.attention_mask, first.labels)
+        return (time.perf_counter() - began) * len(batches)
+
+    def _evaluation_seconds(self, step_s: float) -> float:
+        """What the evaluation after training will take: as long as the last one (or the first one's guess)."""
+        return self._last_evaluation_s or 0.0
 
     def close(self) -> None:
         """Close the connections and the pipeline (blocking)."""
@@ -295,11 +351,15 @@ class Updates:
 
     prepared: Preparation
     starts: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> its tensors when last loaded
+    seeded: dict[int, int] = field(default_factory=dict)  # partition -> its seeded steps (forward gradients) then
     residuals: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> what sparse uploads left out
 
     def mark_start(self, index: int, stage: Any) -> None:
         """``stage`` (partition ``index``) now holds what the server sent: changes are measured from here."""
+        from autograd_bridge.methods.perturbation import applied_steps
+
         self.starts[index] = {n: t.clone() for n, t in self.prepared.finetune.trained_tensors(stage).items()}
+        self.seeded[index] = len(applied_steps(stage))
 
     def encode(self, index: int, stage: Any, optimizer: Any, upload: Upload) -> bytes:
         """The bytes partition ``index`` sends for ``upload`` (round 0: its starting values, whole)."""
@@ -311,6 +371,9 @@ class Updates:
             return codec.encode(trained_state(stage, self.prepared.finetune, own))
         from autograd_bridge.optim_state import optimizer_tensors
 
+        seeded = self._seeded_upload(index, stage, codec, own)
+        if seeded is not None:
+            return seeded
         start, residual = self.starts[index], self.residuals.get(index, {})
         change = {n: t - start[n] + residual[n] if n in residual else t - start[n]
                   for n, t in self.prepared.finetune.trained_tensors(stage).items()}  # fmt: skip
@@ -318,4 +381,20 @@ class Updates:
         if self.prepared.error_feedback:
             sent = decode_update(data)
             self.residuals[index] = {n: t - sent[n] for n, t in change.items()}
+        return data
+
+    def _seeded_upload(self, index: int, stage: Any, codec: UpdateCodec, optimizer: Any) -> bytes | None:
+        """The seeds and coefficients of the steps since ``stage`` was loaded, when the codec sends
+        them and every change since came from such steps; else None (the change goes as tensors)."""
+        from autograd_bridge.methods.perturbation import applied_steps, replay
+        from autograd_bridge.optim_state import optimizer_tensors
+
+        encode_steps = getattr(codec, "encode_steps", None)
+        steps = applied_steps(stage)[self.seeded.get(index, 0) :]
+        if encode_steps is None or not steps:
+            return None
+        trained, start = self.prepared.finetune.trained_tensors(stage), self.starts[index]
+        if any(not torch.equal(t, replay({n: start[n]}, steps)[n]) for n, t in trained.items()):
+            return None  # something else changed the tensors too: the seeds alone would not rebuild them
+        data: bytes = encode_steps(steps, trained, optimizer_tensors(optimizer, stage.named_model_parameters()))
         return data

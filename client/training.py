@@ -58,8 +58,16 @@ def run_steps(
     schedule: Callable[[int], float] | None = None,
     clip_norm: float | None = None,
     on_step: Callable[[int, StepRecord], None] | None = None,
+    time_budget_s: float | None = None,
+    after_s: Callable[[float], float] | None = None,
 ) -> list[StepRecord]:
     """Run ``steps`` optimizer steps on batches ``start, start + 1, ...`` of ``dataset.stream``.
+
+    With ``time_budget_s`` the loop stops on time instead (``steps`` is then the most it
+    runs): it begins another step only while the time spent plus half a step (the mean so
+    far) plus ``after_s(mean step seconds)`` (what the caller still does after the loop,
+    e.g. its evaluation) is within the budget, so the round ends as near the budget as
+    whole steps allow. It always runs at least one step.
 
     ``method`` (backprop when None) trains each batch through ``pipeline`` and steps
     ``local_optimizer`` (the owner's stages) and every host's optimizer, at ``schedule(i)``
@@ -71,8 +79,18 @@ def run_steps(
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     method = method or get_method("backprop")
+    if time_budget_s is not None and not (math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise ValueError(f"time_budget_s must be a finite number > 0, got {time_budget_s}")
     records: list[StepRecord] = []
-    for index, batch in enumerate(itertools.islice(dataset.stream(batch_size, start=start), steps), start=start):
+    # An epoch's last, smaller batch may have fewer rows than the pipeline's micro-batches: leave it out then.
+    stream = dataset.stream(batch_size, start=start, drop_last=pipeline.settings.micro_batches > 1)
+    loop_began = time.perf_counter()
+    for index, batch in enumerate(itertools.islice(stream, steps), start=start):
+        if time_budget_s is not None and records:
+            spent = time.perf_counter() - loop_began
+            mean = spent / len(records)
+            if spent + mean / 2 + (after_s(mean) if after_s is not None else 0.0) >= time_budget_s:
+                break
         before = [(p.bytes_sent, p.bytes_received) for p in peers]
         began = time.perf_counter()
         step_lr = schedule(index) if schedule is not None else lr

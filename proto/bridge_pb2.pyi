@@ -26,6 +26,14 @@ class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MESSAGE_KIND_ERROR: _ClassVar[MessageKind]
     MESSAGE_KIND_GET_GRAD_NORM: _ClassVar[MessageKind]
     MESSAGE_KIND_GRAD_NORM: _ClassVar[MessageKind]
+    MESSAGE_KIND_PERTURB: _ClassVar[MessageKind]
+    MESSAGE_KIND_APPLY_DIRECTIONAL: _ClassVar[MessageKind]
+    MESSAGE_KIND_ALIGNMENT: _ClassVar[MessageKind]
+    MESSAGE_KIND_DIRECTIONAL_RESULT: _ClassVar[MessageKind]
+    MESSAGE_KIND_CHAIN_FORWARD: _ClassVar[MessageKind]
+    MESSAGE_KIND_CHAIN_BACKWARD: _ClassVar[MessageKind]
+    MESSAGE_KIND_AWAIT_FORWARD: _ClassVar[MessageKind]
+    MESSAGE_KIND_AWAIT_BACKWARD: _ClassVar[MessageKind]
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -63,6 +71,14 @@ MESSAGE_KIND_RELEASE: MessageKind
 MESSAGE_KIND_ERROR: MessageKind
 MESSAGE_KIND_GET_GRAD_NORM: MessageKind
 MESSAGE_KIND_GRAD_NORM: MessageKind
+MESSAGE_KIND_PERTURB: MessageKind
+MESSAGE_KIND_APPLY_DIRECTIONAL: MessageKind
+MESSAGE_KIND_ALIGNMENT: MessageKind
+MESSAGE_KIND_DIRECTIONAL_RESULT: MessageKind
+MESSAGE_KIND_CHAIN_FORWARD: MessageKind
+MESSAGE_KIND_CHAIN_BACKWARD: MessageKind
+MESSAGE_KIND_AWAIT_FORWARD: MessageKind
+MESSAGE_KIND_AWAIT_BACKWARD: MessageKind
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType

@@ -42,7 +42,7 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("flops_per_s", "memory_bytes", "gpu_memory_bytes", "device", "accelerator", "upload_bytes_per_s", "download_bytes_per_s", "rtt_s", "capacity", "declared", "flops_method")
+    __slots__ = ("flops_per_s", "memory_bytes", "gpu_memory_bytes", "device", "accelerator", "upload_bytes_per_s", "download_bytes_per_s", "rtt_s", "capacity", "declared", "flops_method", "max_micro_batch")
     FLOPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class DeviceProfile(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DECLARED_FIELD_NUMBER: _ClassVar[int]
     FLOPS_METHOD_FIELD_NUMBER: _ClassVar[int]
+    MAX_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     flops_per_s: float
     memory_bytes: int
     gpu_memory_bytes: int
@@ -65,7 +66,8 @@ class DeviceProfile(_message.Message):
     capacity: int
     declared: _containers.RepeatedScalarFieldContainer[str]
     flops_method: str
-    def __init__(self, flops_per_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., accelerator: _Optional[str] = ..., upload_bytes_per_s: _Optional[float] = ..., download_bytes_per_s: _Optional[float] = ..., rtt_s: _Optional[float] = ..., capacity: _Optional[int] = ..., declared: _Optional[_Iterable[str]] = ..., flops_method: _Optional[str] = ...) -> None: ...
+    max_micro_batch: int
+    def __init__(self, flops_per_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., accelerator: _Optional[str] = ..., upload_bytes_per_s: _Optional[float] = ..., download_bytes_per_s: _Optional[float] = ..., rtt_s: _Optional[float] = ..., capacity: _Optional[int] = ..., declared: _Optional[_Iterable[str]] = ..., flops_method: _Optional[str] = ..., max_micro_batch: _Optional[int] = ...) -> None: ...
 
 class ClientInfo(_message.Message):
     __slots__ = ("version", "hostname", "platform", "has_data", "data_bytes", "bridge_host")
@@ -211,8 +213,16 @@ class ConnectPeers(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[PeerEndpoint]
     def __init__(self, run_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerEndpoint, _Mapping]]] = ...) -> None: ...
 
+class ChainPeers(_message.Message):
+    __slots__ = ("run_id", "peers")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    peers: _containers.RepeatedCompositeFieldContainer[PeerEndpoint]
+    def __init__(self, run_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerEndpoint, _Mapping]]] = ...) -> None: ...
+
 class Train(_message.Message):
-    __slots__ = ("run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed", "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps", "min_lr", "clip_norm")
+    __slots__ = ("run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed", "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps", "min_lr", "clip_norm", "time_budget_s")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +241,7 @@ class Train(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     steps: int
@@ -249,7 +260,8 @@ class Train(_message.Message):
     total_steps: int
     min_lr: float
     clip_norm: float
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., start: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_batch_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., clip_norm: _Optional[float] = ...) -> None: ...
+    time_budget_s: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., steps: _Optional[int] = ..., start: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_batch_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., method: _Optional[str] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
 
 class Upload(_message.Message):
     __slots__ = ("run_id", "partitions", "round", "density", "optimizer_state")
@@ -283,6 +295,20 @@ class LoraSettings(_message.Message):
     targets: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class HeadSettings(_message.Message):
+    __slots__ = ("fraction", "choice", "adapter", "key", "schedule")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    choice: str
+    adapter: str
+    key: str
+    schedule: str
+    def __init__(self, fraction: _Optional[float] = ..., choice: _Optional[str] = ..., adapter: _Optional[str] = ..., key: _Optional[str] = ..., schedule: _Optional[str] = ...) -> None: ...
+
 class CodecSettings(_message.Message):
     __slots__ = ("name", "values", "scope", "error_feedback")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -296,7 +322,14 @@ class CodecSettings(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[str] = ..., scope: _Optional[str] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
 
 class PrepareRun(_message.Message):
-    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method")
+    __slots__ = ("run_id", "finetune", "optimizer", "lora", "seed", "codec", "method", "method_options", "heads", "path", "activation_compression")
+    class MethodOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FINETUNE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +337,10 @@ class PrepareRun(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     finetune: str
     optimizer: str
@@ -311,7 +348,11 @@ class PrepareRun(_message.Message):
     seed: int
     codec: CodecSettings
     method: str
-    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
+    method_options: _containers.ScalarMap[str, str]
+    heads: HeadSettings
+    path: str
+    activation_compression: str
+    def __init__(self, run_id: _Optional[str] = ..., finetune: _Optional[str] = ..., optimizer: _Optional[str] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., seed: _Optional[int] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., method: _Optional[str] = ..., method_options: _Optional[_Mapping[str, str]] = ..., heads: _Optional[_Union[HeadSettings, _Mapping]] = ..., path: _Optional[str] = ..., activation_compression: _Optional[str] = ...) -> None: ...
 
 class LoadPartitions(_message.Message):
     __slots__ = ("run_id", "partitions", "round")
@@ -324,7 +365,7 @@ class LoadPartitions(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAssignment, _Mapping]]] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("command_id", "host", "connect", "train", "upload", "stop", "prepare", "load")
+    __slots__ = ("command_id", "host", "connect", "train", "upload", "stop", "prepare", "load", "chain")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CONNECT_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +374,7 @@ class Command(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     PREPARE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     host: HostRun
     connect: ConnectPeers
@@ -341,7 +383,8 @@ class Command(_message.Message):
     stop: StopRun
     prepare: PrepareRun
     load: LoadPartitions
-    def __init__(self, command_id: _Optional[int] = ..., host: _Optional[_Union[HostRun, _Mapping]] = ..., connect: _Optional[_Union[ConnectPeers, _Mapping]] = ..., train: _Optional[_Union[Train, _Mapping]] = ..., upload: _Optional[_Union[Upload, _Mapping]] = ..., stop: _Optional[_Union[StopRun, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRun, _Mapping]] = ..., load: _Optional[_Union[LoadPartitions, _Mapping]] = ...) -> None: ...
+    chain: ChainPeers
+    def __init__(self, command_id: _Optional[int] = ..., host: _Optional[_Union[HostRun, _Mapping]] = ..., connect: _Optional[_Union[ConnectPeers, _Mapping]] = ..., train: _Optional[_Union[Train, _Mapping]] = ..., upload: _Optional[_Union[Upload, _Mapping]] = ..., stop: _Optional[_Union[StopRun, _Mapping]] = ..., prepare: _Optional[_Union[PrepareRun, _Mapping]] = ..., load: _Optional[_Union[LoadPartitions, _Mapping]] = ..., chain: _Optional[_Union[ChainPeers, _Mapping]] = ...) -> None: ...
 
 class PeerBytes(_message.Message):
     __slots__ = ("stage", "sent", "received")
@@ -418,20 +461,22 @@ class RoundProgress(_message.Message):
     def __init__(self, round: _Optional[int] = ..., first_step: _Optional[int] = ..., losses: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class StatusReport(_message.Message):
-    __slots__ = ("command_id", "state", "message", "run", "round_report", "progress")
+    __slots__ = ("command_id", "state", "message", "run", "round_report", "progress", "lost_peer")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     ROUND_REPORT_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LOST_PEER_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     state: CommandState
     message: str
     run: RunStatus
     round_report: RoundReport
     progress: RoundProgress
-    def __init__(self, command_id: _Optional[int] = ..., state: _Optional[_Union[CommandState, str]] = ..., message: _Optional[str] = ..., run: _Optional[_Union[RunStatus, _Mapping]] = ..., round_report: _Optional[_Union[RoundReport, _Mapping]] = ..., progress: _Optional[_Union[RoundProgress, _Mapping]] = ...) -> None: ...
+    lost_peer: str
+    def __init__(self, command_id: _Optional[int] = ..., state: _Optional[_Union[CommandState, str]] = ..., message: _Optional[str] = ..., run: _Optional[_Union[RunStatus, _Mapping]] = ..., round_report: _Optional[_Union[RoundReport, _Mapping]] = ..., progress: _Optional[_Union[RoundProgress, _Mapping]] = ..., lost_peer: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)
@@ -482,20 +527,34 @@ class PartitionRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., partition: _Optional[int] = ...) -> None: ...
 
 class WeightHeader(_message.Message):
-    __slots__ = ("run_id", "partition", "total_bytes", "sha256", "round", "num_samples")
+    __slots__ = ("run_id", "partition", "total_bytes", "sha256", "round", "num_samples", "slices")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     partition: int
     total_bytes: int
     sha256: str
     round: int
     num_samples: int
-    def __init__(self, run_id: _Optional[str] = ..., partition: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    slices: _containers.RepeatedCompositeFieldContainer[TrainedSlices]
+    def __init__(self, run_id: _Optional[str] = ..., partition: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[TrainedSlices, _Mapping]]] = ...) -> None: ...
+
+class TrainedSlices(_message.Message):
+    __slots__ = ("tensor", "dim", "width", "blocks")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    dim: int
+    width: int
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tensor: _Optional[str] = ..., dim: _Optional[int] = ..., width: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
     __slots__ = ("header", "data")

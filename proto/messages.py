@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class DeviceProfile:
     capacity: int = 1  # most partitions it hosts at once
     declared: frozenset[str] = frozenset()  # fields set by the operator rather than measured
     flops_method: str = ""  # how flops_per_s was measured
+    max_micro_batch: int = 0  # largest micro-batch it trains at once, declared; 0: the server derives it
 
     @property
     def has_link(self) -> bool:
@@ -212,6 +214,7 @@ class StatusReport:
     run: RunStatus | None = None
     round_report: RoundReport | None = None  # a finished Train command
     progress: RoundProgress | None = None  # a Train command under way
+    lost_peer: str = ""  # a failed command: the client id of the stage host it lost (empty: none)
 
 
 # ------------------------------------------------------------------------------ commands
@@ -267,6 +270,14 @@ class ConnectPeers:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ChainPeers:
+    """To a host: where the partitions next to its own are hosted (the chained data path)."""
+
+    run_id: str
+    peers: tuple[PeerEndpoint, ...]  # token: this host's own for the run, shown to each neighbour
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Train:
     """What a data owner trains in one round."""
 
@@ -288,6 +299,7 @@ class Train:
     total_steps: int = 0  # the run's steps per owner: where the schedule ends
     min_lr: float = 0.0  # the schedule's floor
     clip_norm: float = 0.0  # bound on the joint gradient norm of every stage; 0: no clipping
+    time_budget_s: float = 0.0  # > 0: train until the round has taken this long (steps: the most)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -319,6 +331,17 @@ class LoraSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HeadSettings:
+    """Heads mode (SMHA): how a pipeline's holders choose the attention heads they train."""
+
+    fraction: float = 1.0  # share of each block's heads trained per round, in (0, 1]
+    choice: str = "random"  # "random" (seeded per round) or "importance" (gradient magnitude so far)
+    adapter: str = "full"  # "full" (the heads' weight slices) or "lora" (per-head adapters)
+    key: str = ""  # whose heads (the pipeline's owner): random draws differ per key
+    schedule: str = "fixed"  # "fixed" or "redundancy": fewer heads as a block's heads grow alike
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CodecSettings:
     """How a holder encodes what it uploads (autograd_bridge.codecs)."""
 
@@ -339,6 +362,10 @@ class PrepareRun:
     seed: int = 0  # adapters of partition k start from seed * 1000 + k on every copy
     codec: CodecSettings = field(default_factory=CodecSettings)  # how this holder encodes its uploads
     method: str = "backprop"  # the training method (autograd_bridge.methods)
+    heads: HeadSettings = field(default_factory=HeadSettings)  # finetune = "heads"
+    method_options: Mapping[str, str] = field(default_factory=dict)  # its settings by name (forward_gradient's h, ...)
+    path: str = "relay"  # how activations travel: relay (through the owner) | chain (host to host)
+    activation_compression: str = "none"  # activations and gradients between stages: none | fp16 | int8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -350,7 +377,7 @@ class LoadPartitions:
     round: int = 0
 
 
-CommandBody = HostRun | ConnectPeers | Train | Upload | StopRun | PrepareRun | LoadPartitions
+CommandBody = HostRun | ConnectPeers | Train | Upload | StopRun | PrepareRun | LoadPartitions | ChainPeers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -382,6 +409,21 @@ class WeightHeader:
     sha256: str  # hex digest of the whole file
     round: int = 0  # uploads: the round these weights end
     num_samples: int = 0  # uploads: samples behind an update
+    slices: tuple[TrainedSlices, ...] = ()  # uploads: the tensors trained only in parts (heads mode)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainedSlices:
+    """Tensor ``tensor`` cut along ``dim`` into slices of ``width`` elements: only ``blocks`` were trained.
+
+    An empty ``blocks`` means none was (a frozen tensor). A tensor an upload does not name was
+    trained whole.
+    """
+
+    tensor: str  # whole-model name
+    dim: int = 0
+    width: int = 1
+    blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

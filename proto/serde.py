@@ -13,6 +13,7 @@ from proto import control_pb2 as pb
 
 from .messages import (
     AllowedPeer,
+    ChainPeers,
     ClientInfo,
     CodecSettings,
     Command,
@@ -21,6 +22,7 @@ from .messages import (
     ConnectPeers,
     DeviceProfile,
     Evaluation,
+    HeadSettings,
     Heartbeat,
     HostRun,
     LoadPartitions,
@@ -40,6 +42,7 @@ from .messages import (
     StepRecord,
     StopRun,
     Train,
+    TrainedSlices,
     Upload,
     UploadReceipt,
     WeightHeader,
@@ -92,6 +95,7 @@ def device_profile_to_proto(profile: DeviceProfile) -> pb.DeviceProfile:
         capacity=profile.capacity,
         declared=sorted(profile.declared),
         flops_method=profile.flops_method,
+        max_micro_batch=profile.max_micro_batch,
     )
 
 
@@ -109,6 +113,7 @@ def device_profile_from_proto(msg: pb.DeviceProfile) -> DeviceProfile:
         capacity=msg.capacity,
         declared=frozenset(msg.declared),
         flops_method=msg.flops_method,
+        max_micro_batch=msg.max_micro_batch,
     )
 
 
@@ -285,7 +290,8 @@ def round_report_from_proto(msg: pb.RoundReport) -> RoundReport:
 
 def status_report_to_proto(report: StatusReport) -> pb.StatusReport:
     """Progress on one command."""
-    msg = pb.StatusReport(command_id=report.command_id, state=_COMMAND_STATES[report.state], message=report.message)
+    msg = pb.StatusReport(command_id=report.command_id, state=_COMMAND_STATES[report.state], message=report.message,
+                          lost_peer=report.lost_peer)  # fmt: skip
     if report.run is not None:
         msg.run.CopyFrom(run_status_to_proto(report.run))
     if report.round_report is not None:
@@ -309,6 +315,7 @@ def status_report_from_proto(msg: pb.StatusReport) -> StatusReport:
         run=run_status_from_proto(msg.run) if msg.HasField("run") else None,
         round_report=round_report_from_proto(msg.round_report) if msg.HasField("round_report") else None,
         progress=_progress_from_proto(msg.progress) if msg.HasField("progress") else None,
+        lost_peer=msg.lost_peer,
     )
 
 
@@ -347,7 +354,7 @@ def _partition_from_proto(msg: pb.PartitionAssignment) -> PartitionAssignment:
 _TRAIN_FIELDS = (
     "run_id", "round", "steps", "start", "batch_size", "seq_len", "micro_batches", "lr", "seed",
     "val_fraction", "eval_batch_size", "tokenizer", "method", "schedule", "warmup_steps", "total_steps",
-    "min_lr", "clip_norm",
+    "min_lr", "clip_norm", "time_budget_s",
 )  # fmt: skip
 
 
@@ -355,9 +362,12 @@ def _prepare_to_proto(body: PrepareRun) -> pb.PrepareRun:
     lora = pb.LoraSettings(r=body.lora.r, alpha=body.lora.alpha, targets=list(body.lora.targets))
     c = body.codec
     codec = pb.CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
+    h = body.heads
+    heads = pb.HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key, schedule=h.schedule)
     return pb.PrepareRun(
         run_id=body.run_id, finetune=body.finetune, optimizer=body.optimizer, lora=lora, seed=body.seed,
-        codec=codec, method=body.method,
+        codec=codec, method=body.method, heads=heads, method_options=dict(body.method_options),
+        path=body.path, activation_compression=body.activation_compression,
     )  # fmt: skip
 
 
@@ -365,9 +375,12 @@ def _prepare_from_proto(msg: pb.PrepareRun) -> PrepareRun:
     lora = LoraSettings(r=msg.lora.r, alpha=msg.lora.alpha, targets=tuple(msg.lora.targets))
     c = msg.codec
     codec = CodecSettings(name=c.name, values=c.values, scope=c.scope, error_feedback=c.error_feedback)
+    h = msg.heads
+    heads = HeadSettings(fraction=h.fraction, choice=h.choice, adapter=h.adapter, key=h.key, schedule=h.schedule)
     return PrepareRun(
         run_id=msg.run_id, finetune=msg.finetune, optimizer=msg.optimizer, lora=lora, seed=msg.seed,
-        codec=codec, method=msg.method,
+        codec=codec, method=msg.method, heads=heads, method_options=dict(msg.method_options),
+        path=msg.path or "relay", activation_compression=msg.activation_compression or "none",
     )  # fmt: skip
 
 
@@ -389,6 +402,9 @@ def command_to_proto(command: Command) -> pb.Command:
     elif isinstance(body, ConnectPeers):
         peers = [pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in body.peers]
         msg.connect.CopyFrom(pb.ConnectPeers(run_id=body.run_id, peers=peers))
+    elif isinstance(body, ChainPeers):
+        peers = [pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in body.peers]
+        msg.chain.CopyFrom(pb.ChainPeers(run_id=body.run_id, peers=peers))
     elif isinstance(body, Train):
         msg.train.CopyFrom(pb.Train(**{name: getattr(body, name) for name in _TRAIN_FIELDS}))
     elif isinstance(body, Upload):
@@ -428,6 +444,11 @@ def command_from_proto(msg: pb.Command) -> Command:
             PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in msg.connect.peers
         )
         body = ConnectPeers(run_id=msg.connect.run_id, peers=peers)
+    elif kind == "chain":
+        peers = tuple(
+            PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in msg.chain.peers
+        )
+        body = ChainPeers(run_id=msg.chain.run_id, peers=peers)
     elif kind == "train":
         body = Train(**{name: getattr(msg.train, name) for name in _TRAIN_FIELDS})
     elif kind == "upload":
@@ -471,8 +492,10 @@ def weight_header_to_proto(header: WeightHeader) -> pb.WeightChunk:
             sha256=header.sha256,
             round=header.round,
             num_samples=header.num_samples,
+            slices=[pb.TrainedSlices(tensor=t.tensor, dim=t.dim, width=t.width, blocks=list(t.blocks))
+                    for t in header.slices],
         )
-    )
+    )  # fmt: skip
 
 
 def weight_header_from_proto(msg: pb.WeightChunk) -> WeightHeader:
@@ -487,6 +510,9 @@ def weight_header_from_proto(msg: pb.WeightChunk) -> WeightHeader:
         sha256=h.sha256,
         round=h.round,
         num_samples=h.num_samples,
+        slices=tuple(
+            TrainedSlices(tensor=t.tensor, dim=t.dim, width=t.width, blocks=tuple(t.blocks)) for t in h.slices
+        ),
     )
 
 

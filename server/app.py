@@ -28,12 +28,16 @@ from proto.messages import StatusReport
 from server.config import MIB, AuthSettings, ServerConfig
 from server.control.handler import ControlHandler, ControlListener
 from server.control.servicer import ControlServicer, add_to_server
-from server.control.state import ControlState, InMemoryState
+from server.control.sqlite_state import SqliteState
+from server.control.state import ControlState
 from server.control.weights import WeightStore
+from server.database import DATABASE_FILE, Database
 from server.observe.admin import AdminContext, admin_app
 from server.planning.coordinator import Coordinator, ModelSource, PlanFunction
 from server.training.checkpoints import CheckpointStore
 from server.training.run_manager import RunManager
+from server.training.sqlite_store import SqliteRunStore
+from server.training.store import InMemoryRunStore, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,15 @@ class ServerApp:
         self.config = config
         self.model = model
         self.plan = plan
-        self.state = state or InMemoryState()
+        # Given a state (tests), runs live in memory next to it; else both persist in the state dir.
+        self.database: Database | None = None
+        self.run_store: RunStore
+        if state is None:
+            self.database = Database(Path(config.server.state_dir) / DATABASE_FILE)
+            state, self.run_store = SqliteState(self.database), SqliteRunStore(self.database)
+        else:
+            self.run_store = InMemoryRunStore()
+        self.state = state
         self.control_port = 0
         self.admin_port = 0
         self.admin_token = ""
@@ -148,6 +160,7 @@ class ServerApp:
             model_name=cfg.model.path if cfg.model else "",
             stages=cfg.model.stages if cfg.model else None,
             checkpoints=CheckpointStore(state_dir / "checkpoints"),
+            store=self.run_store,
         )
         handler.listener = _Listeners(self._coordinator, self.runs)
 
@@ -190,6 +203,8 @@ class ServerApp:
             # While the clients start and measure themselves, not when the first plan is due.
             self._warm_up = asyncio.get_running_loop().create_task(self._prepare_model(prepare))
         self._coordinator.start()
+        for run_id in self.runs.continue_interrupted():
+            log.info("%s was interrupted by the server's restart; it continues once its clients are back", run_id)
 
     async def _check_liveness(self, handler: ControlHandler) -> None:
         period = min(0.25, handler.settings.heartbeat_timeout_s / 4)
@@ -213,6 +228,8 @@ class ServerApp:
             await self._grpc.stop(grace_s)
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.database is not None:
+            self.database.close()
 
 
 async def serve(app: ServerApp) -> None:

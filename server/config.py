@@ -134,6 +134,7 @@ class PlanningSettings:
     seq_len: int = 512  # sequence length the model is profiled at
     batch_tokens: int = 4096  # tokens per training step of one pipeline (batch x sequence length)
     micro_batches: int = 1  # micro-batches per step
+    forward_passes: int = 0  # > 0: pipelines train with forward gradients, this many forwards per step and no backward
     steps_per_round: int = 1  # steps between two weight exchanges with the server
     max_step_time_s: float | None = None  # clients slower than this per step get no stage
     solver: str = "auto"  # "cvxpy", "matching" or "auto"
@@ -146,6 +147,8 @@ class PlanningSettings:
             raise ValueError("[planning] serve_timeout_s must be a positive number of seconds")
         if self.seq_len < 1 or self.batch_tokens < 1 or self.micro_batches < 1 or self.steps_per_round < 1:
             raise ValueError("[planning] seq_len, batch_tokens, micro_batches and steps_per_round must be >= 1")
+        if isinstance(self.forward_passes, bool) or not isinstance(self.forward_passes, int) or self.forward_passes < 0:
+            raise ValueError(f"[planning] forward_passes must be an integer >= 0 (0: backprop), got {self.forward_passes!r}")
         if self.solver not in ("auto", "cvxpy", "matching"):
             raise ValueError(f"[planning] solver must be auto, cvxpy or matching, got {self.solver!r}")
 

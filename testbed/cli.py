@@ -4,6 +4,7 @@
 
     titanic-testbed up --clients 4 --bandwidth 10mbit,20mbit,50mbit,200mbit [--run FILE]   (root)
     titanic-testbed up ... --run FILE --compare-unshaped   the run shaped, then again with links unshaped
+    titanic-testbed up ... --run FILE --compare-topology   the run chained (host to host), then relayed
     titanic-testbed up --clients 4 --bandwidth none         the same topology, links at veth speed
     titanic-testbed down [--tag TAG]                                        remove what a crash left
     titanic-testbed shape --upload 10mbit --download 20mbit [-- CMD ...]    shape this namespace's link
@@ -21,8 +22,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from . import netns
+from . import netns, topology
 from .demo import add_demo_parser, demo_main
 from .orchestrate import (
     SUCCESSFUL_RUN_STATES,
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--run", type=Path, help="a run file to start with `titanic-server runs start` and follow")
     up.add_argument("--compare-unshaped", action="store_true",
                     help="with --run: run it again with every link unshaped (same plan) and compare step times")  # fmt: skip
+    up.add_argument("--compare-topology", action="store_true",
+                    help="with --run: run it on the chained path, then the relayed one (same plan), and compare")  # fmt: skip
     up.add_argument("--work-dir", type=Path, help="logs, model, data (default: a new temporary directory)")
     up.add_argument("--tag", default="", help="unique part of the namespace names (default: random)")
     up.add_argument("--timeout", type=float, default=120.0, help="longest wait for registration and the plan, s")
@@ -104,6 +108,8 @@ def settings_from_args(args: argparse.Namespace) -> TestbedSettings:
         except ValueError as exc:
             raise ValueError(f"--declare-flops: {text!r} is not a number (or '-' to measure)") from exc
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="titanic-testbed-"))
+    # Comparing paths: the server plans for the run's step, so its estimate is of the step the run trains.
+    server_config = topology.planning_config(topology.read_run_file(args.run)) if args.compare_topology and args.run else ""
     return TestbedSettings(
         rates_bits=tuple(netns.parse_rates(args.bandwidth, args.clients)),
         work_dir=work_dir,
@@ -116,6 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> TestbedSettings:
         capacity=args.capacity,
         tag=args.tag,
         timeout_s=args.timeout,
+        server_config=server_config,
     )
 
 
@@ -125,6 +132,10 @@ def _up(args: argparse.Namespace) -> int:
         raise ValueError(f"run file {args.run} does not exist")
     if args.compare_unshaped and args.run is None:
         raise ValueError("--compare-unshaped times a run: give it one with --run FILE")
+    if args.compare_topology and args.run is None:
+        raise ValueError("--compare-topology times a run: give it one with --run FILE")
+    if args.compare_topology and args.compare_unshaped:
+        raise ValueError("--compare-topology and --compare-unshaped each time the run twice: choose one")
     print(f"work dir: {settings.work_dir} (logs of every daemon)", flush=True)
     with Testbed(settings, log=lambda s: print(s, flush=True)) as bed:
         started = time.monotonic()
@@ -133,7 +144,9 @@ def _up(args: argparse.Namespace) -> int:
         print(f"ready after {time.monotonic() - started:.1f} s; plan {plan['plan_id']}")
         print(reports_json(reports) if args.json else report_table(reports), flush=True)
         if args.run is not None:
-            if bed.runs_start_available():
+            if bed.runs_start_available() and args.compare_topology:
+                print(compare_topology(bed, args.run, reports, plan, as_json=args.json), flush=True)
+            elif bed.runs_start_available():
                 shaped = _timed_run(bed, args.run, reports, as_json=args.json)
                 if args.compare_unshaped:
                     bed.unshape_links()
@@ -161,9 +174,31 @@ def _timed_run(bed: Testbed, run_file: Path, reports: list[ClientReport], *, as_
     links = "shaped" if bed.links_shaped else "unshaped"
     print(f"after the run ({links} links):", flush=True)
     print(reports_json(timed) if as_json else report_table(timed))
+    if not as_json:
+        from server.observe.tables import idle_table
+
+        for run in runs:  # each device's busy, bubble and waiting share of every round (server/training/idle.py)
+            if table := idle_table(run):
+                print(f"idle per device and round ({run.get('run_id')}):\n{table}", flush=True)
     step = "?" if timing.step_seconds is None else f"{timing.step_seconds:.4f}"
     print(f"links={links} step_s={step} steps={timing.steps}", flush=True)
     return timing
+
+
+def compare_topology(
+    bed: Testbed, run_file: Path, reports: list[ClientReport], plan: dict[str, Any], *, as_json: bool
+) -> str:
+    """Time ``run_file`` on the chained path, then on the relayed one (same plan); the comparison line."""
+    run = topology.read_run_file(run_file)
+    timings = {}
+    for path in ("chain", "relay"):
+        variant = bed.settings.work_dir / f"run-{path}.toml"
+        variant.write_text(topology.dump_toml(topology.with_path(run, path)))
+        print(f"-- [training] path = {path!r}", flush=True)
+        timings[path] = _timed_run(bed, variant, reports, as_json=as_json)
+    estimates = {path: topology.estimated_step_s(plan, path) for path in ("chain", "relay")}
+    print("estimated step s (plan): " + ", ".join(f"{p} {e}" for p, e in estimates.items()), flush=True)
+    return topology.topology_line(timings["chain"].step_seconds, timings["relay"].step_seconds, estimates["chain"])
 
 
 def comparison_line(shaped: RunTiming, unshaped: RunTiming) -> str:

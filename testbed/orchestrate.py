@@ -118,6 +118,7 @@ class TestbedSettings:
     capacity: int | None = 1  # most partitions a client hosts; 1 spreads stages across clients
     tag: str = ""  # unique part of every namespace name; empty: a random one
     python: str = sys.executable  # the interpreter with titanic installed, run inside the namespaces
+    server_config: str = ""  # TOML the server reads with --config (e.g. [planning] for the run's step); "": none
     control_port: int = 50051
     admin_port: int = 8750
     timeout_s: float = 120.0  # longest wait for the server, registration, and a connected plan
@@ -299,6 +300,10 @@ class Testbed:
         ]  # fmt: skip
         if s.stages is not None:
             argv += ["--stages", str(s.stages)]
+        if s.server_config:
+            config = s.work_dir / "server.toml"
+            config.write_text(s.server_config)
+            argv += ["--config", str(config)]
         return argv
 
     def client_argv(self, index: int, host: netns.Host) -> list[str]:

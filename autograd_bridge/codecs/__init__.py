@@ -10,7 +10,9 @@ metadata names the codec that wrote it, so :func:`decode_update` (and every memb
 
 Members: ``dense`` (every tensor whole) and ``topk`` (the largest-magnitude entries of each
 weight, their positions as a bitmask or indices, whichever is smaller; see
-:mod:`autograd_bridge.codecs.sparse`). A new member is a module here with a class that
+:mod:`autograd_bridge.codecs.sparse`) and ``seeds`` (a forward-gradient holder's (seed,
+coefficient) pairs, rebuilt by the receiver; see :mod:`autograd_bridge.codecs.seeds`). A new
+member is a module here with a class that
 satisfies :class:`UpdateCodec`, plus one line in :data:`CODECS`.
 """
 
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from .container import decode_update
 from .dense import DenseCodec
+from .seeds import SeedsCodec
 from .settings import MIN_DENSITY, CodecSettings
 from .topk import TopKCodec
 
@@ -46,6 +49,7 @@ class UpdateCodec(Protocol):
 CODECS: dict[str, Callable[[CodecSettings], UpdateCodec]] = {
     "dense": DenseCodec,
     "topk": TopKCodec,
+    "seeds": SeedsCodec,
 }
 
 

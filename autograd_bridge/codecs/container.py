@@ -67,4 +67,11 @@ def decode_update(data: bytes) -> dict[str, Tensor]:
 _READERS: dict[str, Callable[[dict[str, Tensor], int], dict[str, Tensor]]] = {
     "dense": lambda stored, size: stored,
     "topk": lambda stored, size: densify(stored, encoded_size=size),
+    "seeds": lambda stored, size: _rebuild_seeds(stored, size),
 }
+
+
+def _rebuild_seeds(stored: dict[str, Tensor], size: int) -> dict[str, Tensor]:
+    from .seeds import rebuild  # seeds.py imports this module
+
+    return rebuild(stored, size)

@@ -4,8 +4,9 @@ A run names its fine-tuning mode once (``[finetune] mode``); the owners, the sta
 and the server each hold the one :class:`Finetune` object :func:`get_finetune` gives for that
 name and never branch on the name again.
 
-Members: ``full`` (every weight trains and travels) and ``lora`` (adapters are injected and
-only they train and travel). A new member is a module in this package with a class that
+Members: ``full`` (every weight trains and travels), ``lora`` (adapters are injected and
+only they train and travel) and ``heads`` (SMHA: a share of every block's attention heads
+trains; every tensor travels with the slices it trained named, see :mod:`.heads`). A new member is a module in this package with a class that
 satisfies :class:`Finetune`, plus one line in :data:`FINETUNES`.
 """
 
@@ -17,7 +18,10 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from proto.messages import TrainedSlices
+
 from .full import FullFinetune
+from .heads import HeadsFinetune
 from .lora import LoraFinetune
 
 
@@ -29,6 +33,11 @@ class FinetuneSettings:
     lora_alpha: int = 16  # adapter scale numerator (scale = alpha / r)
     lora_targets: tuple[str, ...] = ()  # module names to adapt; empty: the family's default
     seed: int = 0  # partition k's random initialisation starts from seed * 1000 + k on every copy
+    head_fraction: float = 1.0  # heads: share of each block's attention heads trained per round, in (0, 1]
+    head_choice: str = "random"  # heads: "random" (seeded per round) or "importance" (gradient magnitude so far)
+    head_adapter: str = "full"  # heads: train the heads' weight slices ("full") or per-head LoRA on them ("lora")
+    head_schedule: str = "fixed"  # heads: "fixed" ceil(f H) heads, or "redundancy": fewer as a block's heads grow alike
+    head_key: str = ""  # heads: whose heads these are (the pipeline's owner): random draws differ per key
 
 
 class Finetune(Protocol):
@@ -50,6 +59,12 @@ class Finetune(Protocol):
     def load_tensors(self, stage: Any, tensors: Mapping[str, Tensor]) -> None:
         """Copy merged tensors into ``stage`` in place (optimizers keep their references)."""
 
+    def begin_round(self, stages: Mapping[int, Any], round: int) -> None:
+        """The holder of ``stages`` trains round ``round`` next (1-based; ``prepare`` begins round 1)."""
+
+    def trained_slices(self, stage: Any) -> dict[str, TrainedSlices]:
+        """Which parts of the tensors ``trained_tensors`` gives were trained; a tensor not named trained whole."""
+
     def travels(self, name: str) -> bool:
         """Whether a whole-model tensor name is one this mode trains (and so merges)."""
 
@@ -61,6 +76,7 @@ class Finetune(Protocol):
 FINETUNES: dict[str, type[Finetune]] = {
     "full": FullFinetune,
     "lora": LoraFinetune,
+    "heads": HeadsFinetune,
 }
 
 

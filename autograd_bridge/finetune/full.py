@@ -38,6 +38,13 @@ class FullFinetune:
                     raise ValueError(f"merged tensor {name!r} is {tuple(value.shape)}, here {tuple(tensor.shape)}")
                 tensor.copy_(value)
 
+    def begin_round(self, stages: Mapping[int, Any], round: int) -> None:
+        """Every round trains the same tensors."""
+
+    def trained_slices(self, stage: Any) -> dict[str, Any]:
+        """Every tensor that travels was trained whole."""
+        return {}
+
     def travels(self, name: str) -> bool:
         """Every tensor travels."""
         return True

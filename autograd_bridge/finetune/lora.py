@@ -56,6 +56,13 @@ class LoraFinetune:
         except ValueError as exc:
             raise ValueError(f"partition {stage.spec.index}: {exc}") from exc
 
+    def begin_round(self, stages: Mapping[int, Any], round: int) -> None:
+        """Every round trains the same tensors."""
+
+    def trained_slices(self, stage: Any) -> dict[str, Any]:
+        """Every tensor that travels was trained whole."""
+        return {}
+
     def travels(self, name: str) -> bool:
         """Only adapter tensors travel."""
         return is_adapter_name(name)

@@ -5,17 +5,20 @@ what it returns; it never asks which method it holds. A method also names the st
 message kinds it needs, so a host can refuse a pipeline whose method it cannot serve.
 
 Members: ``backprop`` (forward, backward through every stage, every stage's optimizer
-steps). A new member (forward gradients) is a module here with a class that satisfies
-:class:`TrainingMethod`, plus one line in :data:`METHODS`.
+steps) and ``forward_gradient`` (FwdLLM: perturbed forwards only, every stage steps along
+seeded directions; see :mod:`.forward_gradient`). A new member is a module here with a class
+that satisfies :class:`TrainingMethod`, plus one line in :data:`METHODS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..frames import MessageKind
 from .backprop import Backprop
+from .forward_gradient import ForwardGradient, ForwardGradientSettings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,6 +37,10 @@ class TrainingMethod(Protocol):
     name: str
     host_kinds: frozenset[MessageKind]  # what the stage hosts must serve for it
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> TrainingMethod:
+        """The method with its settings read from ``options`` (network input: ValueError when bad)."""
+
     def step(
         self, pipeline: Any, batch: Any, optimizer: Any, *, lr: float | None, clip_norm: float | None = None
     ) -> StepOutcome:
@@ -47,14 +54,16 @@ class TrainingMethod(Protocol):
 #: name -> the method's class
 METHODS: dict[str, type[TrainingMethod]] = {
     "backprop": Backprop,
+    "forward_gradient": ForwardGradient,
 }
 
 
-def get_method(name: str) -> TrainingMethod:
-    """The method called ``name`` (ValueError naming the known ones)."""
+def get_method(name: str, options: Mapping[str, str] | None = None) -> TrainingMethod:
+    """The method called ``name`` set up with ``options`` (its settings as text, from the network;
+    each method reads the ones it knows). ValueError naming the known methods, or a bad option."""
     if name not in METHODS:
         raise ValueError(f"training method must be one of {', '.join(sorted(METHODS))}, not {name!r}")
-    return METHODS[name]()
+    return METHODS[name].from_options(options or {})
 
 
-__all__ = ["METHODS", "StepOutcome", "TrainingMethod", "get_method"]
+__all__ = ["METHODS", "ForwardGradientSettings", "StepOutcome", "TrainingMethod", "get_method"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ..frames import MessageKind
@@ -14,6 +15,11 @@ class Backprop:
     host_kinds = frozenset(
         {MessageKind.FORWARD, MessageKind.BACKWARD, MessageKind.OPTIMIZER_STEP, MessageKind.RELEASE}
     )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Backprop:
+        """Backprop has no settings of its own: ``options`` (another method's) are ignored."""
+        return cls()
 
     def step(self, pipeline: Any, batch: Any, optimizer: Any, *, lr: float | None, clip_norm: float | None = None) -> Any:
         """One forward/backward of ``batch`` through ``pipeline``, then the optimizers' step (clipped jointly)."""

@@ -254,6 +254,23 @@ class ControlHandler:
                 self._stream_epochs.pop(client.client_id, None)
                 log.info("client %s forgotten (%s %.0f s ago)", client.client_id, client.status, self.clock() - client.last_seen)
 
+    def mark_lost(self, client_id: str, reason: str) -> bool:
+        """End a live client's session as lost (a peer reported it gone); returns whether it was live.
+
+        Planning then leaves it out at once instead of after the heartbeat timeout; if it is
+        still alive it registers again, as after any lost session.
+        """
+        client = self.state.get_client(client_id)
+        if client is None or client.status not in LIVE_STATUSES:
+            return False
+        log.warning("client %s lost: %s", client_id, reason)
+        self._end_session(client, ClientStatus.LOST, reason[:_MAX_TEXT])
+        return True
+
+    def request_replan(self) -> None:
+        """Ask the listeners to plan again although no client came or went (a run lost its plan's pipelines)."""
+        self._membership_changed()
+
     def _end_session(self, client: ClientRecord, status: ClientStatus, reason: str, *, notify: bool = True) -> None:
         was_ready = client.status == ClientStatus.READY
         self.state.update_client(client.client_id, status=status, status_reason=reason)

@@ -109,7 +109,9 @@ class Deployment:
     clients: tuple[str, ...] = ()  # clients the planner could choose from
     summary: dict[str, Any] = field(default_factory=dict)  # solver facts: objective, integral, ...
     error: str = ""  # why there is no plan (infeasible, no model, ...)
-    state: str = "planned"  # none, planned, serving (hosts listen), connected (owners reached them), failed
+    # none, planned, serving (hosts listen), connected (owners reached them), failed, retired (a run
+    # trained on it: the next run waits for a new plan, whose stages start from the model's weights)
+    state: str = "planned"
     bridge_urls: dict[str, dict[str, str]] = field(default_factory=dict)  # run id -> client id -> host URL
     connected: tuple[str, ...] = ()  # owners that reached every host of their pipeline
 

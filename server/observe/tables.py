@@ -158,9 +158,37 @@ def run_table(run: Mapping[str, Any]) -> str:
                      f"{h.get('val_loss', float('nan')):.4f}", f"{h.get('ppl', float('nan')):.3f}", h.get("samples", 0),
                      f"{step:.3f}" if isinstance(step, int | float) else "-", " ".join(f"{x:.3f}" for x in stages) or "-"])
     headers = ["round", "owner", "first loss", "last loss", "val loss", "val ppl", "samples", "step s", "s/step per stage"]
+    if any("est_step_s" in h for h in run.get("history", [])):  # the plan's estimate beside the measured step
+        headers.append("est. step s")
+        for row, h in zip(rows, run.get("history", []), strict=True):
+            est = h.get("est_step_s")
+            row.append(f"{est:.3f} ({h.get('path', '?')})" if isinstance(est, int | float) else "-")
     table = format_table(headers, rows)
-    parts = [head + "\n" + table, ppl_table(run.get("per_round", [])), signals_table(run), traffic_table(run)]
+    parts = [head + "\n" + table, ppl_table(run.get("per_round", [])), idle_table(run), signals_table(run),
+             traffic_table(run), recoveries_table(run)]  # fmt: skip
     return "\n\n".join(part for part in parts if part)
+
+
+def recoveries_table(run: Mapping[str, Any]) -> str:
+    """What automatic recovery did: per incident the round, the client lost, steps redone and the time to resume."""
+    rows = []
+    for e in run.get("recoveries", []):
+        took = e.get("recover_s")
+        rows.append([e.get("round", 0), e.get("kind", ""), e.get("lost", "") or "-", e.get("steps_redone", 0),
+                     f"{took:.2f}" if isinstance(took, int | float) else "-", str(e.get("reason", ""))[:80]])  # fmt: skip
+    return format_table(["round", "recovery", "lost", "steps redone", "resumed after s", "why"], rows) if rows else ""
+
+
+def idle_table(run: Mapping[str, Any]) -> str:
+    """How each device spent each round's training time: busy, pipeline bubble, waiting for the round's end (ratios)."""
+    rows = []
+    for r in run.get("per_round", []):
+        for device, f in sorted((r.get("idle") or {}).items()):
+            rows.append([r.get("round", 0), device, *(f"{100 * f.get(k, 0.0):.1f} %" for k in ("busy", "bubble", "wait", "idle")),
+                         f"{f.get('wall_s', 0.0):.2f}"])  # fmt: skip
+    if not rows:
+        return ""
+    return format_table(["round", "device", "busy", "bubble", "waiting", "idle", "round s"], rows)
 
 
 def traffic_table(run: Mapping[str, Any]) -> str:

@@ -8,7 +8,9 @@ a client hosting stages of two pipelines keeps their state apart:
    weights it fetches by hash, and the digest of the token of the one peer it must accept);
 2. each host answers with the URL of its stage host once it serves;
 3. when every host of a pipeline serves, its data owner gets ``ConnectPeers`` (URLs and its
-   token), and reports back once it reached them all.
+   token), and reports back once it reached them all; every host gets ``ChainPeers``: the
+   URLs of the hosts of the partitions next to its own, which it lets in by their tokens'
+   digests in its ``HostRun``, so a run on the chained path sends activations host to host.
 
 Partitions a data owner holds in its own pipeline run there (``local``); the owner connects to
 the hosts of the others (the bridge's star topology: only the owner talks to stage hosts). A
@@ -40,6 +42,7 @@ from typing import Any, Protocol
 
 from proto.messages import (
     AllowedPeer,
+    ChainPeers,
     CommandState,
     ConnectPeers,
     HostRun,
@@ -101,8 +104,11 @@ class Coordinator:
         self._lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
         self._tokens: dict[str, str] = {}  # run id -> the token of that pipeline's owner
+        self._chain_tokens: dict[tuple[str, str], str] = {}  # (run id, host) -> its token for its neighbours
         self._stage_cache: dict[tuple[int, int, int, int], Path] = {}
-        self._generations = itertools.count(1)
+        # Plan ids continue after those a persistent state remembers: a new plan never reuses an old one's.
+        previous = self.state.get_deployment()
+        self._generations = itertools.count(1 + (previous.generation if previous is not None else 0))
         self._benched: dict[str, float] = {}  # client id -> registered_at of the session that never served
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -191,7 +197,7 @@ class Coordinator:
                 return self._fail(current, ready, f"preparing partition weights failed: {exc}")
 
     def _still_valid(self, current: Deployment, outcome: PlanOutcome) -> bool:
-        if not current.plan_id or current.state == "failed":
+        if not current.plan_id or current.state in ("failed", "retired"):  # retired: a run trained on it
             return False
         if current.assignment() != tuple(plan_key(r) for r in outcome.rows):
             return False
@@ -223,6 +229,7 @@ class Coordinator:
         for run_id in deployment.run_ids():
             self.handler.weights.forget_run(run_id)
         self._tokens.clear()
+        self._chain_tokens.clear()
 
     async def _deliver(self, current: Deployment | None, ready: Sequence[ClientRecord], outcome: PlanOutcome) -> Deployment:
         assert self.model is not None  # replan() checked
@@ -235,6 +242,8 @@ class Coordinator:
             self._stop(current, reason=f"replaced by {plan_id}")
         owners = tuple(dict.fromkeys(r.owner_id for r in rows))
         self._tokens = {run_id: secrets.token_urlsafe(32) for run_id in {r.run_id for r in rows}}
+        # Each host's own token per pipeline, shown to its neighbours on the chained path.
+        self._chain_tokens = {(r.run_id, r.client_id): secrets.token_urlsafe(32) for r in rows if not r.local}
         deployment = Deployment(
             generation=generation,
             plan_id=plan_id,
@@ -259,7 +268,11 @@ class Coordinator:
                         run_id=run_id,
                         model_config=config_json,
                         partitions=tuple(_assignment(r, len(run_rows)) for r in mine),
-                        allowed_peers=(AllowedPeer(client_id=owner, token_sha256=digest),) if serves else (),
+                        allowed_peers=(
+                            (AllowedPeer(client_id=owner, token_sha256=digest), *self._neighbour_digests(run_rows, client_id))
+                            if serves
+                            else ()
+                        ),
                     ),
                 )
         log.info("%s: %s", plan_id, ", ".join(f"{r.run_id}/s{r.partition}->{r.client_id}" for r in rows))
@@ -334,6 +347,8 @@ class Coordinator:
             for r in rows
             if not r.local
         )
+        for host in sorted(hosts):
+            self.handler.send_command(host, ChainPeers(run_id=run_id, peers=self._neighbours(rows, host, urls)))
         self.handler.send_command(owner, ConnectPeers(run_id=run_id, peers=peers))
         del self._tokens[run_id]  # sent once; the owner keeps it from here
         served = all(
@@ -344,6 +359,33 @@ class Coordinator:
         updated = replace(deployment, state="serving" if served else deployment.state)
         self.state.set_deployment(updated)
         return updated
+
+
+    def _neighbour_digests(self, run_rows: Sequence[PlanRow], client_id: str) -> tuple[AllowedPeer, ...]:
+        """The hosts next to ``client_id``'s partitions in the pipeline, as peers it lets in."""
+        return tuple(
+            AllowedPeer(client_id=r.client_id, token_sha256=hashlib.sha256(token.encode()).hexdigest())
+            for r in _neighbour_rows(run_rows, client_id)
+            if (token := self._chain_tokens.get((r.run_id, r.client_id))) is not None
+        )
+
+    def _neighbours(self, run_rows: Sequence[PlanRow], client_id: str, urls: dict[str, str]) -> tuple[PeerEndpoint, ...]:
+        """Where ``client_id``'s neighbouring partitions are hosted, with ``client_id``'s own token."""
+        token = self._chain_tokens.get((run_rows[0].run_id, client_id), "")
+        return tuple(
+            PeerEndpoint(partition=r.partition, client_id=r.client_id, url=urls[r.client_id], token=token)
+            for r in _neighbour_rows(run_rows, client_id)
+        )
+
+
+def _neighbour_rows(run_rows: Sequence[PlanRow], client_id: str) -> list[PlanRow]:
+    """Rows of other hosts whose partition is next to one ``client_id`` serves."""
+    served = {r.partition for r in run_rows if r.client_id == client_id and not r.local}
+    return [
+        r
+        for r in run_rows
+        if not r.local and r.client_id != client_id and ({r.partition - 1, r.partition + 1} & served)
+    ]
 
 
 def _assignment(row: PlanRow, num_stages: int) -> PartitionAssignment:

@@ -155,6 +155,7 @@ def planner_settings(model: ModelSettings, settings: PlanningSettings) -> Any:
         compute_weight=settings.compute_weight,
         batch_tokens=settings.batch_tokens,
         micro_batches=settings.micro_batches,
+        forward_passes=settings.forward_passes,
         steps_per_round=settings.steps_per_round,
         num_stages=model.stages,
         max_step_time_s=settings.max_step_time_s,
@@ -205,6 +206,7 @@ def planner_for(model: HFModelSource, model_settings: ModelSettings, settings: P
     """The coordinator's plan function for ``model``."""
     from server.planning.planner import PlanningError as PlannerError
     from server.planning.planner import plan as make_plan
+    from server.planning.planner.paths import estimate_paths, pipeline_loads
 
     def plan(clients: Sequence[ClientRecord], owners: Sequence[str]) -> PlanOutcome:
         if not owners:
@@ -217,15 +219,14 @@ def planner_for(model: HFModelSource, model_settings: ModelSettings, settings: P
             profiles = [client_profile(c) for c in clients]
         except ValueError as exc:
             raise PlanningError(f"a client's profile cannot be planned with: {exc}") from exc
+        chosen = planner_settings(model_settings, settings)
         try:
-            result = make_plan(
-                profile,
-                profiles,
-                owners=list(owners),
-                settings=planner_settings(model_settings, settings),
-            )
+            result = make_plan(profile, profiles, owners=list(owners), settings=chosen)
         except PlannerError as exc:
             raise PlanningError(str(exc)) from exc
-        return PlanOutcome(rows=rows_of(result), summary=summary_of(result))
+        loads = pipeline_loads(profile, result, profiles, batch_tokens=chosen.batch_tokens)
+        # Per owner, its pipeline's estimated seconds per step on each data path ([training] path of a run).
+        est = estimate_paths(loads, chosen.micro_batches)
+        return PlanOutcome(rows=rows_of(result), summary={**summary_of(result), "est_step_s": est})
 
     return plan

@@ -45,11 +45,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from proto.messages import TrainedSlices
 
 __all__ = [
     "AGGREGATORS",
@@ -73,6 +75,9 @@ class ClientUpdate:
     num_samples: int  # training sequences behind this copy; its weight in the average
     delta: bool = False  # True when ``state`` holds changes (trained - global), not trained values
     client_id: str = ""  # who sent it, for error messages only
+    # Tensors the client trained only in parts (heads mode), by name: its other entries of such a
+    # tensor do not count in the average. A tensor not named here was trained whole.
+    slices: Mapping[str, TrainedSlices] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 0:
@@ -144,10 +149,45 @@ def _check_updates(global_state: Mapping[str, Tensor], updates: Sequence[ClientU
                     f"{_describe(update, index)}: tensor {name!r} is {tensor.dtype}, the global one "
                     f"{want.dtype}; floating and integer tensors cannot be averaged together"
                 )
+        for name, part in update.slices.items():
+            _check_slices(_describe(update, index), name, part, global_state.get(name))
     total = sum(update.num_samples for update in updates)
     if total == 0:
         raise ValueError("every update reports num_samples=0; a weighted average needs at least one sample")
     return total
+
+
+def _check_slices(who: str, name: str, part: TrainedSlices, tensor: Tensor | None) -> None:
+    """The slices a client says it trained must name a tensor of the state and fit its shape (network input)."""
+    if tensor is None:
+        raise ValueError(f"{who} names trained slices of {name!r}, which is not a tensor of the partition")
+    if part.tensor != name:
+        raise ValueError(f"{who}: the trained slices filed under {name!r} describe {part.tensor!r}")
+    if not part.blocks:
+        return  # nothing of it trained
+    if not 0 <= part.dim < tensor.dim() or part.width < 1 or tensor.shape[part.dim] % part.width:
+        raise ValueError(
+            f"{who}: slices of {name!r} along axis {part.dim} of width {part.width} do not fit its shape "
+            f"{tuple(tensor.shape)}; the client runs another model or version"
+        )
+    count = tensor.shape[part.dim] // part.width
+    bad = [b for b in part.blocks if not 0 <= b < count]
+    if bad:
+        raise ValueError(f"{who}: slice {bad[0]} of {name!r} is out of range; it has {count} along axis {part.dim}")
+
+
+def _trained_mask(update: ClientUpdate, name: str, tensor: Tensor) -> Tensor | None:
+    """Where ``update`` trained ``name``, as a float64 0/1 tensor broadcasting against it (None: everywhere)."""
+    part = update.slices.get(name)
+    if part is None:
+        return None
+    if not part.blocks:
+        return torch.zeros((1,) * tensor.dim(), dtype=torch.float64)
+    slices = torch.zeros(tensor.shape[part.dim] // part.width, dtype=torch.float64)
+    slices[list(part.blocks)] = 1.0
+    shape = [1] * tensor.dim()
+    shape[part.dim] = tensor.shape[part.dim]
+    return slices.repeat_interleave(part.width).view(shape)
 
 
 def _client_values(global_tensor: Tensor, update: ClientUpdate, name: str) -> Tensor:
@@ -178,6 +218,9 @@ def weighted_mean(
 
     Integer tensors yield ``None`` after checking that no copy changed them. One tensor is
     summed at a time, so the float64 copies never hold more than one tensor per client.
+    Where copies trained a tensor only in parts (:attr:`ClientUpdate.slices`), each entry is
+    the weighted mean over the copies that trained it, and an entry none trained keeps the
+    global value (so a server optimizer sees no change there).
     """
     total = _check_updates(global_state, updates)
     for name, global_tensor in global_state.items():
@@ -185,11 +228,29 @@ def weighted_mean(
             _integer_tensor(name, global_tensor, updates)
             yield name, None
             continue
+        if any(name in update.slices for update in updates):
+            yield name, _sliced_mean(name, global_tensor, updates)
+            continue
         accumulated = torch.zeros(global_tensor.shape, dtype=torch.float64)
         for update in updates:
             if update.num_samples:
                 accumulated += update.num_samples * _client_values(global_tensor, update, name)
         yield name, accumulated / total
+
+
+def _sliced_mean(name: str, global_tensor: Tensor, updates: Sequence[ClientUpdate]) -> Tensor:
+    """Per entry, the sample-weighted mean over the copies that trained it; the global value where none did."""
+    accumulated = torch.zeros(global_tensor.shape, dtype=torch.float64)
+    weight = torch.zeros(global_tensor.shape, dtype=torch.float64)
+    for update in updates:
+        if not update.num_samples:
+            continue
+        mask = _trained_mask(update, name, global_tensor)
+        share = update.num_samples * (mask if mask is not None else torch.ones((), dtype=torch.float64))
+        accumulated += share * _client_values(global_tensor, update, name)
+        weight += share
+    kept = global_tensor.detach().to(device="cpu", dtype=torch.float64)
+    return torch.where(weight > 0, accumulated / weight.clamp_min(1e-300), kept)
 
 
 # --------------------------------------------------------------------------- shared checks

@@ -9,11 +9,15 @@ records it. The run's history keeps one entry per owner and turn, as plain JSON 
     lrs, grad_norms, output_norms per step: learning rate, gradient norm before clipping, mean logit norm
     bytes_sent, bytes_received    per remote stage ("1", "2", ...): the round's bridge bytes
     val_loss, ppl, val_tokens     the evaluation after the round
-    samples, data_samples         sequences trained, and held (the FedAvg weight)
+    samples, data_samples         sequences trained, and held
     seconds, stage_seconds, step_seconds   the round's wall time; mean waits per stage and step
 
-(the round machine adds ``round``, ``owner`` and ``bridge_run``). :func:`per_round` sums
-the history per round into the all-owner validation perplexity.
+(the round machine adds ``round``, ``turn``, ``owner`` and ``bridge_run``; the run manager
+adds ``weight``, the copy's weight in the merge from the run's local work, ``path``, the data
+path the round took, and ``est_step_s``, the plan's estimated step on it, when the plan has one,
+and once the turn's pipelines all reported, ``idle`` and ``idle_ratio`` per device of the
+pipeline, :mod:`server.training.idle`). :func:`per_round` sums the history per round into the
+all-owner validation perplexity and each device's idle figures.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from proto.messages import RoundReport
+from server.training.idle import per_round_idle
 
 __all__ = ["history_entry", "per_round"]
 
@@ -102,7 +107,7 @@ def history_entry(report: RoundReport, *, round: int) -> dict[str, Any]:
 
 
 def per_round(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per round: each owner's validation perplexity and the token-weighted one over all owners.
+    """Per round: each owner's validation perplexity and the token-weighted one over all owners, and idle ratios per device.
 
     Also Photon's view of each merge from the owners' side: ``train_ppl_before``, an owner's
     training perplexity on its round's last batch (its own copy, before the merge), and
@@ -125,10 +130,12 @@ def per_round(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         tokens = int(h.get("val_tokens", 0))
         entry["_loss"] += h["val_loss"] * tokens
         entry["_tok"] += tokens
+    idle = per_round_idle(history)
     out = []
     for r in sorted(rounds):
         entry = rounds[r]
         loss, tokens = entry.pop("_loss"), entry.pop("_tok")
         entry["ppl"] = math.exp(loss / tokens) if tokens else None
+        entry["idle"] = idle.get(r, {})  # device -> busy, bubble, wait, idle: ratios of the round's training time
         out.append(entry)
     return out

@@ -115,7 +115,7 @@ class Merge:
 
     round: int
     bridge_runs: tuple[str, ...]  # the pipelines that trained this turn
-    weights: Mapping[str, int]  # bridge run -> its FedAvg weight (the owner's training samples)
+    weights: Mapping[str, int]  # bridge run -> its FedAvg weight (the samples behind its copy, as local work counts them)
     checkpoint: bool  # the last turn of the round: write the round's checkpoint
 
 
@@ -214,8 +214,9 @@ class RoundMachine:
             return []  # a repeated report
         self.pending = {(run, c) for run, c in self.pending if run != bridge_run}
         owner = self.pipelines[bridge_run].owner
-        self.history.append({"round": self.round, "owner": owner, "bridge_run": bridge_run, **metrics})
-        self.weights[bridge_run] = int(metrics.get("data_samples", metrics.get("samples", 0)))
+        self.history.append({"round": self.round, "turn": self.turn, "owner": owner, "bridge_run": bridge_run, **metrics})
+        # The run's local work weighs each copy ("weight": the samples behind it); else the owner's data.
+        self.weights[bridge_run] = int(metrics.get("weight", metrics.get("data_samples", metrics.get("samples", 0))))
         if self.pending:
             return []
         self.phase = Phase.UPLOADING

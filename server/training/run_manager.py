@@ -38,7 +38,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,31 +49,33 @@ from proto.messages import (
     LoadPartitions,
     PartitionAssignment,
     StatusReport,
+    TrainedSlices,
     Upload,
 )
 from server.control.handler import ControlHandler
 from server.control.state import Deployment, PlanRow
 from server.errors import ServerError
+from server.training import recovery
 from server.training.aggregation import ClientUpdate
 from server.training.checkpoints import CheckpointStore, from_peft_names, to_peft_names
 from server.training.communication import elements_of
+from server.training.device_limits import OwnerDevice, owner_devices
 from server.training.global_model import PartitionTensors, optimizer_state_for, partition_names
+from server.training.idle import PipelineTiming, turn_idle
 from server.training.reports import history_entry, per_round
 from server.training.rounds import (
     Action,
     Merge,
     Phase,
     PipelineInfo,
-    RoundMachine,
     SendLoad,
     SendPrepare,
     SendTrain,
     SendUpload,
     Snapshot,
 )
-from server.training.seams import seams_for
 from server.training.signals import layer_norms
-from server.training.spec import RunSpec, prepare_command, spec_from_mapping, train_command
+from server.training.spec import RunSpec, chosen_path, prepare_command, spec_from_mapping, train_command
 from server.training.store import InMemoryRunStore, RunRecord, RunStore
 
 if TYPE_CHECKING:
@@ -94,6 +96,7 @@ class _PipelineUpload:
     tensors: dict[str, Any]  # what its partitions train, by whole-model name
     optimizer: dict[str, Any]  # its optimizer state, by optimizer/<entry>/<name>
     sizes: dict[str, int]  # client id -> encoded bytes it uploaded
+    slices: dict[str, TrainedSlices]  # tensors trained only in parts (heads mode), by whole-model name
 
 
 class RunManager:
@@ -121,6 +124,7 @@ class RunManager:
         self._scratch_dir = tempfile.TemporaryDirectory(prefix="titanic-merged-")
         self._scratch = Path(self._scratch_dir.name)
         self._tokenizers: dict[str, Any] = {}  # tokenizer name -> loaded (None: the model has none)
+        self._saved: dict[str, tuple[Any, ...]] = {}  # run id -> what it looked like when last put
 
     # -- operator API ----------------------------------------------------------------------
 
@@ -135,21 +139,37 @@ class RunManager:
         busy = [r.run_id for r in self.store.list_runs() if r.machine.active]
         if busy:
             raise ValueError(f"run {busy[0]} is still active; stop it first (titanic-server runs stop {busy[0]})")
-        seams = seams_for(spec)
-        machine = RoundMachine(
-            rounds=spec.rounds, participation=seams.participation,
-            # The starting state: a server optimizer steps from it, and changes (a sparse codec) add to it.
-            snapshot_first=seams.aggregator.steps_from_start or seams.communication.sends_changes,
-        )  # fmt: skip
-        record = RunRecord(
-            run_id=resume or self._new_id(), spec=spec, machine=machine, seams=seams, created_at=time.time()
-        )
-        if resume is not None:
+        return self._begin(RunRecord.new(resume or self._new_id(), spec, created_at=time.time()), resume=resume is not None)
+
+    def _begin(self, record: RunRecord, *, resume: bool) -> RunRecord:
+        """Put ``record`` (continuing from its last checkpoint when ``resume``) and follow the plan for it."""
+        if resume:
             self._resume(record)
         self.store.put(record)
         self._spawn(self._follow_plan(record))
-        log.info("%s started: %s", record.run_id, spec.to_json())
+        log.info("%s started: %s", record.run_id, record.spec.to_json())
         return record
+
+    def continue_interrupted(self) -> list[str]:
+        """Continue the runs a stopped server left active (a persistent store remembers them); returns their ids.
+
+        Each continues under its own id from its last checkpoint (afresh when it has none:
+        its seeds and data positions make that the same run) once a plan is connected.
+        """
+        continued = []
+        for old in self.store.list_runs():
+            if not old.machine.active:
+                continue
+            record = recovery.after_restart(old)
+            self.checkpoints.remove_incomplete(old.run_id)
+            try:
+                self._begin(record, resume=self.checkpoints.latest(old.run_id) is not None)
+            except ValueError as exc:
+                old.machine.phase, old.machine.error = Phase.FAILED, f"could not continue after a server restart: {exc}"
+                self.store.put(old)
+                continue
+            continued.append(record.run_id)
+        return continued
 
     def stop(self, run_id: str) -> RunRecord:
         """Stop a run (KeyError when unknown); it keeps its checkpoints."""
@@ -157,6 +177,7 @@ class RunManager:
         if record is None:
             raise KeyError(run_id)
         record.machine.stop()
+        self._save(record)
         return record
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -173,6 +194,17 @@ class RunManager:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._scratch_dir.cleanup()
+
+    def _save(self, record: RunRecord) -> None:
+        """Put ``record`` again when it changed since it was last put (a persistent store writes it)."""
+        if self.store.get(record.run_id) not in (None, record):
+            return  # replaced by a replay (server.training.recovery)
+        m = record.machine
+        mark = (m.phase, m.round, m.turn, m.error, len(m.history), len(record.checkpoints), len(record.signals),
+                len(record.recoveries), record.plan_id, sum(c["uploaded"] + c["downloaded"] for c in record.traffic_json()))  # fmt: skip
+        if self._saved.get(record.run_id) != mark:
+            self.store.put(record)
+            self._saved[record.run_id] = mark
 
     def _new_id(self) -> str:
         taken = {r.run_id for r in self.store.list_runs()}
@@ -219,7 +251,25 @@ class RunManager:
     # -- ControlListener -------------------------------------------------------------------
 
     def membership_changed(self) -> None:
-        """Nothing to do: a changed plan is noticed when the run's plan goes away."""
+        """A client came or went: a run that lost one of its holders replays its round without it."""
+        for record in self.store.list_runs():
+            if record.machine.active and record.machine.phase != Phase.WAITING:
+                gone = recovery.lost_holders(record, self.handler)
+                if gone:
+                    client = self.state.get_client(gone[0])
+                    self._recover(record, gone[0], client.status_reason if client is not None else "it is gone")
+
+    def _recover(self, record: RunRecord, lost: str, reason: str) -> None:
+        """Replay ``record``'s round after losing ``lost`` (or fail it when its retries are spent)."""
+        log.warning("%s: lost %s in round %d (%s); replaying the round", record.run_id, lost or "a client",
+                    record.machine.round, reason)  # fmt: skip
+        replay = recovery.recover(record, lost=lost, reason=reason, handler=self.handler, begin=self._begin_replay)
+        if replay is None:
+            log.error("%s: %s", record.run_id, record.machine.error)
+            self._save(record)
+
+    def _begin_replay(self, record: RunRecord) -> None:
+        self._begin(record, resume=self.checkpoints.latest(record.run_id) is not None)
 
     def status_reported(self, client_id: str, report: StatusReport) -> None:
         """Follow the commands this manager sent."""
@@ -236,7 +286,11 @@ class RunManager:
                 return
             del record.commands[report.command_id]
             if report.state == CommandState.FAILED:
-                record.machine.failed(f"{kind} on {client_id} ({bridge_run}) failed: {report.message}")
+                holders = record.machine.pipelines.get(bridge_run)
+                if report.lost_peer and holders is not None and report.lost_peer in holders.holders:
+                    self._recover(record, report.lost_peer, f"{client_id} lost it: {report.message}")
+                else:
+                    record.machine.failed(f"{kind} on {client_id} ({bridge_run}) failed: {report.message}")
                 return
             if kind == "train":
                 try:
@@ -245,7 +299,13 @@ class RunManager:
                     record.machine.failed(f"the round report of {client_id} ({bridge_run}) was refused: {exc}")
                     return
                 log.info("%s round %d, %s: ppl %.4f", record.run_id, record.machine.round, client_id, metrics["ppl"])
-                self._apply(record, record.machine.train_done(bridge_run, metrics))
+                training = record.machine.phase == Phase.TRAINING
+                if training:
+                    record.clock_train(bridge_run, ended=True)
+                actions = record.machine.train_done(bridge_run, metrics)
+                if training and record.machine.phase != Phase.TRAINING:
+                    self._account_idle(record)  # the turn's last report
+                self._apply(record, actions)
             else:
                 self._apply(record, record.machine.command_done(bridge_run, client_id))
             return
@@ -256,7 +316,13 @@ class RunManager:
             raise ValueError("the Train command finished without a round report; the client must answer Train with one")
         round, work = record.asked[bridge_run]
         entry = history_entry(report.round_report, round=round)
-        record.seams.local_work.check(work, report.round_report)
+        local_work = record.seams.local_work
+        local_work.check(work, report.round_report)
+        entry["weight"] = local_work.record(record.machine.pipelines[bridge_run].owner, report.round_report)
+        path = self._path_of(record.spec, bridge_run)
+        estimate = self._estimates_of(bridge_run).get(path)
+        if isinstance(estimate, int | float):  # the plan's step estimate on the path this round took
+            entry.update(path=path, est_step_s=float(estimate))
         return entry
 
     # -- carrying out actions --------------------------------------------------------------
@@ -270,15 +336,37 @@ class RunManager:
         command = self.handler.send_command(client_id, body)
         record.commands[command.command_id] = (kind, client_id, bridge_run)
 
+    def _estimates_of(self, bridge_run: str) -> dict[str, float]:
+        """The plan's estimated seconds per step of ``bridge_run``'s pipeline on each data path ({} without a plan)."""
+        deployment = self.state.get_deployment()
+        rows = [r for r in deployment.rows if r.run_id == bridge_run] if deployment is not None else []
+        if deployment is None or not rows:
+            return {}
+        return dict(deployment.summary.get("est_step_s", {}).get(rows[0].owner_id) or {})
+
+    def _path_of(self, spec: RunSpec, bridge_run: str) -> str:
+        """The run's data path for ``bridge_run``; ``auto``: the faster by the plan's estimate for its owner."""
+        return chosen_path(spec.training.path, self._estimates_of(bridge_run) or None)
+
     def _apply(self, record: RunRecord, actions: list[Action]) -> None:
         spec = record.spec
         for action in actions:
             if isinstance(action, SendPrepare):
-                self._send(record, "prepare", action.client_id, action.bridge_run, prepare_command(spec, action.bridge_run))
+                try:  # the plan decides the owners: heads mode needs one of them to train every head
+                    spec.finetune.check_owners([p.owner for p in record.machine.pipelines.values()])
+                except ValueError as exc:
+                    record.machine.failed(str(exc))
+                    return
+                owner = record.machine.pipelines[action.bridge_run].owner
+                prepare = prepare_command(spec, action.bridge_run, owner, path=self._path_of(spec, action.bridge_run))
+                self._send(record, "prepare", action.client_id, action.bridge_run, prepare)
             elif isinstance(action, SendTrain):
+                recovery.note_resumed(record)
                 work = record.seams.local_work.assign(action.round, action.client_id)
                 record.asked[action.bridge_run] = (action.round, work)
-                body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work, model=self.model_name)
+                record.clock_train(action.bridge_run, ended=False)
+                body: Any = train_command(spec, bridge_run=action.bridge_run, round=action.round, work=work,
+                                          model=self.model_name, owner=action.client_id)  # fmt: skip
                 self._send(record, "train", action.client_id, action.bridge_run, body)
             elif isinstance(action, SendUpload):
                 body = self._upload_command(record, action)
@@ -300,12 +388,25 @@ class RunManager:
         machine = record.machine
         while machine.phase == Phase.WAITING:
             deployment = self.state.get_deployment()
-            if deployment is not None and deployment.state == "connected" and deployment.plan_id:
+            if record.wait_for_owners_until and time.time() > record.wait_for_owners_until:
+                machine.failed(
+                    f"the data owners {sorted(record.owners_wanted)} were not all back in a plan within "
+                    f"[recovery] owner_wait_s = {record.spec.recovery.owner_wait_s:g} s; start them, then continue "
+                    f"with titanic-server runs start RUN_FILE --resume {record.run_id}"
+                )
+                break
+            if (
+                deployment is not None and deployment.state == "connected" and deployment.plan_id
+                and deployment.plan_id != record.replaces_plan and set(record.owners_wanted) <= set(deployment.owners)
+            ):  # fmt: skip
                 try:
                     pipelines = self._pipelines(record, deployment)
+                    devices = await asyncio.to_thread(self._owner_devices, record, deployment)
                 except ValueError as exc:
                     machine.failed(str(exc))
+                    self._save(record)
                     return
+                record.seams.local_work.plan(devices, record.spec.training)
                 record.plan_id = deployment.plan_id
                 self._apply(record, machine.pipelines_ready(pipelines))
                 break
@@ -315,15 +416,27 @@ class RunManager:
                 deployment = self.state.get_deployment()
                 if deployment is None or deployment.plan_id != record.plan_id or deployment.state == "failed":
                     reason = deployment.error if deployment is not None and deployment.error else "the plan changed"
-                    machine.failed(f"the run's plan {record.plan_id} is gone ({reason}); resume from the last checkpoint")
-                    return
+                    gone = recovery.lost_holders(record, self.handler)
+                    self._recover(record, gone[0] if gone else "", f"the run's plan {record.plan_id} is gone ({reason})")
+                    break
+                self._save(record)
                 await asyncio.sleep(_POLL_S)
+            self._save(record)
+            if self.store.get(record.run_id) is record:
+                self._retire_plan(record)
         finally:
             for bridge_run in record.partitions:
                 self.handler.forget_uploads(bridge_run)  # an ended run takes no more uploads
 
+    def _retire_plan(self, record: RunRecord) -> None:
+        """The run ended: its plan's stages hold what it trained, so the next run gets a new plan (fresh weights)."""
+        deployment = self.state.get_deployment()
+        if deployment is not None and record.plan_id and deployment.plan_id == record.plan_id:
+            self.state.set_deployment(replace(deployment, state="retired", error=f"{record.run_id} trained on it"))
+            self.handler.request_replan()
+
     def _pipelines(self, record: RunRecord, deployment: Deployment) -> dict[str, PipelineInfo]:
-        wanted = record.spec.owners
+        wanted = record.owners_wanted or record.spec.owners
         owners = [o for o in deployment.owners if not wanted or o in wanted]
         absent = sorted(set(wanted) - set(owners))
         if absent:
@@ -342,6 +455,27 @@ class RunManager:
             pipelines[rows[0].run_id] = PipelineInfo(owner=owner, holders={c: tuple(p) for c, p in holders.items()})
         return pipelines
 
+    def _owner_devices(self, record: RunRecord, deployment: Deployment) -> dict[str, OwnerDevice]:
+        """Each owner's micro-batch limit and guessed speed, from the clients' profiles and the model's costs (blocking)."""
+        from transformers import AutoConfig
+
+        from autograd_bridge.partition import stage_specs_from_counts
+        from autograd_bridge.profile import profile_model, profile_partitions
+
+        assert self.model is not None  # start() checked
+        seq_len = record.spec.training.seq_len
+        with tempfile.TemporaryDirectory(prefix="titanic-config-") as tmp:
+            (Path(tmp) / "config.json").write_text(self.model.config_json())
+            model = profile_model(AutoConfig.from_pretrained(tmp), seq_len=seq_len)
+        rows = [r for r in deployment.rows if r.run_id in record.partitions]
+        costs = {}
+        for run_id in {r.run_id for r in rows}:
+            pipeline = sorted((r for r in rows if r.run_id == run_id), key=lambda r: r.partition)
+            for row, cost in zip(pipeline, profile_partitions(model, stage_specs_from_counts([r.blocks for r in pipeline])), strict=True):
+                costs[(run_id, row.partition)] = cost
+        profiles = {c: self._profile(c) for c in {r.client_id for r in rows}}
+        return owner_devices(rows, costs, profiles, seq_len=seq_len)
+
     def _partition_tensors(self, row: PlanRow) -> PartitionTensors:
         """What partition ``row`` holds: its blocks, and the names in the weight file it was planned with."""
         from safetensors import safe_open  # reads the header only
@@ -354,6 +488,31 @@ class RunManager:
             names = frozenset(f.keys())
         return PartitionTensors(index=row.partition, layer_start=row.layer_start, layer_end=row.layer_end, stored=names,
                                 stored_bytes=stored.size)  # fmt: skip
+
+    @staticmethod
+    def _account_idle(record: RunRecord) -> None:
+        """The turn's pipelines all reported: add each device's idle figures to their history entries."""
+        machine = record.machine
+        group = machine.turns[machine.turn]
+        entries = {h["bridge_run"]: h for h in machine.history[-len(group):] if h["round"] == machine.round}
+        clocks = {run: record.train_clock[run] for run in group if run in record.train_clock}
+        if set(entries) != set(group) or set(clocks) != set(group):
+            return  # a turn resumed halfway has no clock for it
+        began = min(sent for sent, _ in clocks.values())
+        wall = max(ended for _, ended in clocks.values()) - began
+        timings = [
+            PipelineTiming(
+                owner=machine.pipelines[run].owner, active_s=clocks[run][1] - clocks[run][0], steps=len(entries[run]["losses"]),
+                stage_seconds=entries[run]["stage_seconds"],
+                holders={p: c for c, parts in machine.pipelines[run].holders.items() for p in parts},
+            )
+            for run in group
+        ]  # fmt: skip
+        figures = turn_idle(wall, timings)
+        for run in group:
+            devices = sorted(set(machine.pipelines[run].holders) | {machine.pipelines[run].owner})
+            entries[run]["idle"] = {d: figures[d] for d in devices}
+            entries[run]["idle_ratio"] = {d: figures[d]["idle"] for d in devices}
 
     # -- merging, distributing, checkpointing ----------------------------------------------
 
@@ -446,24 +605,26 @@ class RunManager:
         out = {}
         for bridge_run in bridge_runs:
             pipeline = record.machine.pipelines[bridge_run]
-            latest: dict[tuple[str, int], str] = {}
+            latest: dict[tuple[str, int], Any] = {}
             for upload in self.state.list_uploads(bridge_run):
                 if upload.header.round == round:
-                    latest[(upload.client_id, upload.header.partition)] = upload.path
+                    latest[(upload.client_id, upload.header.partition)] = upload
             tensors: dict[str, Any] = {}
             optimizer: dict[str, Any] = {}
             sizes: dict[str, int] = {}
+            slices: dict[str, TrainedSlices] = {}
             for client_id, partitions in pipeline.holders.items():
                 for partition in partitions:
-                    path = latest.get((client_id, partition))
-                    if path is None:
+                    found = latest.get((client_id, partition))
+                    if found is None:
                         raise ValueError(f"{client_id} reported its upload of partition {partition} but none arrived")
-                    data = Path(path).read_bytes()
+                    data = Path(found.path).read_bytes()
                     sizes[client_id] = sizes.get(client_id, 0) + len(data)
                     weights, state = split_optimizer_tensors(decode_update(data))
                     tensors.update(weights)
                     optimizer.update(state)
-            out[bridge_run] = _PipelineUpload(tensors=tensors, optimizer=optimizer, sizes=sizes)
+                    slices.update({s.tensor: s for s in found.header.slices})
+            out[bridge_run] = _PipelineUpload(tensors=tensors, optimizer=optimizer, sizes=sizes, slices=slices)
         return out
 
     @staticmethod
@@ -507,7 +668,13 @@ class RunManager:
         # All owners weigh the same when none reports samples (FedAvg needs some weight).
         weights = {run: max(action.weights.get(run, 0), 0) or 1 for run in action.bridge_runs}
         updates = [
-            ClientUpdate(state=uploads[run].tensors, num_samples=weights[run], client_id=run, delta=changes)
+            ClientUpdate(
+                state=uploads[run].tensors,
+                num_samples=weights[run],
+                client_id=run,
+                delta=changes,
+                slices=uploads[run].slices,
+            )
             for run in action.bridge_runs
         ]
         previous = record.global_state

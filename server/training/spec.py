@@ -21,8 +21,15 @@ stays complete and true). The model and its stages come from the server's ``[mod
     count = 0              # sampled: owners training each round, >= 1 (0: unset); set exactly one of the two
 
     [local_work]           # how much each owner trains in a round (server.training.local_work)
-    mode = "steps"         # steps: a fixed number of optimizer steps
-    steps = 10             # optimizer steps per owner and round
+    mode = "steps"         # steps: a fixed number of optimizer steps | samples: the same sequences per owner
+                           # | time: a wall-time budget per round, every owner trains until it is spent
+    steps = 10             # optimizer steps per owner and round (steps); the steps a time budget is sized for (time)
+    samples = 0            # samples: sequences per owner and round (0: steps x [training] batch_size)
+    accumulate = true      # samples: steps of batch_size, micro-batched to each device's limit (true), or
+                           # one step per micro-batch of the device's largest size (false: more steps on small devices)
+    batch = "run"          # steps, time: each owner's batch is batch_size ("run", micro-batched to fit its
+                           # device) or its device's largest micro-batch ("device")
+    seconds = 0.0          # time: the budget per round, seconds (0: from the owners' profiles, then their measured steps)
 
     [training]             # how an owner's pipeline trains
     batch_size = 4         # sequences per optimizer step
@@ -30,18 +37,38 @@ stays complete and true). The model and its stages come from the server's ``[mod
     micro_batches = 1      # the owner's pipeline splits each batch into this many (batch_size is a multiple)
     optimizer = "adamw"    # every stage's optimizer, on the owners and the hosts (autograd_bridge.optim): adamw | sgd
     lr = 1e-4              # learning rate of every stage (the schedule's peak)
-    method = "backprop"    # how an owner trains a step over its pipeline (autograd_bridge.methods)
+    method = "backprop"    # how an owner trains a step over its pipeline (autograd_bridge.methods): backprop | forward_gradient
+    methods = {}           # per owner, its own method: [training.methods] NAME = "forward_gradient" (mixed federations)
     schedule = "constant"  # learning rate over the whole run, continuing across rounds: constant | cosine
     warmup_steps = 0       # linear warm-up over each owner's first steps of the run
     schedule_steps = 0     # steps the schedule spans per owner (0: rounds x [local_work] steps)
     min_lr = 0.0           # the schedule's floor, in [0, lr]
     clip_norm = 0.0        # bound on the joint gradient norm of all stages of a pipeline (0: no clipping; Photon: 1.0)
+    path = "relay"         # how activations travel (autograd_bridge.paths): relay: every boundary through the owner
+                           # | chain: each host hands its output to the next stage's host (the hosts must reach each other)
+                           # | auto: per pipeline, the path the plan estimates faster (est_step_s in `titanic-server plan`)
+    activation_compression = "none"  # activations and gradients between stages: none | fp16 | int8 (a row scale per vector)
+
+    [forward_gradient]     # method = "forward_gradient" (FwdLLM): gradients estimated from perturbed forwards only
+    h = 0.01               # central-difference step: (L(p + h v) - L(p - h v)) / 2h, v ~ N(0, I) drawn from a seed
+    perturbations = 4      # directions per step to start with (and added each time the variance rule asks)
+    max_perturbations = 16 # the variance rule adds directions up to this many per step
+    var_threshold = 0.0    # add directions while mean(d^2) / K exceeds this, d the directional derivatives (0: K fixed)
+    sampler = false        # discriminative sampler: keep the best aligned with the last global update of candidates x K seeds
+    candidates = 10        # seeds the sampler draws per direction it keeps
 
     [finetune]             # what a stage trains and what travels (autograd_bridge.finetune)
-    mode = "full"          # full: every weight | lora: adapters only
-    r = 8                  # adapter rank (lora)
-    alpha = 16             # adapter scale numerator, scale = alpha / r (lora)
+    mode = "full"          # full: every weight | lora: adapters only | heads: a share of every block's attention heads (SMHA)
+    r = 8                  # adapter rank (lora; heads with adapter = "lora")
+    alpha = 16             # adapter scale numerator, scale = alpha / r (lora; heads with adapter = "lora")
     targets = []           # module names to adapt (lora; empty: the model family's default)
+    head_fraction = 1.0    # heads: share of each block's heads an owner's pipeline trains per round, in (0, 1] (ceil(x H), >= 1)
+    head_choice = "random" # heads: random (drawn from seed, round, owner) | importance (largest gradient magnitude so far)
+    adapter = "full"       # heads: train the heads' weight slices (full) or per-head LoRA adapters on them (lora)
+    head_fraction_schedule = "fixed"  # heads: fixed ceil(x H) heads | redundancy: ceil(x H_eff), H_eff = H / (1 + (H - 1) R),
+                           # R a block's mean |cosine| between its heads' output-projection slices (owners at 1.0 keep every head)
+    head_fractions = {}    # heads, per owner: [finetune.head_fractions] NAME = x (smaller for slower owners);
+                           # at least one owner of the run must train every head (1.0)
 
     [aggregation]          # how each partition's copies merge after a turn (server.training.aggregation)
     rule = "fedavg"        # fedavg | fedmom | fednesterov | fedadam | fedyogi | fedadagrad (all but fedavg at server_lr 1 need parallel participation)
@@ -53,6 +80,7 @@ stays complete and true). The model and its stages come from the server's ``[mod
 
     [communication]        # how tensors travel between the server and the clients (server.training.communication)
     codec = "dense"        # dense: every tensor whole | topk: the largest entries by magnitude (FLoSS)
+                           # | seeds: forward-gradient holders send (seed, coefficient) pairs, others their change dense
     upload_density = 1.0   # share of entries a sparse upload keeps (holders send their change since they loaded), in (0, 1]
     download_density = 1.0 # share of each global tensor a sparse download keeps (the rest arrives as zeros), in (0, 1]
     values = "fp32"        # the dtype sparse values travel in: fp32 | fp16 | bf16
@@ -65,6 +93,11 @@ stays complete and true). The model and its stages come from the server's ``[mod
     [evaluation]           # the validation each owner runs after every round
     val_fraction = 0.1     # share of each owner's sequences held out, in (0, 1), so owners can report perplexity
     eval_batch_size = 8    # sequences per validation batch
+
+    [recovery]             # what the server does when it loses a client mid-round (server.training.recovery)
+    retries = 3            # times one round is replayed (replanned, reloaded from its start, same batches) before the run fails
+    owner_quorum = 0.0     # parallel owners: share of a round's owners that may finish it without a lost one, in [0, 1] (0: wait for every owner)
+    owner_wait_s = 60.0    # how long a round waits for a lost data owner to come back before the run fails
 
 ``fedavg`` takes the copies' average weighted by the owners' training samples. A server
 optimizer takes the round's starting state minus that average as a pseudo-gradient and
@@ -101,13 +134,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autograd_bridge.config import read_toml, section_from_mapping
-from proto.messages import CodecSettings, LoraSettings, PrepareRun, Train
+from proto.messages import CodecSettings, HeadSettings, LoraSettings, PrepareRun, Train
 from server.training.local_work import LOCAL_WORK
 from server.training.participation import CASES, PARTICIPATIONS
 
@@ -182,11 +215,22 @@ class LocalWorkSection:
     """``[local_work]``: how much each owner trains in a round."""
 
     mode: str = "steps"  # a name in server.training.local_work.LOCAL_WORK
-    steps: int = 10  # optimizer steps per owner and round (mode "steps")
+    steps: int = 10  # optimizer steps per owner and round (steps); the steps a time budget is sized for (time)
+    samples: int = 0  # sequences per owner and round (samples); 0: steps x [training] batch_size
+    accumulate: bool = True  # samples: the run's batch micro-batched to each device (2a), or device-sized steps (2b)
+    batch: str = "run"  # steps, time: "run" ([training] batch_size) or "device" (each owner's largest micro-batch)
+    seconds: float = 0.0  # time: the budget per round; 0: sized from the owners' profiles and measured steps
 
     def __post_init__(self) -> None:
         _check_member("[local_work] mode", self.mode, LOCAL_WORK)
         _check_count("[local_work] ", "steps", self.steps)
+        _check_count("[local_work] ", "samples", self.samples, least=0)
+        if not isinstance(self.accumulate, bool):
+            raise ValueError(f"[local_work] accumulate must be true or false, got {self.accumulate!r}")
+        if self.batch not in ("run", "device"):
+            raise ValueError(f'[local_work] batch must be "run" or "device", got {self.batch!r}')
+        if not (_is_number(self.seconds) and math.isfinite(self.seconds) and self.seconds >= 0):
+            raise ValueError(f"[local_work] seconds must be a finite number >= 0 (0: sized by the server), got {self.seconds!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,11 +248,19 @@ class TrainingSection:
     schedule_steps: int = 0  # steps the schedule spans per owner; 0: rounds x [local_work] steps
     min_lr: float = 0.0  # the schedule's floor, in [0, lr]
     clip_norm: float = 0.0  # bound on the joint gradient norm of all stages of a pipeline; 0: no clipping
+    methods: Mapping[str, str] = dataclasses.field(default_factory=dict)  # owner id -> its own method (mixed runs)
+    path: str = "relay"  # how activations travel: relay (through the owner) | chain (host to host) | auto (the plan's faster)
+    activation_compression: str = "none"  # activations and gradients between stages: none | fp16 | int8
+
+    def method_of(self, owner: str) -> str:
+        """The method ``owner``'s pipeline trains with: its own when ``methods`` names one, else ``method``."""
+        return self.methods.get(owner, self.method)
 
     def __post_init__(self) -> None:
+        from autograd_bridge.frames import COMPRESSIONS
         from autograd_bridge.methods import METHODS
         from autograd_bridge.optim import OPTIMIZERS, SCHEDULES
-
+        from autograd_bridge.paths import PATHS
 
         for name in ("batch_size", "micro_batches"):
             _check_count("[training] ", name, getattr(self, name), most=MOST_BATCH)
@@ -219,6 +271,10 @@ class TrainingSection:
             choices = " or ".join(repr(name) for name in OPTIMIZERS)
             raise ValueError(f"[training] optimizer must be {choices} (what every stage host can run), not {self.optimizer!r}")
         _check_member("[training] method", self.method, METHODS)
+        if not isinstance(self.methods, Mapping):
+            raise ValueError('[training.methods] must be a table of owner = "method"')
+        for owner, method in self.methods.items():
+            _check_member(f"[training.methods] {owner}", method, METHODS)
         if self.batch_size % self.micro_batches:
             raise ValueError(f"[training] batch_size {self.batch_size} must be a multiple of micro_batches {self.micro_batches}")
         _check_member("[training] schedule", self.schedule, SCHEDULES)
@@ -228,6 +284,43 @@ class TrainingSection:
             raise ValueError(f"[training] min_lr must be a number in [0, lr], got {self.min_lr!r}")
         if not (_is_number(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             raise ValueError(f"[training] clip_norm must be a finite number >= 0 (0: no clipping), got {self.clip_norm!r}")
+        _check_member("[training] path", self.path, {**PATHS, "auto": None})
+        _check_member("[training] activation_compression", self.activation_compression, dict.fromkeys(COMPRESSIONS))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardGradientSection:
+    """``[forward_gradient]``: how owners with method forward_gradient estimate gradients (FwdLLM)."""
+
+    h: float = 0.01  # central-difference step: the perturbation is h * v
+    perturbations: int = 4  # directions per step to start with (and added per round of the variance rule)
+    max_perturbations: int = 16  # the variance rule stops adding directions here
+    var_threshold: float = 0.0  # add directions while mean(d^2) / K exceeds this (0: K stays fixed)
+    sampler: bool = False  # keep the seeds best aligned with the last global update, of candidates x K drawn
+    candidates: int = 10  # seeds the sampler draws per direction it keeps
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampler, bool):
+            raise ValueError(f"[forward_gradient] sampler must be true or false, got {self.sampler!r}")
+        for name in ("perturbations", "max_perturbations", "candidates"):
+            _check_count("[forward_gradient] ", name, getattr(self, name))
+        for name in ("h", "var_threshold"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"[forward_gradient] {name} must be a number, got {getattr(self, name)!r}")
+        try:
+            self.options()
+        except ValueError as exc:
+            raise ValueError(f"[forward_gradient] {str(exc).removeprefix('forward_gradient ')}") from exc
+
+    def options(self) -> dict[str, str]:
+        """The settings as PrepareRun ``method_options`` (checked by the method's own settings)."""
+        from autograd_bridge.methods import ForwardGradientSettings
+
+        settings = ForwardGradientSettings(
+            h=float(self.h), perturbations=self.perturbations, max_perturbations=self.max_perturbations,
+            var_threshold=float(self.var_threshold), sampler=self.sampler, candidates=self.candidates,
+        )  # fmt: skip
+        return settings.to_options()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,6 +331,11 @@ class FinetuneSection:
     r: int = 8  # adapter rank (lora)
     alpha: int = 16  # adapter scale numerator, scale = alpha / r (lora)
     targets: tuple[str, ...] = ()  # module names to adapt (lora; empty: the model family's default)
+    head_fraction: float = 1.0  # heads: share of each block's heads trained per round by owners not in head_fractions
+    head_choice: str = "random"  # heads: "random" (seed, round, owner) or "importance" (gradient magnitude so far)
+    adapter: str = "full"  # heads: the heads' weight slices ("full") or per-head LoRA adapters on them ("lora")
+    head_fraction_schedule: str = "fixed"  # heads: "fixed", or "redundancy" (fewer heads as a block's heads grow alike)
+    head_fractions: Mapping[str, float] = dataclasses.field(default_factory=dict)  # heads: owner -> its own fraction
 
     def __post_init__(self) -> None:
         from autograd_bridge.finetune import FINETUNES
@@ -247,13 +345,40 @@ class FinetuneSection:
         _check_count("[finetune] ", "alpha", self.alpha, most=MOST_SEQ_LEN)
         if not isinstance(self.targets, tuple) or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"[finetune] targets must be a list of module names, got {self.targets!r}")
+        if not isinstance(self.head_fractions, Mapping):
+            raise ValueError("[finetune.head_fractions] must be a table of owner = fraction")
+        for owner, value in {"": self.head_fraction, **self.head_fractions}.items():
+            where = f"[finetune.head_fractions] {owner}" if owner else "[finetune] head_fraction"
+            if not (_is_number(value) and 0 < value <= 1):
+                raise ValueError(f"{where} must be a share of the heads in (0, 1] (1: every head), got {value!r}")
+        if self.mode == "heads" and self.head_fraction < 1 and not any(v == 1 for v in self.head_fractions.values()):
+            raise ValueError(
+                "[finetune] heads mode needs at least one owner that trains every head (SMHA converges only so): "
+                "set head_fraction = 1.0, or give one owner 1.0 in [finetune.head_fractions]"
+            )
         FINETUNES[self.mode]().check(self.settings())
 
-    def settings(self, seed: int = 0) -> FinetuneSettings:
-        """What the finetune member is set up, checked and exported with."""
+    def fraction_of(self, owner: str) -> float:
+        """The share of the heads ``owner``'s pipeline trains."""
+        return float(self.head_fractions.get(owner, self.head_fraction))
+
+    def check_owners(self, owners: Sequence[str]) -> None:
+        """ValueError when heads mode trains no owner of ``owners`` on every head."""
+        if self.mode == "heads" and owners and not any(self.fraction_of(o) == 1 for o in owners):
+            fractions = ", ".join(f"{o}: {self.fraction_of(o):g}" for o in owners)
+            raise ValueError(
+                f"[finetune] heads mode needs one owner training every head, and this run's owners train {fractions}; "
+                "give one of them 1.0 in [finetune.head_fractions]"
+            )
+
+    def settings(self, seed: int = 0, owner: str = "") -> FinetuneSettings:
+        """What the finetune member is set up, checked and exported with (``owner``: whose pipeline)."""
         from autograd_bridge.finetune import FinetuneSettings
 
-        return FinetuneSettings(lora_r=self.r, lora_alpha=self.alpha, lora_targets=tuple(self.targets), seed=seed)
+        return FinetuneSettings(lora_r=self.r, lora_alpha=self.alpha, lora_targets=tuple(self.targets), seed=seed,
+                                head_fraction=self.fraction_of(owner), head_choice=self.head_choice,
+                                head_adapter=self.adapter, head_key=owner,
+                                head_schedule=self.head_fraction_schedule)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,15 +489,33 @@ class EvaluationSection:
         _check_count("[evaluation] ", "eval_batch_size", self.eval_batch_size, most=MOST_BATCH)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoverySection:
+    """``[recovery]``: replaying a round after a client is lost (:mod:`server.training.recovery`)."""
+
+    retries: int = 3  # replays of one round before the run fails (0: a lost client fails the run)
+    owner_quorum: float = 0.0  # parallel owners: share that may finish a round without a lost one (0: all must)
+    owner_wait_s: float = 60.0  # how long a round waits for a lost data owner before the run fails
+
+    def __post_init__(self) -> None:
+        _check_count("[recovery] ", "retries", self.retries, least=0)
+        if not (_is_number(self.owner_quorum) and 0.0 <= self.owner_quorum <= 1.0):
+            raise ValueError(f"[recovery] owner_quorum must be in [0, 1] (0: wait for every owner), got {self.owner_quorum!r}")
+        if not (_is_number(self.owner_wait_s) and math.isfinite(self.owner_wait_s) and self.owner_wait_s > 0):
+            raise ValueError(f"[recovery] owner_wait_s must be a number of seconds > 0, got {self.owner_wait_s!r}")
+
+
 #: section name -> its dataclass (and the RunSpec field holding it)
 SECTIONS: dict[str, type[Any]] = {
     "participation": ParticipationSection,
     "local_work": LocalWorkSection,
     "training": TrainingSection,
+    "forward_gradient": ForwardGradientSection,
     "finetune": FinetuneSection,
     "aggregation": AggregationSection,
     "communication": CommunicationSection,
     "evaluation": EvaluationSection,
+    "recovery": RecoverySection,
 }
 
 #: the keys at the top level of a run file (besides the sections and the flat keys)
@@ -418,10 +561,12 @@ class RunSpec:
     participation: ParticipationSection = field(default_factory=ParticipationSection)
     local_work: LocalWorkSection = field(default_factory=LocalWorkSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    forward_gradient: ForwardGradientSection = field(default_factory=ForwardGradientSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     communication: CommunicationSection = field(default_factory=CommunicationSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    recovery: RecoverySection = field(default_factory=RecoverySection)
 
     def __post_init__(self) -> None:
         for key in ("name", "model", "tokenizer"):
@@ -554,8 +699,19 @@ def aggregation_settings(spec: RunSpec) -> AggregationSettings:
     return spec.aggregation.settings()
 
 
-def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
-    """How every holder of ``bridge_run`` sets its stages up before the first round."""
+def chosen_path(path: str, estimates: Mapping[str, float] | None) -> str:
+    """The data path of a pipeline: ``path``, or for ``auto`` the one of ``estimates`` (seconds per step) that is
+    fastest (relay when the plan has no estimate)."""
+    if path != "auto":
+        return path
+    return min(estimates, key=lambda p: estimates[p]) if estimates else "relay"
+
+
+def prepare_command(spec: RunSpec, bridge_run: str, owner: str = "", *, path: str | None = None) -> PrepareRun:
+    """How every holder of ``bridge_run`` (``owner``'s pipeline) sets its stages up before the first round (``path``: resolved ``auto``)."""
+    finetune = spec.finetune
+    heads = HeadSettings(fraction=finetune.fraction_of(owner), choice=finetune.head_choice, adapter=finetune.adapter,
+                         key=owner, schedule=finetune.head_fraction_schedule)  # fmt: skip
     return PrepareRun(
         run_id=bridge_run,
         finetune=spec.finetune.mode,
@@ -564,11 +720,15 @@ def prepare_command(spec: RunSpec, bridge_run: str) -> PrepareRun:
         seed=spec.seed,
         codec=CodecSettings(name=spec.communication.codec, values=spec.communication.values,
                             scope=spec.communication.scope, error_feedback=spec.communication.error_feedback),
-        method=spec.training.method,
+        method=spec.training.method_of(owner),
+        method_options=spec.forward_gradient.options(),  # each method reads the options it knows
+        heads=heads,
+        path=path or chosen_path(spec.training.path, None),
+        activation_compression=spec.training.activation_compression,
     )
 
 
-def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, model: str) -> Train:
+def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, model: str, owner: str = "") -> Train:
     """What the owner of ``bridge_run`` trains in round ``round`` (1-based): ``work`` and the run's settings."""
     training, evaluation = spec.training, spec.evaluation
     return Train(
@@ -576,18 +736,19 @@ def train_command(spec: RunSpec, *, bridge_run: str, round: int, work: Work, mod
         round=round,
         steps=work.steps,
         start=work.start,
-        batch_size=training.batch_size,
+        batch_size=work.batch_size or training.batch_size,
         seq_len=training.seq_len,
-        micro_batches=training.micro_batches,
+        micro_batches=work.micro_batches or training.micro_batches,
         lr=float(training.lr),
         seed=spec.seed,
         val_fraction=float(evaluation.val_fraction),
         eval_batch_size=evaluation.eval_batch_size,
         tokenizer=spec.tokenizer or model,
-        method=training.method,
+        method=training.method_of(owner),
         schedule=training.schedule,
         warmup_steps=training.warmup_steps,
         total_steps=training.schedule_steps or spec.rounds * spec.local_work.steps,
         min_lr=float(training.min_lr),
         clip_norm=float(training.clip_norm),
+        time_budget_s=float(work.time_budget_s),
     )

@@ -2,16 +2,17 @@
 
 A :class:`RunStore` puts, gets and lists run records. :class:`InMemoryRunStore` keeps them
 in a dict and hands out the live records, which the run manager changes in place; they are
-lost when the server stops (a run then resumes from its checkpoints). A persistent store
-(SQLite, a later issue) is one more module implementing :class:`RunStore`, made to pass the
-shared suite in ``tests/server/test_store.py``; the run manager must then put a record after
-every change it makes.
+lost when the server stops. :class:`server.training.sqlite_store.SqliteRunStore` also writes
+each record it is given to the state dir's database, and reads them back when a server
+starts; both pass the shared suite in ``tests/server/test_store.py``. The run manager puts a
+record again after every change it makes (``RunManager._save``).
 """
 
 from __future__ import annotations
 
 import abc
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -57,8 +58,40 @@ class RunRecord:
     # One entry per merge: round, pipelines, and per layer the update's and the model's norms
     # (server.training.signals.layer_norms), Photon's divergence signals.
     signals: list[dict[str, Any]] = field(default_factory=list)
+    # What automatic recovery did, one entry per recovery: round, the client lost, why, the
+    # steps redone, seconds to detect and to resume (server.training.recovery).
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    # A replay (server.training.recovery) waits for a connected plan other than the one it lost,
+    # with these data owners in it, until this time (time.time(); 0: no limit).
+    replaces_plan: str = ""
+    owners_wanted: tuple[str, ...] = ()
+    wait_for_owners_until: float = 0.0
     # Owner -> the round it trains now, step by step as its progress reports come (for live views).
     live: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Bridge run -> (its last Train sent, its round report received): the server's monotonic clock.
+    train_clock: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def clock_train(self, bridge_run: str, *, ended: bool) -> None:
+        """Note the time a pipeline's Train was sent (``ended=False``) or its round report came (``ended=True``)."""
+        now = time.monotonic()
+        if not ended:
+            self.train_clock[bridge_run] = (now, now)
+        elif bridge_run in self.train_clock:
+            self.train_clock[bridge_run] = (self.train_clock[bridge_run][0], now)
+
+    @classmethod
+    def new(cls, run_id: str, spec: RunSpec, *, created_at: float) -> RunRecord:
+        """A run of ``spec`` before its first round: the spec's seams and a waiting round machine."""
+        from server.training.rounds import RoundMachine
+        from server.training.seams import seams_for
+
+        seams = seams_for(spec)
+        machine = RoundMachine(
+            rounds=spec.rounds, participation=seams.participation,
+            # The starting state: a server optimizer steps from it, and changes (a sparse codec) add to it.
+            snapshot_first=seams.aggregator.steps_from_start or seams.communication.sends_changes,
+        )  # fmt: skip
+        return cls(run_id=run_id, spec=spec, machine=machine, seams=seams, created_at=created_at)
 
     def follow_progress(self, owner: str, progress: RoundProgress) -> None:
         """Add an owner's progress report (network input: a report that does not fit is ignored, not trusted)."""
@@ -108,6 +141,7 @@ class RunRecord:
             "per_round": per_round(m.history),
             "traffic": self.traffic_json(),
             "signals": list(self.signals),
+            "recoveries": list(self.recoveries),
             "live": {owner: _live_json(now) for owner, now in self.live.items()},
             "checkpoints": list(self.checkpoints),
             "created_at": self.created_at,

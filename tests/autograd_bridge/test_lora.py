@@ -16,10 +16,10 @@ from .conftest import padded_batch
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_split_lora_matches_whole_lora_through_hosts(load_tiny, family):
+@pytest.mark.parametrize(("family", "attn"), [("llama", "sdpa"), ("gpt2", "sdpa"), ("bloom", "eager")])
+def test_split_lora_matches_whole_lora_through_hosts(load_tiny, family, attn):
     """Loss and every adapter gradient of a 3-stage split with LoRA equal the whole model's (fp32)."""
-    model = load_tiny(family)
+    model = load_tiny(family, attn)
     split = memory_split(model, 3)  # copies the model before LoRA touches it
     try:
         torch.manual_seed(0)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, BloomConfig, LlamaPreTrainedModel, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaPreTrainedModel, PreTrainedModel
 
 from autograd_bridge import partition
 from autograd_bridge.errors import UnsupportedModelError
@@ -38,14 +38,15 @@ TOLERANCE = 1e-5
 #: learned positions and Conv1D (gpt2), rotary (llama), sliding layers from layer_types
 #: (qwen2), softcapped logits + embedding scaling + eager-only (gemma2), per-layer-type
 #: rotary (gemma3), other names and an untied renamed head (gpt_neox), positions from the
-#: mask and project_in/out (opt), sliding window on every layer (phi3).
-GRID_FAMILIES = ("gpt2", "llama", "qwen2", "gemma2", "gemma3", "gpt_neox", "opt", "phi3")
+#: mask and project_in/out (opt), sliding window on every layer (phi3), ALiBi from the mask
+#: (bloom) and from the sequence length with a boolean mask (mpt), both eager-only.
+GRID_FAMILIES = ("gpt2", "llama", "qwen2", "gemma2", "gemma3", "gpt_neox", "opt", "phi3", "bloom", "mpt")
 #: Families checked once each (K=3, sdpa where the family has it, left padding).
 MORE_FAMILIES = (
     "mistral", "qwen3", "gemma", "granite", "cohere", "starcoder2", "olmo2", "stablelm", "phi", "smollm3",
     "falcon", "gptj", "mixtral",
 )
-EAGER_ONLY = {"gemma2", "gptj"}
+EAGER_ONLY = {"gemma2", "gptj", "bloom", "mpt"}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -135,6 +136,76 @@ def test_more_families_split_matches_whole(family: str, load_tiny: TinyLoader) -
     batch = padded_batch(vocab_size=model.config.vocab_size, padding="left")
     whole = whole_run(model, batch)
     assert_same_run(whole, split_run(split_model(model, even_stage_specs(4, 3)), batch))
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("bloom", {"hidden_size": 48, "n_head": 6}), ("mpt", {"d_model": 48, "n_heads": 6})],
+)
+def test_alibi_with_a_head_count_not_a_power_of_two_matches_whole(
+    family: str, overrides: dict[str, int], load_tiny: TinyLoader
+) -> None:
+    """Six heads take the slopes' interleaving path; K=3 still reproduces the whole model."""
+    model = load_tiny(family, "eager", **overrides).train()
+    batch = padded_batch(vocab_size=model.config.vocab_size, padding="left")
+    whole = whole_run(model, batch)
+    assert_same_run(whole, split_run(split_model(model, even_stage_specs(4, 3)), batch))
+
+
+#: ALiBi variants: (family, attention, config overrides).
+ALIBI_CASES = [
+    ("bloom", "eager", {}),
+    ("mpt", "eager", {}),
+    ("falcon", "eager", {"alibi": True}),
+    ("falcon", "sdpa", {"alibi": True}),
+]
+
+
+@pytest.mark.parametrize(("family", "attn", "overrides"), ALIBI_CASES[2:])
+def test_falcon_with_alibi_split_matches_whole(
+    family: str, attn: str, overrides: dict[str, Any], load_tiny: TinyLoader
+) -> None:
+    """Falcon with alibi=True (bias folded into the mask) splits exactly, K=3, left padding."""
+    model = load_tiny(family, attn, **overrides).train()
+    batch = padded_batch(vocab_size=model.config.vocab_size, padding="left")
+    whole = whole_run(model, batch)
+    assert_same_run(whole, split_run(split_model(model, even_stage_specs(4, 3)), batch))
+
+
+@pytest.mark.parametrize(("family", "attn", "overrides"), ALIBI_CASES)
+def test_alibi_without_an_attention_mask_matches_whole(
+    family: str, attn: str, overrides: dict[str, Any], load_tiny: TinyLoader
+) -> None:
+    """With no mask at all (the stacks then number keys themselves; sdpa could skip the mask), K=2 matches."""
+    model = load_tiny(family, attn, **overrides).train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    whole = (out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad(set_to_none=True)
+    stages = split_model(model, even_stage_specs(4, 2))
+    logits = stages[1](stages[0](ids))
+    loss = causal_lm_loss(logits, ids)
+    loss.backward()
+    grads = {name: p.grad.clone() for stage in stages for name, p in stage.named_model_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert_same_run(whole, (logits.detach(), loss.detach(), grads))
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_split_matches_whole_in_bfloat16(family: str, tiny_model_dir: TinyDir) -> None:
+    """In bfloat16 the stages give the whole model's logits bit for bit (BLOOM casts its bias, MPT keeps float32)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir(family), attn_implementation="eager", dtype=torch.bfloat16
+    )
+    batch = padded_batch(vocab_size=model.config.vocab_size, padding="left")
+    with torch.no_grad():
+        whole = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        hidden = batch.input_ids
+        for stage in split_model(model, even_stage_specs(4, 3)):
+            hidden = stage(hidden, attention_mask=batch.attention_mask)
+    assert torch.equal(hidden, whole)
 
 
 def test_stages_without_blocks_match_whole(load_tiny: TinyLoader) -> None:
@@ -261,7 +332,7 @@ def stage_outputs(stages: Sequence[StageModule], batch: Batch) -> list[torch.Ten
     return outputs
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "gpt_neox", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "gpt_neox", "opt", "bloom", "mpt"])
 def test_load_stage_from_whole_checkpoint_matches_split(family: str, tiny_model_dir: TinyDir) -> None:
     """Stages loaded from model.safetensors compute what the split loaded model computes."""
     directory = tiny_model_dir(family)
@@ -437,14 +508,6 @@ def test_split_model_refuses_specs_that_miss_blocks(load_tiny: TinyLoader) -> No
     """Specs that do not cover every block of the model are refused."""
     with pytest.raises(ValueError, match="cover"):
         split_model(load_tiny("llama"), stage_specs_from_counts([1, 2]))
-
-
-def test_alibi_model_is_unsupported() -> None:
-    """BLOOM (ALiBi built by the stack) raises UnsupportedModelError naming the reason."""
-    config = BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedModelError, match="ALiBi"):
-        split_model(model, even_stage_specs(2, 2))
 
 
 def test_non_transformers_module_is_unsupported() -> None:

@@ -20,7 +20,7 @@ def all_pieces(profile: ModelProfile) -> list:
     return [profile.embedding, *profile.blocks, profile.head]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gemma3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gemma3", "bloom", "mpt"])
 def test_param_counts_add_up_to_the_model(family: str) -> None:
     """Pieces' parameters add up to the model's, a tied head weight counted once."""
     config = tiny_config(family)
@@ -30,7 +30,7 @@ def test_param_counts_add_up_to_the_model(family: str) -> None:
     assert profile.tied_embeddings == config.tie_word_embeddings
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "bloom", "mpt"])
 def test_flops_match_flop_counter_on_the_whole_model(family: str) -> None:
     """Pieces' forward FLOPs add up to what FlopCounterMode counts on the real whole model."""
     config = tiny_config(family)

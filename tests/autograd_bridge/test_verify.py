@@ -32,6 +32,8 @@ def _verify(*args: str) -> subprocess.CompletedProcess[str]:
     [
         ("llama", ["--stages", "4", "--attn", "eager"]),
         ("gpt2", ["--stages", "3", "--micro-batches", "2", "--batch-size", "4", "--schedule", "gpipe"]),
+        ("llama", ["--stages", "4", "--path", "chain"]),
+        ("llama", ["--stages", "4", "--path", "chain", "--micro-batches", "3", "--batch-size", "6"]),
     ],
 )
 def test_verify_cli_splits_over_websocket_processes_exactly(tiny_model_dir, family, extra):
@@ -45,6 +47,18 @@ def test_verify_cli_splits_over_websocket_processes_exactly(tiny_model_dir, fami
     assert float(match.group(1)) <= 1e-5
     assert match.group(2) == extra[1]
     assert sum("ws://127.0.0.1:" in line for line in lines) == int(extra[1]) - 2
+
+
+@pytest.mark.slow
+def test_verify_cli_splits_an_alibi_model_exactly(tiny_model_dir):
+    """BLOOM passes titanic-verify: K=4, hosts build ALiBi from the mask sent in frames, 1F1B micro-batches."""
+    proc = _verify(
+        "--model", str(tiny_model_dir("bloom")), "--stages", "4", "--micro-batches", "2", "--batch-size", "4",
+        "--transport", "memory",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = LAST_LINE.match(proc.stdout.strip().splitlines()[-1])
+    assert match and float(match.group(1)) <= 1e-5 and match.group(2) == "4"
 
 
 @pytest.mark.slow

@@ -23,6 +23,18 @@ def test_flags_fill_the_config(tmp_path: Path) -> None:
     assert config.declare.values() == {"upload_bytes_per_s": 1e6, "memory_bytes": 1000}
 
 
+def test_a_declared_micro_batch_limit_reaches_the_profile(tmp_path: Path) -> None:
+    """--declare-max-micro-batch is an integer >= 1, marked declared in the profile the server gets."""
+    from client.profiling import apply_declared
+    from proto.messages import DeviceProfile
+
+    config = parse("--server", "127.0.0.1:5000", "--token", "tok", "--declare-max-micro-batch", "4")
+    profile = apply_declared(DeviceProfile(memory_bytes=1 << 30), config.declare)
+    assert profile.max_micro_batch == 4 and "max_micro_batch" in profile.declared
+    with pytest.raises(ValueError, match="max_micro_batch must be an integer >= 1"):
+        parse("--server", "127.0.0.1:5000", "--token", "tok", "--declare-max-micro-batch", "0")
+
+
 def test_config_file_with_flag_override(tmp_path: Path) -> None:
     """The file gives defaults; a flag wins."""
     path = tmp_path / "client.toml"

@@ -8,7 +8,7 @@ import pytest
 
 from client.errors import HostingError
 from client.trainer import check_train, prepare_from_command
-from proto.messages import CodecSettings, LoraSettings, PrepareRun, Train
+from proto.messages import CodecSettings, HeadSettings, LoraSettings, PrepareRun, Train
 
 GOOD = Train(
     run_id="p", round=2, steps=3, start=3, batch_size=4, seq_len=32, micro_batches=1, lr=1e-3,
@@ -34,6 +34,8 @@ def test_valid_settings_pass() -> None:
         ({"round": 0}, "round"),
         ({"batch_size": 6, "micro_batches": 4}, "micro_batches"),
         ({"method": "telepathy"}, "method"),
+        ({"time_budget_s": -1.0}, "time_budget_s"),
+        ({"time_budget_s": float("nan")}, "time_budget_s"),
     ],
 )
 def test_bad_settings_are_refused(change: dict[str, object], message: str) -> None:
@@ -54,9 +56,11 @@ def test_prepare_settings_carry_the_run_optimizer() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"finetune": "prefix"}, "finetune mode must be one of full, lora"),
-        ({"codec": CodecSettings(name="zip")}, "codec must be one of dense, topk"),
-        ({"method": "telepathy"}, "training method must be one of backprop"),
+        ({"finetune": "prefix"}, "finetune mode must be one of full, heads, lora"),
+        ({"finetune": "heads", "heads": HeadSettings(fraction=0.0)}, "head_fraction in"),
+        ({"finetune": "heads", "heads": HeadSettings(fraction=0.5, choice="best")}, "head_choice must be one of"),
+        ({"codec": CodecSettings(name="zip")}, "codec must be one of dense, seeds, topk"),
+        ({"method": "telepathy"}, "training method must be one of backprop, forward_gradient"),
         ({"finetune": "lora", "lora": LoraSettings(r=0)}, "lora_r >= 1"),
         ({"finetune": "lora", "lora": LoraSettings(targets=("",))}, "module names"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -113,3 +114,62 @@ def test_local_optimizer_counts_a_tied_weight_once():
     embedding = split.stages[0].get_submodule("model.embed_tokens").weight
     assert sum(p is embedding for p in optimizer.param_groups[0]["params"]) == 1
     assert sum(p.numel() for p in params) < sum(p.numel() for s in owner for p in s.parameters())
+
+
+def test_a_time_budget_stops_the_loop_at_the_nearest_step_boundary():
+    """With a time budget the loop takes steps until the next would end past it: at least one, at most ``steps``."""
+    from client.training import run_steps
+
+    model = _model()
+    dataset = _dataset()
+    split = memory_split(model, 1)
+    try:
+        optimizer = build_local_optimizer(split.stages, lr=LR)
+        pipeline = Pipeline(split.chain(), split.runtime)
+        one = run_steps(pipeline, dataset, steps=50, batch_size=4, start=0, local_optimizer=optimizer, lr=LR,
+                        time_budget_s=1e-6)  # fmt: skip
+        assert len(one) == 1  # at least one step, whatever the budget
+        reserved = run_steps(pipeline, dataset, steps=50, batch_size=4, start=1, local_optimizer=optimizer, lr=LR,
+                             time_budget_s=10.0, after_s=lambda step_s: 10.0)  # fmt: skip
+        assert len(reserved) == 1  # what comes after the loop (its evaluation) takes the whole budget
+        step_s = max(r.seconds for r in one + reserved)
+        budget = 12 * step_s
+        began = time.perf_counter()
+        records = run_steps(pipeline, dataset, steps=500, batch_size=4, start=2, local_optimizer=optimizer, lr=LR,
+                            time_budget_s=budget)  # fmt: skip
+        spent = time.perf_counter() - began
+        pipeline.close()
+    finally:
+        split.close()
+    assert 1 < len(records) < 500
+    # Each step began with less than the budget spent, so they end within one step of it; and the loop stopped only
+    # when the time spent plus half a step reached the budget.
+    assert sum(r.seconds for r in records[:-1]) < budget
+    assert spent + max(r.seconds for r in records) / 2 >= budget
+
+
+def test_a_time_budget_must_be_positive():
+    """A budget that is not a finite number > 0 is refused before any step."""
+    from client.training import run_steps
+
+    with pytest.raises(ValueError, match="time_budget_s"):
+        run_steps(None, _dataset(), steps=1, batch_size=1, start=0, local_optimizer=None, time_budget_s=0.0)  # type: ignore[arg-type]
+
+
+def test_micro_batches_skip_an_epoch_end_too_small_to_split():
+    """With 4 micro-batches, an epoch's last batch of 2 rows is left out and the stream goes on into the next epoch."""
+    from autograd_bridge.pipeline import PipelineSettings
+    from client.training import run_steps
+
+    dataset = _dataset()
+    assert dataset.num_samples % 4 == 2  # the epoch ends in a batch of 2 rows
+    split = memory_split(_model(), 1)
+    try:
+        optimizer = build_local_optimizer(split.stages, lr=LR)
+        pipeline = Pipeline(split.chain(), split.runtime, PipelineSettings(micro_batches=4))
+        records = run_steps(pipeline, dataset, steps=dataset.num_samples // 4 + 1, batch_size=4, start=0,
+                            local_optimizer=optimizer, lr=LR)  # fmt: skip
+        pipeline.close()
+    finally:
+        split.close()
+    assert len(records) == dataset.num_samples // 4 + 1 and all(r.tokens > 0 for r in records)

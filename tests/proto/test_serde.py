@@ -39,19 +39,25 @@ def test_host_command_reaches_client_intact() -> None:
         m.ConnectPeers(run_id="r", peers=(m.PeerEndpoint(partition=1, client_id="h", url="ws://x:1", token="t"),)),
         m.Train(run_id="r", round=3, steps=1000, start=2000, batch_size=4, seq_len=64, micro_batches=2, lr=1e-3,
                 seed=7, val_fraction=0.2, eval_batch_size=16, tokenizer="/models/t", method="backprop"),
+        m.Train(run_id="r", round=1, steps=640, batch_size=8, seq_len=64, tokenizer="t", time_budget_s=12.5),
         m.Upload(run_id="r", partitions=(1, 2), round=4),
         m.Upload(run_id="r", partitions=(0,), round=2, density=0.05, optimizer_state=False),
         m.StopRun(run_id="r", reason="replaced"),
         m.PrepareRun(run_id="r", finetune="lora", optimizer="sgd", lora=m.LoraSettings(r=4, alpha=8, targets=("q_proj",)),
                      seed=5, codec=m.CodecSettings(name="topk", values="bf16", scope="partition", error_feedback=True),
                      method="backprop"),
+        m.PrepareRun(run_id="r", finetune="heads", seed=2,
+                     heads=m.HeadSettings(fraction=0.25, choice="importance", adapter="lora", key="owner-1",
+                                          schedule="redundancy")),
+        m.PrepareRun(run_id="r", path="chain", activation_compression="int8"),
+        m.ChainPeers(run_id="r", peers=(m.PeerEndpoint(partition=2, client_id="n", url="ws://n:2", token="mine"),)),
         m.LoadPartitions(run_id="r", partitions=(
             m.PartitionAssignment(index=0, num_stages=1, layer_start=0, layer_end=4, weights_sha256="ef" * 32, weights_bytes=9, local=True),
         ), round=2),
     ],
 )  # fmt: skip
 def test_other_commands_reach_client_intact(body: m.CommandBody) -> None:
-    """ConnectPeers, Train, Upload, StopRun, PrepareRun and LoadPartitions survive the trip, every field typed."""
+    """ConnectPeers, Train, Upload, StopRun, PrepareRun, LoadPartitions and ChainPeers survive the trip, every field typed."""
     assert trip(m.Command(command_id=1, body=body)).body == body
 
 
@@ -64,13 +70,15 @@ def test_command_of_unknown_kind_is_an_error_on_the_client() -> None:
 
 def test_registration_reaches_server_intact() -> None:
     """A client's registration arrives with its credential, info and declared fields."""
-    profile = m.DeviceProfile(flops_per_s=2e9, memory_bytes=5, upload_bytes_per_s=7.0, declared=frozenset({"upload_bytes_per_s"}))
+    profile = m.DeviceProfile(flops_per_s=2e9, memory_bytes=5, upload_bytes_per_s=7.0, max_micro_batch=4,
+                              declared=frozenset({"upload_bytes_per_s", "max_micro_batch"}))  # fmt: skip
     info = m.ClientInfo(version="1", hostname="h", platform="p", has_data=True, data_bytes=10, bridge_host="10.0.0.2")
     request = serde.registration_to_proto(m.Registration(name="c1", join_token="tok", info=info, profile=profile))
     got = serde.registration_from_proto(pb.RegisterRequest.FromString(request.SerializeToString()), address="ipv4:x")
     assert got.join_token == "tok" and got.client_key is None and got.address == "ipv4:x"
     assert got.info == info
-    assert got.profile.declared == frozenset({"upload_bytes_per_s"}) and got.profile.upload_bytes_per_s == 7.0
+    assert got.profile.declared == frozenset({"upload_bytes_per_s", "max_micro_batch"}) and got.profile.upload_bytes_per_s == 7.0
+    assert got.profile.max_micro_batch == 4
 
 
 def test_a_key_wins_over_a_join_token() -> None:
@@ -136,3 +144,15 @@ def test_model_config_that_is_not_text_is_refused() -> None:
     msg = pb.Command(command_id=2, host=pb.HostRun(run_id="r", model_config=b"\xff\xfe"))
     with pytest.raises(ProtocolError, match="UTF-8"):
         serde.command_from_proto(msg)
+
+
+def test_weight_header_carries_trained_slices() -> None:
+    """An upload's header names the slices it trained (heads mode), tensor by tensor, and arrives intact."""
+    header = m.WeightHeader(
+        run_id="r", partition=1, total_bytes=10, sha256="ab" * 32, round=3, slices=(
+            m.TrainedSlices(tensor="model.layers.1.self_attn.q_proj.weight", dim=0, width=16, blocks=(0, 3)),
+            m.TrainedSlices(tensor="model.norm.weight"),
+        ),
+    )  # fmt: skip
+    wire = pb.WeightChunk.FromString(serde.weight_header_to_proto(header).SerializeToString())
+    assert serde.weight_header_from_proto(wire) == header

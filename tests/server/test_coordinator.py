@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from proto.messages import (
+    ChainPeers,
     CommandState,
     ConnectPeers,
     DeviceProfile,
@@ -425,3 +426,34 @@ async def test_a_host_that_never_serves_is_dropped_and_the_plan_redone(
         assert [s.run_id for s in stops] == [first[0].run_id]
     finally:
         await coordinator.close()
+
+
+async def test_hosts_are_sent_their_neighbours_for_the_chained_path(
+    handler: ControlHandler, model_dir: Path, tmp_path: Path
+) -> None:
+    """Each host lets in the owner and the hosts next to it, and gets their URLs with its own token."""
+    coordinator = make_coordinator(handler, model_dir, tmp_path, stages=4)
+    tokens = {"owner": join(handler, "owner", 1e10, owner=True)}
+    for name in ("a", "b"):
+        tokens[name] = join(handler, name, 5e10)
+    deployment = await coordinator.replan()
+    host_of = {r.partition: r.client_id for r in deployment.rows if not r.local}
+    assert sorted(host_of) == [1, 2] and host_of[1] != host_of[2], deployment.rows
+    est = deployment.summary["est_step_s"]["owner"]  # the plan's step estimate on each data path
+    assert 0 < est["chain"] <= est["relay"]
+    run_id = deployment.rows[0].run_id
+    host_cmds = {name: bodies(handler, name)[0] for name in set(host_of.values())}
+    for partition, name in host_of.items():
+        other = host_of[3 - partition]
+        assert sorted(a.client_id for a in host_cmds[name].allowed_peers) == sorted(["owner", other])  # type: ignore[attr-defined]
+        url = f"ws://127.0.0.1:{9000 + partition}"
+        report(handler, tokens[name], RunStatus(run_id=run_id, partitions=(partition,), state=RunState.SERVING, bridge_url=url))
+    for partition, name in host_of.items():
+        (chain,) = [b for b in bodies(handler, name) if isinstance(b, ChainPeers)]
+        (peer,) = chain.peers
+        other = host_of[3 - partition]
+        assert (peer.partition, peer.client_id, peer.url) == (3 - partition, other, f"ws://127.0.0.1:{9003 - partition}")
+        digest = hashlib.sha256(peer.token.encode()).hexdigest()
+        accepted = {a.token_sha256 for a in host_cmds[other].allowed_peers if a.client_id == name}  # type: ignore[attr-defined]
+        assert digest in accepted
+    assert isinstance(bodies(handler, "owner")[-1], ConnectPeers)

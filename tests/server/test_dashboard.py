@@ -242,8 +242,12 @@ def test_the_dashboard_shows_the_run_live_and_its_numbers_match_the_api(
         want = latest[row["run_id"]]["stage_seconds"][row["partition"]]
         assert float(read(browser, measured, "data-seconds")) == pytest.approx(want)
         assert read(browser, measured).startswith("measured ")
-    # No idle ratio in these round reports: the panel says so rather than inventing one.
-    assert "Not reported" in read(browser, "#idle")
+    # Idle ratios: one row per device of the plan, one cell per round, as the history entries carry them.
+    ratios = {(d, h["round"]): v for h in run["history"] for d, v in h["idle_ratio"].items()}
+    assert {d for d, _ in ratios} == {*OWNERS, HELPER}
+    for (device, round_), ratio in ratios.items():
+        cell = f'#idle-table tr[data-device="{device}"] td[data-round="{round_}"]'
+        assert read(browser, cell) == f"{100 * ratio:.1f} %"
 
     # Logging out ends the session: the login form, and no cookie left.
     browser.find_element(By.ID, "logout").click()
@@ -268,3 +272,36 @@ def test_a_wrong_token_sees_nothing(federation: Federation, browser: Any) -> Non
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 401
+
+
+def test_a_time_budget_run_reports_idle_per_device_in_history_api_and_runs_show(federation: Federation) -> None:
+    """Local work "time" on the same federation: each owner trains about the budget, copies weigh by their samples,
+    and every device (owners and the helper) has busy, bubble and waiting ratios in the history, per round and in
+    ``titanic-server runs show``."""
+    import subprocess
+    import sys
+
+    from .support import REPO_ROOT
+
+    url = federation.admin_url
+    wait_until(lambda: not any(r["state"] in ("waiting", "preparing", "loading", "training", "uploading", "merging")
+                               for r in admin(url, "/v1/runs")), 300, "the earlier run to end")  # fmt: skip
+    budget = 3.0
+    spec = {**federation.spec, "rounds": 2, "local_work": {"mode": "time", "steps": 4, "seconds": budget}}
+    run_id = Federation(admin_url=url, spec=spec).start_run()
+    run = wait_until(lambda: (r := admin(url, f"/v1/runs/{run_id}"))["state"] in ("done", "failed", "stopped") and r,
+                     300, "the time-budget run")  # fmt: skip
+    assert run["state"] == "done", run["error"]
+    for h in run["history"]:
+        assert h["weight"] == h["samples"] == len(h["losses"]) * 2  # batch_size 2
+        assert budget / 2 < h["seconds"] < 2 * budget  # the owner's round, evaluation included, about the budget
+        assert set(h["idle"]) == {h["owner"], HELPER}
+        for figures in h["idle"].values():
+            assert figures["busy"] + figures["bubble"] + figures["wait"] == pytest.approx(1.0)
+            assert 0.0 <= figures["idle"] <= 1.0 and figures["wall_s"] >= h["seconds"] - 0.5
+        assert h["idle"][HELPER]["role"] == "helper" and h["idle"][h["owner"]]["bubble"] > 0  # it waits on the helper's stage
+    assert [sorted(r["idle"]) for r in run["per_round"]] == [sorted([*OWNERS, HELPER])] * 2
+    shown = subprocess.run([sys.executable, "-m", "server.cli", "runs", "show", run_id, "--admin", url, "--token", ADMIN_TOKEN],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "bubble" in shown.stdout and "waiting" in shown.stdout and HELPER in shown.stdout

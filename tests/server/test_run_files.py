@@ -95,7 +95,7 @@ def test_case_is_an_alias_of_the_participation_mode(case: int, mode: str) -> Non
 
 def test_unknown_sections_and_keys_are_named_with_the_known_ones() -> None:
     """A key a section does not have lists the section's keys; an unknown top-level name lists sections and keys."""
-    with pytest.raises(ValueError, match=r"unknown key\(s\) stepz in \[local_work\]; known keys: mode, steps"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) stepz in \[local_work\]; known keys: accumulate, batch, mode, samples, seconds, steps"):
         spec_from_mapping({"local_work": {"stepz": 3}})
     with pytest.raises(ValueError, match=r"unknown run setting\(s\) trainin.*\[training\].*steps_per_round"):
         spec_from_mapping({"trainin": {"lr": 1.0}})
@@ -117,7 +117,7 @@ def test_a_key_set_twice_is_refused() -> None:
         ({"participation": {"mode": "everyone"}}, r"\[participation\] mode must be one of single, sequential, parallel"),
         ({"local_work": {"mode": "forever"}}, r"\[local_work\] mode must be one of steps"),
         ({"local_work": {"steps": 0}}, r"\[local_work\] steps must be an integer >= 1"),
-        ({"finetune": {"mode": "heads"}}, r"\[finetune\] mode must be one of full, lora"),
+        ({"finetune": {"mode": "dora"}}, r"\[finetune\] mode must be one of full, lora, heads"),
         ({"finetune": {"r": 0}}, r"\[finetune\] r must be an integer >= 1"),
         ({"communication": {"codec": "zip"}}, r"\[communication\] codec must be one of dense, topk"),
         ({"training": {"method": "guess"}}, r"\[training\] method must be one of backprop"),
@@ -153,7 +153,9 @@ def test_to_json_is_sections_and_reads_back() -> None:
         aggregation=AggregationSection(rule="fedyogi", server_lr=0.5),
     )
     shown = spec.to_json()
-    assert shown["finetune"] == {"mode": "lora", "r": 2, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+    assert shown["finetune"] == {"mode": "lora", "r": 2, "alpha": 16, "targets": ["q_proj", "v_proj"],
+                                 "head_fraction": 1.0, "head_choice": "random", "adapter": "full",
+                                 "head_fraction_schedule": "fixed", "head_fractions": {}}  # fmt: skip
     assert shown["owners"] == ["a", "b"] and shown["participation"] == {"mode": "parallel", "fraction": 0.0, "count": 0}
     assert spec_from_mapping(shown) == spec
 

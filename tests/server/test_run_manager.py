@@ -24,6 +24,7 @@ from autograd_bridge.optim_state import split_optimizer_tensors
 from autograd_bridge.partition import even_stage_specs, save_stage_weights, split_model
 from proto.messages import (
     CommandState,
+    DeviceProfile,
     Evaluation,
     LoadPartitions,
     PeerBytes,
@@ -37,7 +38,7 @@ from proto.messages import (
     file_sha256,
 )
 from server.control.handler import ControlHandler
-from server.control.state import Deployment, PlanRow, StoredUpload
+from server.control.state import ClientRecord, ClientStatus, Deployment, PlanRow, StoredUpload
 from server.training.checkpoints import CheckpointStore
 from server.training.participation import build_participation
 from server.training.rounds import Phase
@@ -269,3 +270,75 @@ async def test_sampled_owners_train_alone_and_the_one_that_sat_out_loads_first(
     traffic = {(r["round"], r["client"]) for r in record.traffic_json()}
     assert traffic == {(1, "alice"), (1, "helper"), (2, "carol"), (3, "alice"), (3, "helper")}
     assert len(record.checkpoints) == 3
+
+
+def declare(handler: ControlHandler, limits: Mapping[str, int]) -> None:
+    """Register the three clients with profiles: plenty of memory, 1 GFLOP/s, and the declared micro-batch limits."""
+    for client_id in ("alice", "carol", "helper"):
+        profile = DeviceProfile(flops_per_s=1e9, memory_bytes=1 << 34, max_micro_batch=limits.get(client_id, 0))
+        handler.state.put_client(ClientRecord(client_id=client_id, status=ClientStatus.READY, session_digest=client_id,
+                                              profile=profile))  # fmt: skip
+
+
+async def test_samples_without_accumulation_size_steps_by_the_declared_limits(
+    handler: ControlHandler, model: Any, tmp_path: Path
+) -> None:
+    """2b: alice (limit 2) and carol (limit 4) train the same 8 sequences in 4 and 2 steps; equal samples, equal weights."""
+    declare(handler, {"alice": 2, "carol": 4})
+    values = {"case": 3, "rounds": 2, "local_work": {"mode": "samples", "samples": 8, "accumulate": False}}
+    record, clients = await run(handler, model, tmp_path, values)
+    assert record.machine.phase == Phase.DONE, record.machine.error
+    trains = sorted((b.run_id, b.round, b.steps, b.start, b.batch_size) for _, b in clients.sent if isinstance(b, Train))
+    assert trains == [("plan-1-p0", 1, 4, 0, 2), ("plan-1-p0", 2, 4, 4, 2), ("plan-1-p1", 1, 2, 0, 4), ("plan-1-p1", 2, 2, 2, 4)]
+    assert {h["weight"] for h in record.machine.history} == {8}
+    # Equal weights: round 1 merges base + 1 and base + 3 into base + 2 (FedAvg by data held would give base + 1.5).
+    name = "model.layers.2.mlp.up_proj.weight"
+    base = model.state_dict()[name].detach()
+    torch.testing.assert_close(clients.loaded[("plan-1-p1", 0, 2)][name], base + 2.0)
+
+
+async def test_a_time_budget_goes_out_and_copies_weigh_by_the_samples_they_trained(
+    handler: ControlHandler, model: Any, tmp_path: Path
+) -> None:
+    """Every owner gets the round's budget; alice stops after 3 steps and carol after 1, so the merge weighs them 3:1."""
+    declare(handler, {"alice": 4, "carol": 4})
+    original = Clients.answer
+    done = {"alice": 3, "carol": 1}
+
+    def on_time(self: Clients, client_id: str, body: Any) -> RoundReport | None:
+        report = original(self, client_id, body)
+        if report is None or not isinstance(body, Train):
+            return report
+        steps = report.steps[: done[client_id]]
+        return dataclasses.replace(report, steps=steps, samples=len(steps) * body.batch_size, seconds=0.5)
+
+    values = {"case": 3, "rounds": 2, "local_work": {"mode": "time", "steps": 4, "batch": "device"}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Clients, "answer", on_time)
+        record, clients = await run(handler, model, tmp_path, values)
+    assert record.machine.phase == Phase.DONE, record.machine.error
+    trains = sorted((b.run_id, b.round, b.start, b.batch_size, b.time_budget_s) for _, b in clients.sent if isinstance(b, Train))
+    first, second = trains[0][4], trains[1][4]
+    assert first > 0 and {t[4] for t in trains if t[1] == 1} == {first}  # one budget per round, from the profiles
+    # Round 2: steps x the measured 0.01 s per step plus each owner's evaluation (0.5 s less its steps), averaged.
+    assert second == pytest.approx(((4 * 0.01 + 0.5 - 0.03) + (4 * 0.01 + 0.5 - 0.01)) / 2)
+    assert [(t[0], t[1], t[2], t[3]) for t in trains] == [("plan-1-p0", 1, 0, 4), ("plan-1-p0", 2, 3, 4),
+                                                          ("plan-1-p1", 1, 0, 4), ("plan-1-p1", 2, 1, 4)]  # fmt: skip
+    name = "model.layers.2.mlp.up_proj.weight"
+    base = model.state_dict()[name].detach()
+    torch.testing.assert_close(clients.loaded[("plan-1-p1", 0, 2)][name], base + (3 * 1.0 + 1 * 3.0) / 4)
+
+
+async def test_each_device_has_idle_figures_once_its_turn_trained(handler: ControlHandler, model: Any, tmp_path: Path) -> None:
+    """Every history entry carries its pipeline's devices' busy, bubble and waiting ratios, which add up to one."""
+    record, _ = await run(handler, model, tmp_path, {"case": 3, "rounds": 2, "steps_per_round": 2})
+    assert record.machine.phase == Phase.DONE, record.machine.error
+    devices = {h["owner"]: set(h["idle"]) for h in record.machine.history}
+    assert devices == {"alice": {"alice", "helper"}, "carol": {"carol"}}
+    for h in record.machine.history:
+        for figures in h["idle"].values():
+            assert figures["busy"] + figures["bubble"] + figures["wait"] == pytest.approx(1.0)
+            assert h["idle_ratio"][next(iter(h["idle"]))] >= 0.0
+    # per_round: every device's figures, round by round.
+    per_round = record.to_json()["per_round"]
+    assert [sorted(r["idle"]) for r in per_round] == [["alice", "carol", "helper"]] * 2

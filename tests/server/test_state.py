@@ -1,28 +1,44 @@
-"""One suite for every ControlState implementation (today: in memory)."""
+"""One suite for every ControlState implementation (in memory, SQLite), and what SQLite keeps across a restart."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from proto.messages import CommandState, StatusReport, StopRun, WeightHeader
+from proto.messages import (
+    ClientInfo,
+    CommandState,
+    DeviceProfile,
+    RunState,
+    RunStatus,
+    StatusReport,
+    StopRun,
+    WeightHeader,
+)
+from server.control.sqlite_state import RESTART_REASON, SqliteState
 from server.control.state import (
     ClientRecord,
     ClientStatus,
     ControlState,
     Deployment,
     InMemoryState,
+    PlanRow,
     StoredUpload,
 )
+from server.database import DATABASE_FILE, Database
 from server.errors import NotFoundError
 
-IMPLEMENTATIONS: list[Callable[[], ControlState]] = [InMemoryState]
+IMPLEMENTATIONS: dict[str, Callable[[Path], ControlState]] = {
+    "memory": lambda _: InMemoryState(),
+    "sqlite": lambda folder: SqliteState(Database(folder / DATABASE_FILE)),
+}
 
 
-@pytest.fixture(params=IMPLEMENTATIONS, ids=lambda f: f.__name__)
-def state(request: pytest.FixtureRequest) -> ControlState:
-    return request.param()
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> ControlState:
+    return IMPLEMENTATIONS[request.param](tmp_path)
 
 
 def record(client_id: str, session: str = "s1", status: ClientStatus = ClientStatus.READY) -> ClientRecord:
@@ -43,6 +59,19 @@ def test_replacing_a_client_forgets_its_old_session(state: ControlState) -> None
     state.put_client(record("a", "new"))
     assert state.client_by_session("old") is None
     assert state.client_by_session("new") is not None
+
+
+def test_remove_client_forgets_it_and_its_commands(state: ControlState) -> None:
+    """A removed client is unknown by id and session and its pending commands are gone; others stay."""
+    state.put_client(record("a", "sa"))
+    state.put_client(record("b", "sb"))
+    state.push_command("a", StopRun(run_id="r"))
+    state.push_command("b", StopRun(run_id="r"))
+    state.remove_client("a")
+    state.remove_client("nobody")  # unknown: nothing happens
+    assert state.get_client("a") is None and state.client_by_session("sa") is None
+    assert state.pending_commands("a") == []
+    assert [c.client_id for c in state.list_clients()] == ["b"] and len(state.pending_commands("b")) == 1
 
 
 def test_list_clients_is_sorted_by_id(state: ControlState) -> None:
@@ -111,3 +140,90 @@ def test_uploads_filter_by_run(state: ControlState) -> None:
         state.add_upload(StoredUpload(client_id="a", header=header, path=f"/x/{run}"))
     assert [u.header.run_id for u in state.list_uploads()] == ["r1", "r2", "r1"]
     assert len(state.list_uploads("r1")) == 2
+
+
+def test_a_full_client_record_comes_back_equal(state: ControlState) -> None:
+    """Every field of a client, its profile, info and runs included, survives the store."""
+    full = ClientRecord(
+        client_id="a", status=ClientStatus.READY, session_digest="d" * 64,
+        info=ClientInfo(version="1.2", hostname="h", has_data=True),
+        profile=DeviceProfile(flops_per_s=1e9, memory_bytes=2**30, upload_bytes_per_s=1e6, rtt_s=0.01),
+        address="ipv4:127.0.0.1:1", registered_at=12.5, last_seen=3.25,
+        runs=(RunStatus(run_id="plan-1-p0", state=RunState.SERVING, bridge_url="ws://x"),),
+        free_memory_bytes=5, status_reason="",
+    )  # fmt: skip
+    state.put_client(full)
+    assert state.get_client("a") == full and state.list_clients() == [full]
+
+
+def test_a_plan_with_rows_comes_back_equal(state: ControlState) -> None:
+    """A deployment's rows, URLs and summary survive the store."""
+    row = PlanRow(pipeline=0, owner_id="o", run_id="plan-3-p0", partition=1, layer_start=0, layer_end=2, params=10,
+                  client_id="h", est_compute_s=0.5, est_transfer_s=0.25, why="fastest")  # fmt: skip
+    deployment = Deployment(generation=3, plan_id="plan-3", created_at=1.0, rows=(row,), owners=("o",), clients=("o", "h"),
+                            summary={"objective": 1.5}, state="connected", bridge_urls={"plan-3-p0": {"h": "ws://h"}},
+                            connected=("o",))  # fmt: skip
+    state.set_deployment(deployment)
+    assert state.get_deployment() == deployment
+
+
+def open_sqlite(folder: Path) -> SqliteState:
+    return SqliteState(Database(folder / DATABASE_FILE))
+
+
+def test_sqlite_keeps_clients_and_uploads_across_a_restart(tmp_path: Path) -> None:
+    """A reopened database lists the same clients and uploads; live sessions ended with the old server."""
+    first = open_sqlite(tmp_path)
+    first.put_client(record("a", "sa"))
+    first.put_client(record("b", "sb", ClientStatus.LEFT))
+    header = WeightHeader(run_id="r1", partition=0, total_bytes=1, sha256="0" * 64, round=2)
+    first.add_upload(StoredUpload(client_id="a", header=header, path="/x", received_at=4.0))
+    first.db.close()
+    second = open_sqlite(tmp_path)
+    a, b = second.get_client("a"), second.get_client("b")
+    assert a is not None and a.status == ClientStatus.LOST and a.status_reason == RESTART_REASON
+    assert b is not None and b.status == ClientStatus.LEFT
+    assert second.list_uploads("r1") == [StoredUpload(client_id="a", header=header, path="/x", received_at=4.0)]
+
+
+def test_sqlite_command_ids_keep_growing_and_old_commands_are_dropped_on_restart(tmp_path: Path) -> None:
+    """After a restart no pending command of the old sessions is delivered, and new ids are above every old one."""
+    first = open_sqlite(tmp_path)
+    old = first.push_command("a", StopRun(run_id="r1"))
+    first.db.close()
+    second = open_sqlite(tmp_path)
+    assert second.pending_commands("a") == []
+    assert second.push_command("a", StopRun(run_id="r2")).command_id > old.command_id
+
+
+def test_sqlite_ends_the_old_plan_but_keeps_its_generation(tmp_path: Path) -> None:
+    """A plan of the stopped server is gone after a restart; the generation stays, so new plan ids are new."""
+    first = open_sqlite(tmp_path)
+    first.set_deployment(Deployment(generation=4, plan_id="plan-4", created_at=0.0, state="connected"))
+    first.db.close()
+    current = open_sqlite(tmp_path).get_deployment()
+    assert current is not None and current.generation == 4 and current.plan_id == "" and current.state == "none"
+
+
+def test_the_database_refuses_a_newer_schema(tmp_path: Path) -> None:
+    """A file migrated by a newer server is refused with what to do, not misread."""
+    from server.database import MIGRATIONS, DatabaseError
+
+    db = Database(tmp_path / DATABASE_FILE)
+    assert db.version == len(MIGRATIONS)
+    db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS) + 1,))
+    db.close()
+    with pytest.raises(DatabaseError, match="newer than this server"):
+        Database(tmp_path / DATABASE_FILE)
+
+
+def test_the_database_migrates_an_older_file_step_by_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a file at an older version runs only the migrations above it, and records the new version."""
+    import server.database as database
+
+    Database(tmp_path / DATABASE_FILE).close()
+    extra = ("CREATE TABLE added_later (x INTEGER)",)
+    monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, extra))
+    db = Database(tmp_path / DATABASE_FILE)
+    assert db.version == len(database.MIGRATIONS)
+    assert db.rows("SELECT name FROM sqlite_master WHERE name = 'added_later'") == [("added_later",)]

@@ -66,3 +66,24 @@ def test_run_table_shows_step_and_stage_times_when_reported() -> None:
     assert "step s" in lines[1] and "s/step per stage" in lines[1]
     assert lines[3].split()[-4:] == ["0.250", "0.010", "0.200", "0.040"]
     assert lines[4].split()[-2:] == ["-", "-"]
+
+
+def test_run_table_puts_the_plans_estimate_beside_the_measured_step() -> None:
+    """Rounds that carry the plan's estimate get an 'est. step s' column naming the path."""
+    from server.observe.tables import run_table
+
+    entry = {"round": 1, "owner": "o", "losses": [2.0], "val_loss": 1.4, "ppl": 4.0, "samples": 8,
+             "step_seconds": 3.995, "stage_seconds": [], "path": "chain", "est_step_s": 4.1028}  # fmt: skip
+    lines = run_table({"run_id": "run-1", "state": "done", "round": 1, "rounds": 1, "history": [entry]}).splitlines()
+    assert lines[1].endswith("est. step s")
+    assert lines[3].split()[-3:] == ["-", "4.103", "(chain)"]
+
+
+def test_run_table_lists_what_recovery_did() -> None:
+    """Each recovery is a row: round, kind, the client lost, steps redone, seconds until training resumed."""
+    from server.observe.tables import run_table
+
+    entry = {"kind": "lost client", "round": 2, "lost": "helper0", "steps_redone": 5, "recover_s": 1.25, "reason": "gone"}
+    text = run_table({"run_id": "run-1", "state": "done", "round": 2, "rounds": 2, "history": [], "recoveries": [entry]})
+    assert "lost client" in text and "helper0" in text and "1.25" in text
+    assert "recovery" not in run_table({"run_id": "run-1", "state": "done", "round": 2, "rounds": 2, "history": []})

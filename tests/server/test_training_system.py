@@ -550,3 +550,19 @@ def test_floss_sparse_changes_step_fedadam(tmp_path: Path, model_dir: Path, owne
     # Two pipelines each send a quarter (bob's ends a tenth) of their entries: well below their dense adapters,
     # file headers included (measured 0.40 of dense on this tiny model), and downloads keep half.
     assert 0 < uploaded[1] < 0.5 * (2 * dense) and downloaded[2] < 0.8 * (2 * dense)
+
+
+@pytest.mark.slow
+def test_a_chained_run_trains_exactly_as_one_process(tmp_path: Path, model_dir: Path, owner_data: list[Path]) -> None:
+    """``[training] path = "chain"`` over two helpers (K = 4): hosts hand activations on; losses are centralized training's."""
+    run_file = write_run(tmp_path / "run.toml", model_dir, case=1, rounds=1)
+    run_file.write_text(run_file.read_text() + '\n[training]\npath = "chain"\nmicro_batches = 2\n')
+    with cluster(tmp_path, model_dir, {"owner": owner_data[0]}, helpers=2, stages=4) as c:
+        run = c.run_to_end(run_file)
+        plan = admin(c.admin_url, "/v1/plan")
+    assert sorted({r["client_id"] for r in plan["rows"] if not r["local"]}) == ["helper0", "helper1"]
+    assert set(plan["summary"]["est_step_s"]["owner"]) == {"relay", "chain"}
+    entry = run["history"][0]
+    assert entry["path"] == "chain" and entry["est_step_s"] == plan["summary"]["est_step_s"]["owner"]["chain"]
+    want = centralized_losses(model_dir, owner_batches(model_dir, owner_data[0], 1))
+    assert max(abs(a - b) for a, b in zip(entry["losses"], want, strict=True)) < 1e-5

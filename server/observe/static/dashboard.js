@@ -423,7 +423,7 @@ function drawIdle(run, plan) {
     fill(
       host,
       el("p", { class: "idle-none" }, "-"),
-      el("p", { class: "note" }, "Not reported: this server's round reports carry no idle ratio per device."),
+      el("p", { class: "note" }, "No turn of this run has finished training yet (idle ratios come when every pipeline of a turn has reported)."),
     );
     return;
   }

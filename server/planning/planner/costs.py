@@ -9,6 +9,12 @@ All times are seconds per training step of one pipeline (``batch_tokens`` tokens
   round trip per micro-batch. The first stage's input (token ids) and the last stage's output
   (logits) never leave the data owner, and neither does the boundary between two stages that
   both run on the owner.
+* forward gradients (``forward_passes`` P > 0): compute is P forward passes (a third of a
+  forward + backward each), each activation crosses one way only (P times per step, no
+  gradient comes back), so a boundary carries ``P * batch_tokens * (in_bytes + out_bytes)``
+  split evenly between the two directions (exact where ``in_bytes == out_bytes``, as between
+  decoder blocks, and the links are symmetric), and a stage's memory holds its weights, a copy
+  of what it trains (``weight_bytes`` at most) and one live activation, nothing for backward.
 * weights: downloaded before and uploaded after every round of ``steps_per_round`` steps,
   so each step carries ``weight_bytes * (1/down + 1/up) / steps_per_round``.
 * ``D[k, n]`` = boundary traffic + weights; the assignment cost is ``a * D + b * T``.
@@ -40,6 +46,7 @@ class StageDemand:
     boundaries: int  # boundaries that cross the network; each costs one rtt per micro-batch
     weight_bytes: int  # bytes of its weights, exchanged with the server once per round
     memory_bytes: int  # training memory at batch_tokens tokens per step
+    one_way: bool = False  # forward gradients: boundary_bytes is the sum of both directions, not each one's
 
 
 def stage_demands(partitions: Sequence[PartitionProfile], settings: PlannerSettings) -> list[StageDemand]:
@@ -54,6 +61,10 @@ def stage_demands(partitions: Sequence[PartitionProfile], settings: PlannerSetti
         has_output = networked and k < count - 1
         in_bytes = partitions[k - 1].activation_bytes_per_token if has_input else 0
         out_bytes = part.activation_bytes_per_token if has_output else 0
+        passes = settings.forward_passes
+        if passes:
+            demands.append(_forward_only(part, tokens, passes, in_bytes, out_bytes, int(has_input) + int(has_output)))
+            continue
         demands.append(
             StageDemand(
                 train_flops=part.train_flops_per_token * tokens,
@@ -64,6 +75,20 @@ def stage_demands(partitions: Sequence[PartitionProfile], settings: PlannerSetti
             )
         )
     return demands
+
+
+def _forward_only(part: PartitionProfile, tokens: int, passes: int, in_bytes: int, out_bytes: int, boundaries: int) -> StageDemand:
+    """A stage's demand under forward gradients: ``passes`` forwards, activations one way, nothing kept."""
+    forward_flops = part.train_flops_per_token / 3  # profile: training is 3x the forward
+    live = max(in_bytes, out_bytes, part.activation_bytes_per_token) * tokens  # one activation at a time
+    return StageDemand(
+        train_flops=forward_flops * tokens * passes,
+        boundary_bytes=float(passes * tokens * (in_bytes + out_bytes)),
+        boundaries=boundaries,
+        weight_bytes=part.weight_bytes,
+        memory_bytes=2 * part.weight_bytes + live,
+        one_way=True,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,7 +141,8 @@ class CostTerms:
 def cost_terms(demands: Sequence[StageDemand], slots: Slots, settings: PlannerSettings) -> CostTerms:
     """Estimate every partition on every slot (vectorised: (K, 1) against (1, N))."""
     flops = np.array([d.train_flops for d in demands], dtype=np.float64)[:, None]
-    boundary = np.array([d.boundary_bytes for d in demands], dtype=np.float64)[:, None]
+    # A one-way demand's bytes are both directions together: half each way on average.
+    boundary = np.array([d.boundary_bytes / (2 if d.one_way else 1) for d in demands], dtype=np.float64)[:, None]
     crossings = np.array([d.boundaries for d in demands], dtype=np.float64)[:, None]
     weights = np.array([d.weight_bytes for d in demands], dtype=np.float64)[:, None]
     memory = np.array([d.memory_bytes for d in demands], dtype=np.float64)[:, None]

@@ -92,6 +92,9 @@ class PlannerSettings:
     compute_weight: float = 1.0  # b: weight of compute seconds in the cost
     batch_tokens: int = 4096  # tokens per training step of one pipeline (batch size x sequence length)
     micro_batches: int = 1  # micro-batches per step; each pays the link latency at every boundary
+    # > 0: pipelines train with forward gradients: this many forward passes per step (2 per
+    # direction), no backward compute, no gradients crossing, no activations kept for backward.
+    forward_passes: int = 0
     steps_per_round: int = 1  # training steps between two weight exchanges with the server
     num_stages: int | None = None  # stages of every pipeline (>= 1; 1: the owner holds the whole model); None: chosen per owner
     max_step_time_s: float | None = None  # a client slower than this per step is not used for a stage
@@ -109,6 +112,10 @@ class PlannerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PlannerSettings.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.forward_passes, bool) or not isinstance(self.forward_passes, int) or self.forward_passes < 0:
+            raise ValueError(
+                f"PlannerSettings.forward_passes must be an integer >= 0 (0: backprop), got {self.forward_passes!r}"
+            )
         if self.num_stages is not None and (
             isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1
         ):
