@@ -23,8 +23,11 @@ AWAIT_BACKWARD     -                               BACKWARD_RESULT [grad] once i
 
 Anything else, or anything wrong with a request, gets an ERROR frame with a code and a message
 that says what was wrong; the host keeps serving. The state kept between FORWARD and BACKWARD is
-keyed by (run, step, micro-batch, stage), bounded in count, dropped when it is older than
-``state_timeout_s`` and when the connection that created it goes away.
+keyed by (run, step, micro-batch, stage), bounded per peer (in count and bytes) and for the
+whole host (in bytes), so one peer holding states cannot make another's FORWARD fail; it is
+dropped when it is older than ``state_timeout_s`` and when the connection that created it
+goes away. Transport errors (a peer breaking the message framing) end that peer's connection
+with a close reason and one log line, never a traceback.
 
 Compute runs on one worker thread so that the event loop keeps reading frames and answering
 pings while a stage computes; requests are therefore computed one at a time, in arrival order.
@@ -64,13 +67,20 @@ _T = TypeVar("_T")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
+_MASK_DTYPES = (torch.int64, torch.int32, torch.bool, torch.float32, torch.float16, torch.bfloat16)
+# The largest learning rate an OPTIMIZER_STEP may set: above it every model diverges at once.
+MAX_STEP_LR = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostSettings:
     """What a stage host allows and how it trains."""
 
-    max_micro_batches: int = 64  # FORWARD states held at once (each keeps a graph alive)
+    max_micro_batches: int = 64  # FORWARD states one peer may hold at once (each keeps a graph alive)
+    # Bytes of stage inputs and outputs one peer's states may hold (the graph between them,
+    # activations saved for backward, is several times more and grows alike).
+    max_state_bytes_per_peer: int = 1 << 30
+    max_state_bytes: int = 4 << 30  # ... and all peers' together
     state_timeout_s: float = 300.0  # a state whose BACKWARD has not come by then is dropped
     optimizer: str = "adamw"  # the host steps its own parameters (a name in autograd_bridge.optim)
     lr: float = 1e-4  # default learning rate; OPTIMIZER_STEP may override it per step
@@ -81,6 +91,8 @@ class HostSettings:
     def __post_init__(self) -> None:
         if self.max_micro_batches < 1:
             raise ValueError("max_micro_batches must be at least 1")
+        if not 1 <= self.max_state_bytes_per_peer <= self.max_state_bytes:
+            raise ValueError("max_state_bytes_per_peer must be at least 1 and at most max_state_bytes")
         if self.state_timeout_s <= 0:
             raise ValueError("state_timeout_s must be positive")
         if self.lr < 0:
@@ -101,6 +113,8 @@ class _MicroBatchState:
     outputs: torch.Tensor  # the stage output, still attached to the graph
     created: float  # time.monotonic() when the FORWARD arrived
     owner: int  # id() of the connection that created it
+    nbytes: int = 0  # bytes of inputs and outputs
+
 
 
 _Key = tuple[str, int, int, int]  # (run_id, step, micro_batch, stage)
@@ -117,6 +131,21 @@ def _model_named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Paramet
         yield from named()
     else:
         yield from module.named_parameters()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _max_positions(config: object) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1 << 20)
 
 
 class StageHost:
@@ -188,6 +217,11 @@ class StageHost:
         """How many FORWARD states the host keeps right now."""
         return len(self._states)
 
+    @property
+    def held_state_bytes(self) -> int:
+        """Bytes of stage inputs and outputs the kept FORWARD states hold."""
+        return sum(st.nbytes for st in self._states.values())
+
     # -- serving ---------------------------------------------------------------------------
 
     async def serve(self, conn: Connection) -> None:
@@ -209,6 +243,10 @@ class StageHost:
                 try:
                     data = await conn.recv()
                 except PeerLostError:
+                    return
+                except FrameError as exc:
+                    # The transport closed the connection with the reason already; nothing to answer on.
+                    log.warning("peer %s broke the message framing: %s", conn.peer, exc)
                     return
                 try:
                     frame = decode_frame(data, limits=self.settings.limits)
@@ -302,6 +340,7 @@ class StageHost:
         x = frame.tensors.get("x")
         if x is None:
             raise _Refused("BAD_REQUEST", "FORWARD needs a tensor named 'x'")
+        config = getattr(module, "config", None)
         is_first = bool(getattr(getattr(module, "spec", None), "is_first", False))
         if is_first:
             if x.dtype not in _INDEX_DTYPES or x.dim() != 2:
@@ -310,20 +349,36 @@ class StageHost:
                     f"stage {frame.stage} takes token ids (B, T) int64; got {tuple(x.shape)} {x.dtype}",
                 )
         else:
-            hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+            hidden = getattr(config, "hidden_size", None)
             if x.dtype not in _FLOAT_DTYPES or x.dim() != 3 or (hidden is not None and x.shape[-1] != hidden):
                 raise _Refused(
                     "BAD_SHAPE",
                     f"stage {frame.stage} takes hidden states (B, T, {hidden}) of a float dtype; "
                     f"got {tuple(x.shape)} {x.dtype}",
                 )
+            dtype = _parameter_dtype(module)
+            if dtype is not None and x.dtype != dtype:
+                raise _Refused("BAD_DTYPE", f"stage {frame.stage} computes in {dtype}; send hidden states as {dtype}, not {x.dtype}")
+        if x.numel() == 0:
+            raise _Refused("BAD_SHAPE", f"stage {frame.stage} needs at least one sequence of one token; got {tuple(x.shape)}")
+        if is_first:
+            vocab = getattr(config, "vocab_size", None)
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or (vocab is not None and high >= vocab):
+                raise _Refused("BAD_INPUT", f"token ids must be in [0, {vocab}); got ids from {low} to {high}")
         mask = frame.tensors.get("attention_mask")
         positions = frame.tensors.get("position_ids")
-        for name, t in (("attention_mask", mask), ("position_ids", positions)):
-            if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
+        for name, t, dtypes in (("attention_mask", mask, _MASK_DTYPES), ("position_ids", positions, _INDEX_DTYPES)):
+            if t is None:
+                continue
+            if tuple(t.shape) != tuple(x.shape[:2]):
                 raise _Refused(
                     "BAD_SHAPE", f"{name} must be (B, T) = {tuple(x.shape[:2])}; got {tuple(t.shape)}"
                 )
+            if t.dtype not in dtypes:
+                raise _Refused("BAD_DTYPE", f"{name} must be one of {', '.join(map(str, dtypes))}; got {t.dtype}")
+        if positions is not None and (int(positions.min()) < 0 or int(positions.max()) >= _max_positions(config)):
+            raise _Refused("BAD_INPUT", f"position_ids must be in [0, {_max_positions(config)})")
         return x, mask, positions
 
     def _sweep_expired(self) -> None:
@@ -347,12 +402,7 @@ class StageHost:
             raise _Refused(
                 "DUPLICATE", f"step {frame.step} micro-batch {frame.micro_batch} already went forward here"
             )
-        if len(self._states) >= self.settings.max_micro_batches:
-            raise _Refused(
-                "STATE_LIMIT",
-                f"this host already holds {len(self._states)} micro-batches awaiting backward "
-                f"(max_micro_batches={self.settings.max_micro_batches}); run backward or RELEASE first",
-            )
+        self._check_state_room(conn_id, x)
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
             inputs = x.detach().requires_grad_(True) if x.is_floating_point() else x
@@ -361,8 +411,40 @@ class StageHost:
             return inputs, outputs
 
         inputs, outputs = await self._compute(run)
-        self._states[key] = _MicroBatchState(inputs, outputs, time.monotonic(), conn_id)
+        nbytes = _nbytes(inputs) + _nbytes(outputs)
+        self._states[key] = _MicroBatchState(inputs, outputs, time.monotonic(), conn_id, nbytes)
         return self._result(frame, MessageKind.FORWARD_RESULT, {"y": outputs.detach()})
+
+    def _check_state_room(self, conn_id: int, x: torch.Tensor) -> None:
+        """Refuse a FORWARD whose state would take the peer or the host over its budget.
+
+        The peer's own count and bytes come first, so a peer at its limit is refused while
+        the others keep their room; the host's total guards memory when many peers are busy.
+        The new state's bytes are estimated as twice its input (input and an output alike).
+        """
+        s = self.settings
+        mine = [st for st in self._states.values() if st.owner == conn_id]
+        new = 2 * _nbytes(x)
+        if len(mine) >= s.max_micro_batches:
+            raise _Refused(
+                "STATE_LIMIT",
+                f"this peer already holds {len(mine)} micro-batches awaiting backward here "
+                f"(max_micro_batches={s.max_micro_batches}); run backward or RELEASE first",
+            )
+        held = sum(st.nbytes for st in mine)
+        if held + new > s.max_state_bytes_per_peer:
+            raise _Refused(
+                "STATE_LIMIT",
+                f"this peer's micro-batches awaiting backward hold {held} bytes; another of ~{new} bytes would pass "
+                f"max_state_bytes_per_peer={s.max_state_bytes_per_peer}; run backward or RELEASE first, or send smaller micro-batches",
+            )
+        total = self.held_state_bytes
+        if total + new > s.max_state_bytes:
+            raise _Refused(
+                "STATE_LIMIT",
+                f"the host's micro-batches awaiting backward hold {total} bytes of max_state_bytes={s.max_state_bytes}; "
+                "try again after other peers' backward passes",
+            )
 
     async def _eval_forward(self, frame: Frame, conn_id: int) -> Frame:
         module = self._stage(frame)
@@ -389,7 +471,7 @@ class StageHost:
         grad = frame.tensors.get("grad")
         if grad is None:
             raise _Refused("BAD_REQUEST", "BACKWARD needs a tensor named 'grad'")
-        if tuple(grad.shape) != tuple(state.outputs.shape) or not grad.is_floating_point():
+        if tuple(grad.shape) != tuple(state.outputs.shape) or grad.dtype not in _FLOAT_DTYPES:
             raise _Refused(
                 "BAD_SHAPE",
                 f"grad must match the stage output {tuple(state.outputs.shape)} and be floating point; "
@@ -411,14 +493,14 @@ class StageHost:
             lr = float(lr_text) if lr_text is not None else None
         except ValueError as exc:
             raise _Refused("BAD_REQUEST", f"option lr must be a number, got {lr_text!r}") from exc
-        if lr is not None and not (lr >= 0 and math.isfinite(lr)):
-            raise _Refused("BAD_REQUEST", f"option lr must be a finite number >= 0, got {lr_text!r}")
+        if lr is not None and not (math.isfinite(lr) and 0 <= lr <= MAX_STEP_LR):
+            raise _Refused("BAD_REQUEST", f"option lr must be a finite number in [0, {MAX_STEP_LR:g}], got {lr_text!r}")
         scale_text = frame.options.get("grad_scale")
         try:
             scale = float(scale_text) if scale_text is not None else None
         except ValueError as exc:
             raise _Refused("BAD_REQUEST", f"option grad_scale must be a number, got {scale_text!r}") from exc
-        if scale is not None and not 0 <= scale <= 1:
+        if scale is not None and not (math.isfinite(scale) and 0 <= scale <= 1):
             raise _Refused("BAD_REQUEST", f"option grad_scale must be in [0, 1] (clipping only shrinks), got {scale_text!r}")
         dropped = self._drop(lambda key, st: key[0] == frame.run_id and key[1] <= frame.step)
         self.chain.release(frame.step, up_to=True)

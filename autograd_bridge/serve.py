@@ -23,6 +23,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -112,7 +113,9 @@ async def _serve(args: argparse.Namespace) -> None:
                     print("routed", flush=True)
             loop.call_soon_threadsafe(stop.set)
 
-        loop.run_in_executor(None, read_commands)
+        # A daemon thread, not the loop's executor: at exit asyncio.run waits for its executor's
+        # threads, and this one blocks until stdin closes, so SIGTERM would never end the process.
+        threading.Thread(target=read_commands, daemon=True).start()
     await stop.wait()
     await server.close()  # type: ignore[attr-defined]
     await host.aclose()

@@ -270,17 +270,23 @@ class WebSocketConnection:
                 f"message of {total} bytes exceeds max_message_bytes={limit}",
             )
         message = self._allocate(total)
-        with memoryview(message) as view:
-            position = len(first) - _LENGTH.size
-            if position > total:
-                raise await self._refuse(stream, FrameError, CloseCode.PROTOCOL_ERROR, _overrun(total))
-            view[:position] = memoryview(first)[_LENGTH.size :]
-            async for fragment in stream:
-                end = position + len(fragment)
-                if end > total:
+        try:
+            with memoryview(message) as view:
+                position = len(first) - _LENGTH.size
+                if position > total:
                     raise await self._refuse(stream, FrameError, CloseCode.PROTOCOL_ERROR, _overrun(total))
-                view[position:end] = fragment
-                position = end
+                view[:position] = memoryview(first)[_LENGTH.size :]
+                async for fragment in stream:
+                    end = position + len(fragment)
+                    if end > total:
+                        raise await self._refuse(stream, FrameError, CloseCode.PROTOCOL_ERROR, _overrun(total))
+                    view[position:end] = fragment
+                    position = end
+        except BaseException:
+            # This frame lives on in the error's traceback, which sits in a reference cycle that
+            # only the cycle collector frees, maybe much later: let go of the buffer now.
+            del message
+            raise
         if position != total:
             raise await self._refuse(
                 None,

@@ -24,11 +24,10 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from proto import control_pb2_grpc as pb_grpc
 from proto.messages import StatusReport
 from server.config import MIB, AuthSettings, ServerConfig
 from server.control.handler import ControlHandler, ControlListener
-from server.control.servicer import ControlServicer
+from server.control.servicer import ControlServicer, add_to_server
 from server.control.sqlite_state import SqliteState
 from server.control.state import ControlState
 from server.control.weights import WeightStore
@@ -109,6 +108,8 @@ class ServerApp:
         self._liveness: asyncio.Task[None] | None = None
         self._warm_up: asyncio.Task[None] | None = None
         self.handler: ControlHandler | None = None
+        self.failed = asyncio.Event()  # set when the server cannot go on (its model does not load)
+        self.fatal = ""  # why
 
     @property
     def control_address(self) -> str:
@@ -124,8 +125,11 @@ class ServerApp:
     async def _prepare_model(self, prepare: Callable[[int], None]) -> None:
         try:
             await asyncio.to_thread(prepare, self.config.planning.seq_len)
-        except Exception as exc:  # the first plan meets the same problem and reports it
-            log.warning("preparing the model failed: %s", exc)
+        except Exception as exc:  # whatever the loader raises, nothing can be planned: stop with the reason
+            name = self.config.model.path if self.config.model else "?"
+            self.fatal = f"the model {name} cannot be loaded: {type(exc).__name__}: {exc}"
+            log.error("%s", self.fatal)
+            self.failed.set()
 
     def _auth(self, state_dir: Path) -> AuthSettings:
         auth = self.config.auth
@@ -138,6 +142,9 @@ class ServerApp:
     async def start(self) -> None:
         """Bind both endpoints and start the background tasks."""
         cfg = self.config
+        check = getattr(self.model, "check", None)
+        if callable(check):
+            check()  # ValueError with the reason, before anything listens
         state_dir = Path(cfg.server.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.admin_token = cfg.auth.admin_token or read_or_create_secret(state_dir / "admin_token")
@@ -158,7 +165,7 @@ class ServerApp:
         handler.listener = _Listeners(self._coordinator, self.runs)
 
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_ControlServicer_to_server(ControlServicer(handler), server)
+        add_to_server(ControlServicer(handler), server)
         address = f"{cfg.server.host}:{cfg.server.port}"
         if cfg.tls is not None:
             credentials = grpc.ssl_server_credentials([(cfg.tls.key.read_bytes(), cfg.tls.cert.read_bytes())])
@@ -226,15 +233,20 @@ class ServerApp:
 
 
 async def serve(app: ServerApp) -> None:
-    """Run ``app`` until SIGTERM or SIGINT."""
+    """Run ``app`` until SIGTERM or SIGINT; ValueError with the reason when it cannot go on (its model does not load)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
     print(f"titanic-server ready control={app.control_address} admin={app.admin_url}", flush=True)
+    waits = [loop.create_task(stop.wait()), loop.create_task(app.failed.wait())]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for wait in waits:
+            wait.cancel()
         log.info("stopping")
         await app.stop()
+    if app.fatal:
+        raise ValueError(app.fatal)

@@ -121,6 +121,21 @@ RUN_FLAGS: dict[str, type] = {
 }
 
 
+# The tokens docker-compose.yml falls back to: public, so fine for a demo on one's own machine only.
+DEMO_TOKENS = frozenset({"demo-join", "demo-admin"})
+DEMO_ENV = "TITANIC_DEMO"  # "1": this is a demo, the public demo tokens may be used
+
+
+def check_not_demo_tokens(auth: AuthSettings) -> None:
+    """Refuse the public demo tokens unless ``TITANIC_DEMO=1`` says this server is a demo."""
+    used = DEMO_TOKENS & {*auth.join_tokens, auth.admin_token}
+    if used and os.environ.get(DEMO_ENV) != "1":
+        raise ValueError(
+            f"the token(s) {', '.join(sorted(used))} are the public demo tokens; set TITANIC_JOIN_TOKEN and "
+            f"TITANIC_ADMIN_TOKEN to secrets of your own, or {DEMO_ENV}=1 if this is a demo on your own machine"
+        )
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The config file (if any) with the flags applied on top."""
     config = load_config(args.config) if args.config else ServerConfig()
@@ -142,6 +157,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         join_tokens=tuple(args.join_token) if args.join_token else None,
         admin_token=args.admin_token or os.environ.get("TITANIC_ADMIN_TOKEN") or None,
     )
+    check_not_demo_tokens(auth)
     tls = config.tls
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -164,8 +180,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 # client/cli.py has the same two: the server and the client import nothing from each other.
 def _run(args: argparse.Namespace) -> int:
-    from server.app import ServerApp, serve
-
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
     model = plan = None
@@ -173,7 +187,10 @@ def _run(args: argparse.Namespace) -> int:
         from server.planning.model_source import hf_model_source, planner_for
 
         model = hf_model_source(config.model, work_dir=Path(config.server.state_dir) / "model")
+        model.check()  # a missing model stops the server before it loads the rest
         plan = planner_for(model, config.model, config.planning)
+    from server.app import ServerApp, serve
+
     app = ServerApp(config, model=model, plan=plan)
     asyncio.run(serve(app))
     return 0

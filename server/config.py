@@ -82,6 +82,8 @@ class ControlSettings:
     probe_max_seconds: float = 5.0  # longest bandwidth probe the server serves
     probe_max_bytes: int = 4096 * MIB  # most bytes one probe may move
     max_upload_bytes: int = 64 * 1024 * MIB  # largest weight upload accepted
+    max_streams_per_client: int = 4  # probes and uploads one client may have open at once
+    forget_after_s: float = 600.0  # a lost or departed client leaves the registry after this long
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -95,6 +97,10 @@ class ControlSettings:
             raise ValueError("[control] max_chunk_bytes must be in 1 KiB..3 MiB (gRPC's limit is 4 MiB)")
         if self.probe_max_seconds <= 0 or self.probe_max_bytes <= 0:
             raise ValueError("[control] probe_max_seconds and probe_max_bytes must be positive")
+        if self.max_streams_per_client < 1:
+            raise ValueError("[control] max_streams_per_client must be at least 1")
+        if not self.forget_after_s >= 0:
+            raise ValueError("[control] forget_after_s must be a number of seconds >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,10 +138,13 @@ class PlanningSettings:
     steps_per_round: int = 1  # steps between two weight exchanges with the server
     max_step_time_s: float | None = None  # clients slower than this per step get no stage
     solver: str = "auto"  # "cvxpy", "matching" or "auto"
+    serve_timeout_s: float = 120.0  # a planned host not serving by then is left out and the plan redone
 
     def __post_init__(self) -> None:
         if self.settle_s < 0:
             raise ValueError("[planning] settle_s must not be negative")
+        if not self.serve_timeout_s > 0:
+            raise ValueError("[planning] serve_timeout_s must be a positive number of seconds")
         if self.seq_len < 1 or self.batch_tokens < 1 or self.micro_batches < 1 or self.steps_per_round < 1:
             raise ValueError("[planning] seq_len, batch_tokens, micro_batches and steps_per_round must be >= 1")
         if isinstance(self.forward_passes, bool) or not isinstance(self.forward_passes, int) or self.forward_passes < 0:

@@ -11,6 +11,7 @@ Everything arriving from a client is checked explicitly: names, numbers, chunk s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -19,8 +20,8 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from proto.messages import (
@@ -41,7 +42,12 @@ from proto.messages import (
 from server.config import AuthSettings, ControlSettings
 from server.control.state import LIVE_STATUSES, ClientRecord, ClientStatus, ControlState, StoredUpload
 from server.control.weights import WeightStore
-from server.errors import AuthenticationError, InvalidRequestError, LimitExceededError
+from server.errors import (
+    AuthenticationError,
+    ForbiddenError,
+    InvalidRequestError,
+    LimitExceededError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,27 @@ _MAX_RUNS_REPORTED = 64
 _MAX_TEXT = 4096  # longest free-text field kept from a client
 # A probe may run a little past its nominal length: the last chunk is in flight when time is up.
 _PROBE_GRACE_S = 2.0
+# What a real device can report; a value outside is a bug or a lie, and planning on it helps nobody.
+# (The fastest accelerators do ~1e15 FLOP/s; a link of 1e12 B/s is 8 Tbit/s.)
+PROFILE_BOUNDS: dict[str, tuple[float, float]] = {
+    "flops_per_s": (1e3, 1e17),
+    "upload_bytes_per_s": (1e2, 1e12),
+    "download_bytes_per_s": (1e2, 1e12),
+    "rtt_s": (1e-7, 60.0),
+    "memory_bytes": (0, 1 << 50),
+    "gpu_memory_bytes": (0, 1 << 50),
+    "capacity": (1, 1024),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UploadGrant:
+    """An upload the server asked a client for: which partition of which run and round, and its largest size."""
+
+    client_id: str
+    run_id: str
+    partition: int
+    round: int
 
 
 class ControlListener(Protocol):
@@ -93,6 +120,8 @@ class ControlHandler:
         self.clock = clock
         self._wakeups: dict[str, asyncio.Event] = {}
         self._stream_epochs: dict[str, int] = {}
+        self._upload_grants: dict[UploadGrant, int] = {}  # -> most bytes the upload may have
+        self._streams: dict[str, int] = {}  # client id -> byte streams (probes, transfers) open now
         # Probe filler: random, so no layer on the way can compress it.
         self._filler = os.urandom(settings.max_chunk_bytes)
 
@@ -212,7 +241,18 @@ class ControlHandler:
             )
         if lost:
             self._membership_changed()
+        self._forget_departed()
         return [c.client_id for c in lost]
+
+    def _forget_departed(self) -> None:
+        """Drop clients lost or gone for longer than ``forget_after_s``: the registry does not grow forever."""
+        deadline = self.clock() - self.settings.forget_after_s
+        for client in self.state.list_clients():
+            if client.status not in LIVE_STATUSES and client.last_seen < deadline:
+                self.state.remove_client(client.client_id)
+                self._wakeups.pop(client.client_id, None)
+                self._stream_epochs.pop(client.client_id, None)
+                log.info("client %s forgotten (%s %.0f s ago)", client.client_id, client.status, self.clock() - client.last_seen)
 
     def mark_lost(self, client_id: str, reason: str) -> bool:
         """End a live client's session as lost (a peer reported it gone); returns whether it was live.
@@ -284,6 +324,8 @@ class ControlHandler:
         if report.command_id <= 0:
             raise InvalidRequestError("a status report must name the command it is about (command_id > 0)")
         report = replace(report, message=report.message[:_MAX_TEXT])
+        if report.run is not None:
+            self._check_participant(client, report.run.run_id)
         if report.state in (CommandState.ACCEPTED, CommandState.DONE, CommandState.FAILED):
             self.state.acknowledge(client.client_id, report.command_id)
         if report.run is not None:
@@ -294,6 +336,14 @@ class ControlHandler:
         if self.listener is not None:
             self.listener.status_reported(client.client_id, report)
 
+    def _check_participant(self, client: ClientRecord, run_id: str) -> None:
+        """A run of the current plan hears only from the clients the plan gave it."""
+        deployment = self.state.get_deployment()
+        if deployment is None or run_id not in deployment.run_ids():
+            return
+        if client.client_id not in {r.client_id for r in deployment.rows if r.run_id == run_id}:
+            raise ForbiddenError(f"client {client.client_id!r} has no part in run {run_id!r}; it cannot report on it")
+
     def _wake(self, client_id: str) -> None:
         event = self._wakeups.get(client_id)
         if event is not None:
@@ -303,6 +353,27 @@ class ControlHandler:
         if self.listener is not None:
             self.listener.membership_changed()
 
+    # -- per-client quota on byte streams ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def byte_stream(self, client: ClientRecord) -> Iterator[None]:
+        """Hold one of the client's ``max_streams_per_client`` byte streams for the duration."""
+        open_now = self._streams.get(client.client_id, 0)
+        if open_now >= self.settings.max_streams_per_client:
+            raise LimitExceededError(
+                f"client {client.client_id!r} has {open_now} transfers open already, the most one client may have; "
+                "wait for one to finish"
+            )
+        self._streams[client.client_id] = open_now + 1
+        try:
+            yield
+        finally:
+            left = self._streams[client.client_id] - 1
+            if left:
+                self._streams[client.client_id] = left
+            else:
+                del self._streams[client.client_id]
+
     # -- probes --------------------------------------------------------------------------
 
     async def probe_upload(self, client: ClientRecord, chunks: AsyncIterator[bytes]) -> ProbeResult:
@@ -311,20 +382,21 @@ class ControlHandler:
         last = 0.0
         total = 0
         limit_s = self.settings.probe_max_seconds + _PROBE_GRACE_S
-        async for chunk in chunks:
-            now = time.perf_counter()
-            if len(chunk) > self.settings.max_chunk_bytes:
-                raise LimitExceededError(f"probe chunks may be at most {self.settings.max_chunk_bytes} bytes")
-            if first is None:
-                first = now
-            else:
-                total += len(chunk)
-            last = now
-            if total > self.settings.probe_max_bytes or now - first > limit_s:
-                raise LimitExceededError(
-                    f"a probe may move at most {self.settings.probe_max_bytes} bytes in "
-                    f"{self.settings.probe_max_seconds:g} s"
-                )
+        with self.byte_stream(client):
+            async for chunk in chunks:
+                now = time.perf_counter()
+                if len(chunk) > self.settings.max_chunk_bytes:
+                    raise LimitExceededError(f"probe chunks may be at most {self.settings.max_chunk_bytes} bytes")
+                if first is None:
+                    first = now
+                else:
+                    total += len(chunk)
+                last = now
+                if total > self.settings.probe_max_bytes or now - first > limit_s:
+                    raise LimitExceededError(
+                        f"a probe may move at most {self.settings.probe_max_bytes} bytes in "
+                        f"{self.settings.probe_max_seconds:g} s"
+                    )
         if first is None:
             raise InvalidRequestError("an upload probe needs at least one chunk")
         return ProbeResult(bytes=total, seconds=last - first)
@@ -337,10 +409,11 @@ class ControlHandler:
         size = min(chunk_bytes or self.settings.max_chunk_bytes, self.settings.max_chunk_bytes)
         chunk = self._filler[:size]
         sent = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds and sent < self.settings.probe_max_bytes:
-            yield chunk
-            sent += len(chunk)
+        with self.byte_stream(client):
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds and sent < self.settings.probe_max_bytes:
+                yield chunk
+                sent += len(chunk)
 
     # -- weights -------------------------------------------------------------------------
 
@@ -350,12 +423,42 @@ class ControlHandler:
         header = WeightHeader(run_id=run_id, partition=partition, total_bytes=stored.size, sha256=stored.sha256)
         return header, self.weights.read_chunks(stored)
 
+    def expect_upload(self, client_id: str, run_id: str, partition: int, round: int, *, max_bytes: int) -> None:
+        """Let ``client_id`` upload ``partition`` of ``run_id`` for ``round`` once, of at most ``max_bytes``."""
+        self._upload_grants[UploadGrant(client_id, run_id, partition, round)] = max_bytes
+
+    def expected_upload(self, client_id: str, run_id: str, partition: int, round: int) -> int | None:
+        """The most bytes the server takes of that upload, or None when it did not ask for it."""
+        return self._upload_grants.get(UploadGrant(client_id, run_id, partition, round))
+
+    def forget_uploads(self, run_id: str) -> None:
+        """Withdraw the uploads still expected for ``run_id`` (it ended)."""
+        for grant in [g for g in self._upload_grants if g.run_id == run_id]:
+            del self._upload_grants[grant]
+
+    def _granted(self, client: ClientRecord, header: WeightHeader) -> UploadGrant:
+        """The grant an upload's header matches; raised before anything is read or written."""
+        if not _RUN_ID.match(header.run_id):
+            raise InvalidRequestError(f"run id {header.run_id!r} is not valid")
+        grant = UploadGrant(client.client_id, header.run_id, header.partition, header.round)
+        max_bytes = self._upload_grants.get(grant)
+        if max_bytes is None:
+            raise ForbiddenError(
+                f"the server did not ask {client.client_id!r} for partition {header.partition} of run "
+                f"{header.run_id!r} (round {header.round}); only the holder of a partition of an active run uploads it"
+            )
+        if header.total_bytes > max_bytes:
+            raise LimitExceededError(
+                f"an upload of {header.total_bytes} bytes is more than the {max_bytes} bytes expected of "
+                f"partition {header.partition} of run {header.run_id!r}"
+            )
+        return grant
+
     async def upload_partition(
         self, client: ClientRecord, header: WeightHeader, chunks: AsyncIterator[bytes]
     ) -> UploadReceipt:
-        """Receive weights (or an update) from a client; kept only when size and digest match."""
-        if not _RUN_ID.match(header.run_id):
-            raise InvalidRequestError(f"run id {header.run_id!r} is not valid")
+        """Receive weights (or an update) the server asked for; kept only when size and digest match."""
+        grant = self._granted(client, header)
 
         async def checked() -> AsyncIterator[bytes]:
             async for chunk in chunks:
@@ -363,9 +466,11 @@ class ControlHandler:
                     raise LimitExceededError(f"chunks may be at most {self.settings.max_chunk_bytes} bytes")
                 yield chunk
 
-        path = await self.weights.receive_upload(
-            header, checked(), client_id=client.client_id, max_bytes=self.settings.max_upload_bytes
-        )
+        with self.byte_stream(client):
+            path = await self.weights.receive_upload(
+                header, checked(), client_id=client.client_id, max_bytes=self.settings.max_upload_bytes
+            )
+        self._upload_grants.pop(grant, None)
         self.state.add_upload(
             StoredUpload(client_id=client.client_id, header=header, path=str(path), received_at=time.time())
         )
@@ -373,21 +478,19 @@ class ControlHandler:
 
 
 def _check_profile(profile: DeviceProfile, *, need_link: bool) -> None:
-    numbers = {
-        "flops_per_s": profile.flops_per_s,
-        "upload_bytes_per_s": profile.upload_bytes_per_s,
-        "download_bytes_per_s": profile.download_bytes_per_s,
-        "rtt_s": profile.rtt_s,
-    }
-    for name, value in numbers.items():
-        if not math.isfinite(value) or value < 0:
-            raise InvalidRequestError(f"profile field {name} must be a finite non-negative number, got {value}")
-    if profile.flops_per_s <= 0:
+    if profile.flops_per_s == 0:
         raise InvalidRequestError("the profile has no FLOP/s; measure it (or declare it) before registering")
+    for name, (low, high) in PROFILE_BOUNDS.items():
+        value = getattr(profile, name)
+        if value == 0 and name in ("upload_bytes_per_s", "download_bytes_per_s", "rtt_s"):
+            continue  # not measured yet
+        if not (math.isfinite(value) and low <= value <= high):
+            raise InvalidRequestError(
+                f"profile field {name} is {value}, outside what a device can have ({low:g}..{high:g}); "
+                "measure it again or declare a real value"
+            )
     if profile.device not in ("cpu", "cuda", "mps"):
         raise InvalidRequestError(f"profile device must be cpu, cuda or mps, got {profile.device!r}")
-    if profile.capacity < 1:
-        raise InvalidRequestError("profile capacity must be at least 1 partition")
     if need_link and not profile.has_link:
         raise InvalidRequestError("the profile lacks upload and download bandwidth; measure the link first")
     if need_link and profile.training_memory_bytes <= 0:

@@ -174,6 +174,11 @@ class SqliteState(ControlState):
         rows = self.db.rows("SELECT record FROM clients WHERE session_digest = ?", (session_digest,))
         return _client_from_json(rows[0][0]) if rows else None
 
+    def remove_client(self, client_id: str) -> None:
+        with self.db.transaction() as db:
+            db.execute("DELETE FROM clients WHERE client_id = ?", (client_id,))
+            db.execute("DELETE FROM commands WHERE client_id = ?", (client_id,))
+
     def list_clients(self) -> list[ClientRecord]:
         return [
             _client_from_json(text)

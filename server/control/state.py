@@ -147,6 +147,10 @@ class ControlState(abc.ABC):
         """The client whose current session has this digest, if any."""
 
     @abc.abstractmethod
+    def remove_client(self, client_id: str) -> None:
+        """Forget a client and its pending commands (nothing happens when unknown)."""
+
+    @abc.abstractmethod
     def list_clients(self) -> list[ClientRecord]:
         """Every client ever registered (lost and departed ones too), by id."""
 
@@ -229,6 +233,12 @@ class InMemoryState(ControlState):
     def client_by_session(self, session_digest: str) -> ClientRecord | None:
         client_id = self._by_session.get(session_digest)
         return None if client_id is None else self._clients[client_id]
+
+    def remove_client(self, client_id: str) -> None:
+        record = self._clients.pop(client_id, None)
+        if record is not None:
+            self._by_session.pop(record.session_digest, None)
+        self._commands.pop(client_id, None)
 
     def list_clients(self) -> list[ClientRecord]:
         return [self._clients[k] for k in sorted(self._clients)]

@@ -22,6 +22,8 @@ GET /metrics       the same facts for Prometheus (:mod:`server.observe.metrics`)
 from __future__ import annotations
 
 import hmac
+import json
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -39,6 +41,56 @@ from server.observe.tables import plan_table
 from server.training.run_manager import RunManager, spec_and_resume
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_BODY_BYTES = 256 * 1024  # a run spec is a few hundred bytes; nothing the API takes is near this
+MAX_JSON_DEPTH = 16  # a run spec nests three levels deep
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of JSON ``text`` nest (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range; every number must be finite")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows; every number must be finite")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON, refusing (ValueError) what is too deep or holds non-finite numbers."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError("the body is not UTF-8 text") from exc
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,7 +215,7 @@ def admin_app(context: AdminContext, *, token: str) -> web.Application:
         if context.runs is None:
             return no_runs()
         try:
-            body = await request.json()
+            body = parse_json_body(await request.read())
             if not isinstance(body, dict):
                 raise ValueError('send a JSON body {"spec": {...}}')
             spec, resume = spec_and_resume(body)
@@ -185,7 +237,8 @@ def admin_app(context: AdminContext, *, token: str) -> web.Application:
         return web.json_response(context.runs.stop(run_id).to_json())
 
     dashboard = Dashboard(token=token, snapshot=snapshot, secure_cookie=context.tls)
-    app = web.Application(middlewares=[_require_token(token, dashboard)])
+    # Bodies over the limit answer 413 before a handler reads them.
+    app = web.Application(middlewares=[_require_token(token, dashboard)], client_max_size=MAX_BODY_BYTES)
     dashboard.mount(app)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/clients", clients)

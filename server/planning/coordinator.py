@@ -21,6 +21,8 @@ whole model alone beside owners that split with helpers), so every count is take
 
 When the ready clients change, the coordinator waits ``settle_s`` for the registry to calm
 down, plans again, and only if the assignment differs stops the old run and delivers a new one.
+A host that does not serve within ``serve_timeout_s`` of a plan's delivery is left out of
+planning (until it registers again) and the plan is redone without it.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class Coordinator:
         # Plan ids continue after those a persistent state remembers: a new plan never reuses an old one's.
         previous = self.state.get_deployment()
         self._generations = itertools.count(1 + (previous.generation if previous is not None else 0))
+        self._benched: dict[str, float] = {}  # client id -> registered_at of the session that never served
+        self._watchdog: asyncio.Task[None] | None = None
 
     # -- ControlListener -----------------------------------------------------------------
 
@@ -146,6 +150,8 @@ class Coordinator:
 
     async def close(self) -> None:
         """Stop planning."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -171,7 +177,7 @@ class Coordinator:
         """Plan for the ready clients now; deliver the plan if it differs from the current one."""
         async with self._lock:
             current = self.state.get_deployment()
-            ready = [c for c in self.state.list_clients() if c.status == ClientStatus.READY]
+            ready = [c for c in self.state.list_clients() if c.status == ClientStatus.READY and not self._is_benched(c)]
             owners = [c.client_id for c in ready if c.info.has_data]
             if self.model is None or self.plan is None:
                 return self._fail(current, ready, "no model is configured; set [model] path (or --model)")
@@ -270,9 +276,36 @@ class Coordinator:
                     ),
                 )
         log.info("%s: %s", plan_id, ", ".join(f"{r.run_id}/s{r.partition}->{r.client_id}" for r in rows))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_serving(plan_id))
         for run_id in deployment.run_ids():
             deployment = self._connect_owner_when_served(deployment, run_id)
         return deployment
+
+    def _is_benched(self, client: ClientRecord) -> bool:
+        return self._benched.get(client.client_id) == client.registered_at
+
+    async def _watch_serving(self, plan_id: str) -> None:
+        """After ``serve_timeout_s``, leave out the hosts of ``plan_id`` that do not serve yet, and replan."""
+        await asyncio.sleep(self.settings.serve_timeout_s)
+        deployment = self.state.get_deployment()
+        if deployment is None or deployment.plan_id != plan_id or deployment.state not in ("planned", "serving"):
+            return
+        silent = sorted(
+            {r.client_id for r in deployment.rows if not r.local and r.client_id not in deployment.bridge_urls.get(r.run_id, {})}
+        )
+        if not silent:
+            return
+        for client_id in silent:
+            client = self.state.get_client(client_id)
+            if client is not None:
+                self._benched[client_id] = client.registered_at
+        log.warning("%s: %s did not serve within %g s; planning without them", plan_id, ", ".join(silent),
+                    self.settings.serve_timeout_s)  # fmt: skip
+        self.state.set_deployment(replace(deployment, state="failed",
+                                          error=f"{', '.join(silent)} did not serve within {self.settings.serve_timeout_s:g} s"))  # fmt: skip
+        self._changed.set()
 
     def _prepare_weights(self, rows: Sequence[PlanRow]) -> tuple[PlanRow, ...]:
         """Write (or reuse) each partition's weights and let its client download them."""

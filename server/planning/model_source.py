@@ -37,6 +37,17 @@ class HFModelSource:
         self._config: Any = None
         self._profile: Any = None
 
+    def check(self) -> None:
+        """Refuse (ValueError) a model path that names a local file or folder that is not there.
+
+        Cheap, so the server can say so before it listens; a hub name (``org/name``) is left
+        to the loader, whose failure stops the server too.
+        """
+        path = self.settings.path
+        looks_local = Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") >= 2
+        if looks_local and not Path(path).expanduser().exists():
+            raise ValueError(f"the model {path} does not exist; pass --model a model folder (or a .gguf file)")
+
     def model_dir(self) -> Path:
         """A directory with the model's config.json and safetensors files."""
         with self._lock:

@@ -37,6 +37,7 @@ class PartitionTensors:
     layer_start: int  # first decoder block, inclusive
     layer_end: int  # last decoder block, exclusive
     stored: frozenset[str]  # whole-model names in the weight file it was planned with
+    stored_bytes: int = 0  # the size of that file
 
     def holds(self, name: str) -> bool:
         """Whether tensor ``name`` of the whole model (a weight or an adapter) lives in this partition."""

@@ -120,7 +120,9 @@ class RunManager:
         self.checkpoints = checkpoints
         self.store = store if store is not None else InMemoryRunStore()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._scratch = Path(tempfile.mkdtemp(prefix="titanic-merged-"))
+        # Removed by close() (and, should the process end without it, at interpreter exit).
+        self._scratch_dir = tempfile.TemporaryDirectory(prefix="titanic-merged-")
+        self._scratch = Path(self._scratch_dir.name)
         self._tokenizers: dict[str, Any] = {}  # tokenizer name -> loaded (None: the model has none)
         self._saved: dict[str, tuple[Any, ...]] = {}  # run id -> what it looked like when last put
 
@@ -191,6 +193,7 @@ class RunManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._scratch_dir.cleanup()
 
     def _save(self, record: RunRecord) -> None:
         """Put ``record`` again when it changed since it was last put (a persistent store writes it)."""
@@ -408,18 +411,22 @@ class RunManager:
                 self._apply(record, machine.pipelines_ready(pipelines))
                 break
             await asyncio.sleep(_POLL_S)
-        while machine.active:
-            deployment = self.state.get_deployment()
-            if deployment is None or deployment.plan_id != record.plan_id or deployment.state == "failed":
-                reason = deployment.error if deployment is not None and deployment.error else "the plan changed"
-                gone = recovery.lost_holders(record, self.handler)
-                self._recover(record, gone[0] if gone else "", f"the run's plan {record.plan_id} is gone ({reason})")
-                break
+        try:
+            while machine.active:
+                deployment = self.state.get_deployment()
+                if deployment is None or deployment.plan_id != record.plan_id or deployment.state == "failed":
+                    reason = deployment.error if deployment is not None and deployment.error else "the plan changed"
+                    gone = recovery.lost_holders(record, self.handler)
+                    self._recover(record, gone[0] if gone else "", f"the run's plan {record.plan_id} is gone ({reason})")
+                    break
+                self._save(record)
+                await asyncio.sleep(_POLL_S)
             self._save(record)
-            await asyncio.sleep(_POLL_S)
-        self._save(record)
-        if self.store.get(record.run_id) is record:
-            self._retire_plan(record)
+            if self.store.get(record.run_id) is record:
+                self._retire_plan(record)
+        finally:
+            for bridge_run in record.partitions:
+                self.handler.forget_uploads(bridge_run)  # an ended run takes no more uploads
 
     def _retire_plan(self, record: RunRecord) -> None:
         """The run ended: its plan's stages hold what it trained, so the next run gets a new plan (fresh weights)."""
@@ -479,7 +486,8 @@ class RunManager:
             raise ValueError(f"the plan's weights of partition {row.partition} of {row.run_id} are gone: {exc}") from exc
         with safe_open(str(stored.path), framework="pt") as f:
             names = frozenset(f.keys())
-        return PartitionTensors(index=row.partition, layer_start=row.layer_start, layer_end=row.layer_end, stored=names)
+        return PartitionTensors(index=row.partition, layer_start=row.layer_start, layer_end=row.layer_end, stored=names,
+                                stored_bytes=stored.size)  # fmt: skip
 
     @staticmethod
     def _account_idle(record: RunRecord) -> None:
@@ -516,6 +524,9 @@ class RunManager:
                                 for n in partition_names(record.global_state, pipeline[i])})  # fmt: skip
         density = seams.communication.density(action.client_id, "upload", elements, self._profile(action.client_id))
         with_state = record.spec.communication.optimizer_state or seams.participation.shared_optimizer
+        for index in action.partitions:
+            self.handler.expect_upload(action.client_id, action.bridge_run, index, action.round,
+                                       max_bytes=upload_bound(pipeline[index].stored_bytes, with_state=with_state))  # fmt: skip
         return Upload(run_id=action.bridge_run, partitions=action.partitions, round=action.round, density=density,
                       optimizer_state=with_state)  # fmt: skip
 
@@ -724,6 +735,16 @@ def _optimizers_by_name(saved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                 flat[name] = value
         out[key] = flat
     return out
+
+
+def upload_bound(weights_bytes: int, *, with_state: bool) -> int:
+    """The most bytes an upload of a partition planned with a ``weights_bytes`` weight file may have.
+
+    Generous: four times the weights (16-bit weights sent as 32-bit values with a sparse
+    codec's 32-bit indexes), three times that when the optimizer's two moments travel too,
+    and room for headers.
+    """
+    return 4 * weights_bytes * (3 if with_state else 1) + 4 * (1 << 20)
 
 
 def spec_and_resume(body: Mapping[str, Any]) -> tuple[RunSpec, str | None]:

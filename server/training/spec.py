@@ -161,9 +161,17 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_count(where: str, name: str, value: object, least: int = 1) -> None:
-    if not _is_int(value) or value < least:  # type: ignore[operator]
-        raise ValueError(f"{where}{name} must be an integer >= {least}, got {value!r}")
+# The largest values a run may ask for: far beyond any real run, small enough that nothing
+# downstream (a schedule, an allocation, a loop) is asked for the absurd.
+MOST_COUNT = 10**9  # rounds, steps, seeds
+MOST_BATCH = 1 << 16  # sequences in a batch, micro-batches, adapter rank
+MOST_SEQ_LEN = 1 << 20  # tokens per sequence
+MOST_LR = 10.0  # a learning rate (the owners' or the server's); above it nothing trains
+
+
+def _check_count(where: str, name: str, value: object, least: int = 1, most: int = MOST_COUNT) -> None:
+    if not _is_int(value) or not least <= value <= most:  # type: ignore[operator]
+        raise ValueError(f"{where}{name} must be an integer >= {least} (and at most {most}), got {value!r}")
 
 
 def _check_density(what: str, value: object) -> None:
@@ -255,10 +263,10 @@ class TrainingSection:
         from autograd_bridge.paths import PATHS
 
         for name in ("batch_size", "micro_batches"):
-            _check_count("[training] ", name, getattr(self, name))
-        _check_count("[training] ", "seq_len", self.seq_len, least=2)
-        if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"[training] lr must be a positive number, got {self.lr!r}")
+            _check_count("[training] ", name, getattr(self, name), most=MOST_BATCH)
+        _check_count("[training] ", "seq_len", self.seq_len, least=2, most=MOST_SEQ_LEN)
+        if not (_is_number(self.lr) and math.isfinite(self.lr) and 0 < self.lr <= MOST_LR):
+            raise ValueError(f"[training] lr must be a positive number up to {MOST_LR:g} (1e-4 is typical), got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             choices = " or ".join(repr(name) for name in OPTIMIZERS)
             raise ValueError(f"[training] optimizer must be {choices} (what every stage host can run), not {self.optimizer!r}")
@@ -333,8 +341,8 @@ class FinetuneSection:
         from autograd_bridge.finetune import FINETUNES
 
         _check_member("[finetune] mode", self.mode, FINETUNES)
-        _check_count("[finetune] ", "r", self.r)
-        _check_count("[finetune] ", "alpha", self.alpha)
+        _check_count("[finetune] ", "r", self.r, most=MOST_BATCH)
+        _check_count("[finetune] ", "alpha", self.alpha, most=MOST_SEQ_LEN)
         if not isinstance(self.targets, tuple) or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"[finetune] targets must be a list of module names, got {self.targets!r}")
         if not isinstance(self.head_fractions, Mapping):
@@ -393,8 +401,8 @@ class AggregationSection:
         if self.server_lr == "auto":
             object.__setattr__(self, "server_lr", None)  # frozen: normalise the file's spelling once
         if self.server_lr is not None:
-            _check_positive("server_lr", self.server_lr, ' (or "auto": the rule\'s own)')
-        _check_positive("server_tau", self.server_tau)
+            _check_positive("server_lr", self.server_lr, ' (or "auto": the rule\'s own)', most=MOST_LR)
+        _check_positive("server_tau", self.server_tau, most=1.0)
         for name in ("server_momentum", "server_beta1", "server_beta2"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < 1.0:
@@ -421,9 +429,9 @@ class AggregationSection:
         return self.settings().build().steps_from_start
 
 
-def _check_positive(name: str, value: object, hint: str = "") -> None:
-    if not _is_number(value) or not (math.isfinite(value) and value > 0):  # type: ignore[arg-type, operator]
-        raise ValueError(f"[aggregation] {name} must be a finite number > 0{hint}, got {value!r}")
+def _check_positive(name: str, value: object, hint: str = "", *, most: float) -> None:
+    if not _is_number(value) or not (math.isfinite(value) and 0 < value <= most):  # type: ignore[arg-type, operator]
+        raise ValueError(f"[aggregation] {name} must be a finite number > 0{hint} (and at most {most:g}), got {value!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -478,7 +486,7 @@ class EvaluationSection:
             raise ValueError(
                 f"[evaluation] val_fraction must be in (0, 1) so owners can report perplexity, got {self.val_fraction!r}"
             )
-        _check_count("[evaluation] ", "eval_batch_size", self.eval_batch_size)
+        _check_count("[evaluation] ", "eval_batch_size", self.eval_batch_size, most=MOST_BATCH)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -126,7 +126,9 @@ def processes() -> Iterator[list[Process]]:
             p.popen.wait(10)
 
 
-def start_server(state_dir: Path, *extra: str, timeout_s: float = 60.0) -> tuple[Process, str, str]:
+def start_server(
+    state_dir: Path, *extra: str, timeout_s: float = 60.0, env: dict[str, str] | None = None
+) -> tuple[Process, str, str]:
     """A ``titanic-server run`` process; returns it, its control address and its admin URL."""
     server = spawn(
         "server",
@@ -138,6 +140,7 @@ def start_server(state_dir: Path, *extra: str, timeout_s: float = 60.0) -> tuple
         "--join-token", JOIN_TOKEN,
         "--admin-token", ADMIN_TOKEN,
         *extra,
+        env=env,
     )
     line = server.wait_for_line(lambda s: s.startswith("titanic-server ready"), timeout_s)
     fields = dict(part.split("=", 1) for part in line.split()[2:])

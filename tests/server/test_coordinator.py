@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -396,6 +397,35 @@ async def test_fixed_stages_cut_both_owners_alike(handler: ControlHandler, model
         rows = [r for r in deployment.rows if r.owner_id == owner]
         assert [r.partition for r in rows] == [0, 1, 2] and rows[0].client_id == rows[-1].client_id == owner
     assert sorted(r.client_id for r in deployment.rows if not r.local) == ["helper", "helper2"]
+
+
+async def test_a_host_that_never_serves_is_dropped_and_the_plan_redone(
+    handler: ControlHandler, model_dir: Path, tmp_path: Path
+) -> None:
+    """A fast helper that takes the middle stage but never serves is left out after serve_timeout_s; the plan moves on."""
+    settings = ModelSettings(path=str(model_dir), stages=3)
+    source = hf_model_source(settings, work_dir=tmp_path / "model-work")
+    planning = PlanningSettings(settle_s=0.0, serve_timeout_s=0.3)
+    coordinator = Coordinator(handler, model=source, plan=planner_for(source, settings, planning), settings=planning,
+                              scratch_dir=tmp_path / "scratch")  # fmt: skip
+    handler.listener = coordinator
+    join(handler, "owner", 1e10, owner=True)
+    join(handler, "liar", 1e15)  # claims far more FLOP/s than anyone, and never serves
+    join(handler, "honest", 2e10)
+    coordinator.start()
+    try:
+        for _ in range(200):
+            current = handler.state.get_deployment()
+            if current is not None and current.plan_id and current.rows[1].client_id == "honest":
+                break
+            await asyncio.sleep(0.05)
+        first = [b for b in bodies(handler, "liar") if isinstance(b, HostRun)]
+        assert first, "the liar was planned first"
+        assert current is not None and {r.partition: r.client_id for r in current.rows}[1] == "honest"
+        stops = [b for b in bodies(handler, "liar") if isinstance(b, StopRun)]
+        assert [s.run_id for s in stops] == [first[0].run_id]
+    finally:
+        await coordinator.close()
 
 
 async def test_hosts_are_sent_their_neighbours_for_the_chained_path(

@@ -281,6 +281,7 @@ async def test_weights_go_only_to_the_assigned_client(handler: ControlHandler, t
 async def test_upload_with_wrong_digest_is_rejected(handler: ControlHandler) -> None:
     """Bytes that do not hash to the announced sha256 are not kept."""
     _, client = join(handler, "c1")
+    handler.expect_upload("c1", "r1", 1, 0, max_bytes=100)
     header = WeightHeader(run_id="r1", partition=1, total_bytes=4, sha256="0" * 64)
     with pytest.raises(IntegrityError, match="sha256"):
         await handler.upload_partition(client, header, chunks([b"abcd"]))
@@ -291,6 +292,7 @@ async def test_upload_longer_than_announced_is_rejected(handler: ControlHandler)
     """An upload that sends more bytes than its header said is rejected."""
     _, client = join(handler, "c1")
     data = b"abcdef"
+    handler.expect_upload("c1", "r1", 1, 0, max_bytes=100)
     header = WeightHeader(run_id="r1", partition=1, total_bytes=3, sha256=hashlib.sha256(data).hexdigest())
     with pytest.raises(IntegrityError, match="more than"):
         await handler.upload_partition(client, header, chunks([data]))
@@ -300,6 +302,7 @@ async def test_upload_is_kept_when_it_checks_out(handler: ControlHandler) -> Non
     """A correct upload is stored and listed."""
     _, client = join(handler, "c1")
     data = b"weights" * 100
+    handler.expect_upload("c1", "r1", 2, 3, max_bytes=len(data))
     header = WeightHeader(run_id="r1", partition=2, total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), round=3)
     receipt = await handler.upload_partition(client, header, chunks([data[:300], data[300:]]))
     (upload,) = handler.state.list_uploads("r1")
@@ -309,6 +312,7 @@ async def test_upload_is_kept_when_it_checks_out(handler: ControlHandler) -> Non
 async def test_upload_over_limit_is_refused(handler: ControlHandler) -> None:
     """An upload announcing more than max_upload_bytes is refused before reading."""
     _, client = join(handler, "c1")
+    handler.expect_upload("c1", "r1", 0, 0, max_bytes=handler.settings.max_upload_bytes * 2)
     header = WeightHeader(run_id="r1", partition=0, total_bytes=handler.settings.max_upload_bytes + 1, sha256="0" * 64)
     with pytest.raises(LimitExceededError):
         await handler.upload_partition(client, header, chunks([]))

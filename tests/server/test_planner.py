@@ -612,3 +612,11 @@ def test_why_says_who_took_a_cheaper_client(llama6: ModelProfile) -> None:
     slow_row = plan.for_client("slow")[0]
     assert "cheaper fast is full with" in slow_row.why
     assert "cheapest of 2 eligible clients" in plan.for_client("fast")[0].why
+
+
+def test_a_client_whose_costs_overflow_is_left_out_not_fatal(llama6: ModelProfile) -> None:
+    """A helper reporting a denormal FLOP/s (its cost is infinite) is left out; the others are planned."""
+    settings = PlannerSettings(num_stages=3, batch_tokens=1024)
+    clients = [client("owner"), client("denormal", gflops=5e-324), client("ok", gflops=50)]
+    plan = plan_partitions(llama6, clients, owners=["owner"], settings=settings)
+    assert plan.pipeline(0)[1].client_id == "ok"

@@ -123,6 +123,9 @@ class Clients:
         path.write_bytes(CODEC.encode(tensors))
         header = WeightHeader(run_id=body.run_id, partition=partition, total_bytes=path.stat().st_size,
                               sha256=file_sha256(path), round=body.round)  # fmt: skip
+        # The server asked for exactly this upload, and its size fits what it expects of the partition.
+        expected = self.handler.expected_upload(client_id, body.run_id, partition, body.round)
+        assert expected is not None and header.total_bytes <= expected
         self.handler.state.add_upload(StoredUpload(client_id=client_id, header=header, path=str(path)))
 
 

@@ -61,6 +61,19 @@ def test_replacing_a_client_forgets_its_old_session(state: ControlState) -> None
     assert state.client_by_session("new") is not None
 
 
+def test_remove_client_forgets_it_and_its_commands(state: ControlState) -> None:
+    """A removed client is unknown by id and session and its pending commands are gone; others stay."""
+    state.put_client(record("a", "sa"))
+    state.put_client(record("b", "sb"))
+    state.push_command("a", StopRun(run_id="r"))
+    state.push_command("b", StopRun(run_id="r"))
+    state.remove_client("a")
+    state.remove_client("nobody")  # unknown: nothing happens
+    assert state.get_client("a") is None and state.client_by_session("sa") is None
+    assert state.pending_commands("a") == []
+    assert [c.client_id for c in state.list_clients()] == ["b"] and len(state.pending_commands("b")) == 1
+
+
 def test_list_clients_is_sorted_by_id(state: ControlState) -> None:
     """Clients are listed by id, whatever the order of registration."""
     for name in ("c", "a", "b"):

@@ -109,3 +109,29 @@ def test_interpolate_refuses_a_variable_without_default() -> None:
     assert interpolate("${A:-x}-${B:-y}") == "x-y"
     with pytest.raises(ValueError, match="without a default"):
         interpolate("${SECRET}")
+
+
+def test_published_ports_bind_loopback_only() -> None:
+    """Every port the compose file publishes binds 127.0.0.1, never all interfaces."""
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
+def test_the_server_refuses_the_demo_tokens_unless_told_it_is_a_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's compose command with its fallback tokens fails to configure unless TITANIC_DEMO=1."""
+    from server.cli import config_from_args
+
+    service = compose()["services"]["server"]
+    argv = [interpolate(str(a)) for a in service["command"]]
+    monkeypatch.setenv("TITANIC_ADMIN_TOKEN", interpolate(service["environment"]["TITANIC_ADMIN_TOKEN"]))
+    monkeypatch.setenv("TITANIC_DEMO", interpolate(service["environment"]["TITANIC_DEMO"]))
+    args = server_parser().parse_args(argv[1:])
+    with pytest.raises(ValueError, match="public demo tokens"):
+        config_from_args(args)
+    monkeypatch.setenv("TITANIC_DEMO", "1")
+    assert config_from_args(args).auth.join_tokens == ("demo-join",)
+    monkeypatch.setenv("TITANIC_DEMO", "0")
+    monkeypatch.setenv("TITANIC_ADMIN_TOKEN", "a-secret-of-my-own")
+    args = server_parser().parse_args([*argv[1:-2], "--join-token", "another-secret"])
+    assert config_from_args(args).auth.admin_token == "a-secret-of-my-own"

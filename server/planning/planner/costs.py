@@ -134,8 +134,8 @@ class CostTerms:
 
     @property
     def eligible(self) -> NDArray[np.bool_]:
-        """Pairs the solver may use."""
-        return self.fits & self.fast_enough
+        """Pairs the solver may use: a pair whose cost overflows (a denormal FLOP/s, say) is left out."""
+        return self.fits & self.fast_enough & np.isfinite(self.cost)
 
 
 def cost_terms(demands: Sequence[StageDemand], slots: Slots, settings: PlannerSettings) -> CostTerms:
