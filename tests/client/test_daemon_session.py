@@ -70,6 +70,7 @@ async def test_host_uploads_and_stops(tmp_path: Path, model_dir: Path) -> None:
             assert owner.runs[run_id].state == RunState.CONNECTED and sorted(owner.runs[run_id].stages) == [0, 2]
 
             assert app.handler is not None
+            app.handler.expect_upload("helper", run_id, 1, 1, max_bytes=2**30)  # the server takes only uploads it asked for
             app.handler.send_command("helper", Upload(run_id=run_id, partitions=(1,), round=1))
             (upload,) = await wait_for(lambda: app.state.list_uploads(run_id), 30, "upload")
             stored = Path(upload.path).read_bytes()

@@ -59,7 +59,7 @@ async def test_link_measured_against_a_real_server(tmp_path: Path) -> None:
     """Bandwidth both ways and the round trip come out positive over loopback."""
     info = ClientInfo(version="t", hostname="h", platform="p", has_data=False, data_bytes=0, bridge_host="127.0.0.1")
     async with running_app(server_config(tmp_path)) as app, ControlChannel(app.control_address) as channel:
-        await channel.register(name="c1", join_token=JOIN_TOKEN, client_key=None, info=info, profile=DeviceProfile(flops_per_s=1.0, memory_bytes=1))
+        await channel.register(name="c1", join_token=JOIN_TOKEN, client_key=None, info=info, profile=DeviceProfile(flops_per_s=1e9, memory_bytes=2**30))
         link = await measure_link(channel, ProfileSettings(quick=True), max_seconds=1.0)
     # Loopback moves at least tens of MB/s even on a loaded machine.
     assert link.upload_bytes_per_s > 1e7 and link.download_bytes_per_s > 1e7

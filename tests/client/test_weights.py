@@ -27,7 +27,7 @@ async def test_fetch_downloads_once_then_uses_the_cache(tmp_path: Path) -> None:
     """The first fetch downloads and checks; the second is served from the cache."""
     data = b"stage weights " * 5000
     async with running_app(server_config(tmp_path / "server")) as app, ControlChannel(app.control_address) as channel:
-        await channel.register(name="c1", join_token=JOIN_TOKEN, client_key=None, info=INFO, profile=DeviceProfile(flops_per_s=1.0, memory_bytes=1))
+        await channel.register(name="c1", join_token=JOIN_TOKEN, client_key=None, info=INFO, profile=DeviceProfile(flops_per_s=1e9, memory_bytes=2**30))
         source = tmp_path / "stage.safetensors"
         source.write_bytes(data)
         assert app.handler is not None
@@ -42,7 +42,7 @@ async def test_fetch_downloads_once_then_uses_the_cache(tmp_path: Path) -> None:
 async def test_fetch_refuses_weights_other_than_assigned(tmp_path: Path) -> None:
     """Weights whose digest differs from the command's are refused and not cached."""
     async with running_app(server_config(tmp_path / "server")) as app, ControlChannel(app.control_address) as channel:
-        await channel.register(name="c1", join_token=JOIN_TOKEN, client_key=None, info=INFO, profile=DeviceProfile(flops_per_s=1.0, memory_bytes=1))
+        await channel.register(name="c1", join_token=JOIN_TOKEN, client_key=None, info=INFO, profile=DeviceProfile(flops_per_s=1e9, memory_bytes=2**30))
         source = tmp_path / "stage.safetensors"
         source.write_bytes(b"what the server has")
         assert app.handler is not None
