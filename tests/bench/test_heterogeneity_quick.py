@@ -73,6 +73,17 @@ def test_smha_configurations_use_the_heads_keys() -> None:
     assert set(CONFIGS) >= set(HeterogeneitySettings().configs)
 
 
+def test_smha_configurations_are_run_files_the_server_accepts() -> None:
+    """Every SMHA row parses as a run file in heads mode and passes the check that one owner trains every head."""
+    settings = HeterogeneitySettings(steps=8, batch_size=4)
+    for config in ("smha25", "smha50", "s1_smha", "s3_smha"):
+        spec = spec_from_mapping(run_spec(config, settings, "/models/m", OWNERS))
+        assert spec.finetune.mode == "heads"
+        spec.finetune.check_owners(OWNERS)  # raises when no owner trains all heads
+        assert spec.finetune.fraction_of("owner3") == 1.0
+    assert spec_from_mapping(run_spec("smha25", settings, "m", OWNERS)).finetune.fraction_of("owner0") == 0.25
+
+
 def test_idle_is_weighted_by_round_length_and_the_line_has_every_key() -> None:
     """An owner's idle ratio is its idle seconds over the rounds' training seconds; the line names every figure."""
     run = {"per_round": [
