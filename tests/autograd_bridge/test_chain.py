@@ -131,7 +131,7 @@ def test_owner_touches_only_the_ends_of_the_chain(load_tiny):
 
 
 def test_chained_and_relayed_steps_agree_bit_for_bit(load_tiny):
-    """The same step on the chained and the relayed path gives identical losses and gradients."""
+    """The same step on the chained and the relayed path gives identical losses and gradients (the tied embedding to rounding)."""
     model = load_tiny("gpt2")
     batch = padded_batch(vocab_size=model.config.vocab_size, padding="right")
     results = {}
@@ -147,7 +147,13 @@ def test_chained_and_relayed_steps_agree_bit_for_bit(load_tiny):
             split.close()
     assert results["chain"][:2] == results["relay"][:2]
     for name, g in results["relay"][2].items():
-        assert torch.equal(results["chain"][2][name], g), name
+        # GPT-2 ties its head to the embedding: that gradient sums four parts (two micro-batches x
+        # embedding and head) in whatever order the backward passes finish, which varies from run
+        # to run on either path, so it agrees to rounding only; every other gradient is bit for bit.
+        if name == "transformer.wte.weight":
+            torch.testing.assert_close(results["chain"][2][name], g, rtol=1e-6, atol=1e-9)
+        else:
+            assert torch.equal(results["chain"][2][name], g), name
 
 
 def test_host_refuses_a_peer_that_is_not_its_neighbour(load_tiny):
