@@ -22,7 +22,9 @@ from proto.messages import AllowedPeer, PartitionAssignment, PeerEndpoint
 
 TOKEN = "owner-token"
 RUN = "plan-1-p0"
-MIDDLE = PartitionAssignment(index=1, num_stages=3, layer_start=1, layer_end=3, weights_sha256="0" * 64, weights_bytes=0, local=False)
+MIDDLE = PartitionAssignment(
+    index=1, num_stages=3, layer_start=1, layer_end=3, weights_sha256="0" * 64, weights_bytes=0, local=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,10 @@ def stage_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[int
 
     config = tiny_config("llama")
     model = AutoModelForCausalLM.from_config(config)
-    specs = [StageSpec(index=i, num_stages=3, layer_start=s, layer_end=e) for i, (s, e) in enumerate([(0, 1), (1, 3), (3, 4)])]
+    specs = [
+        StageSpec(index=i, num_stages=3, layer_start=s, layer_end=e)
+        for i, (s, e) in enumerate([(0, 1), (1, 3), (3, 4)])
+    ]
     folder = tmp_path_factory.mktemp("stages")
     files = {}
     for spec, stage in zip(specs, split_model(model, specs), strict=True):
@@ -48,16 +53,21 @@ def peer(url: str, cert_pem: str) -> PeerEndpoint:
     return PeerEndpoint(partition=1, client_id="host", url=url, token=TOKEN, cert_pem=cert_pem)
 
 
-async def test_only_the_vouched_certificate_is_trusted(stage_files: tuple[str, dict[int, Path]], tmp_path: Path) -> None:
+async def test_only_the_vouched_certificate_is_trusted(
+    stage_files: tuple[str, dict[int, Path]], tmp_path: Path
+) -> None:
     """The host's own certificate gets the owner in; another self-signed one for the same address is refused."""
     config_json, files = stage_files
     stages = build_stages(config_json, [MIDDLE], files, tmp_path)
     allowed = [AllowedPeer(client_id="owner", token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())]
-    served = await start_stage_host(stages, run_id=RUN, allowed=allowed, bind_host="127.0.0.1", port=0, public_host="127.0.0.1")
+    served = await start_stage_host(
+        stages, run_id=RUN, allowed=allowed, bind_host="127.0.0.1", port=0, public_host="127.0.0.1"
+    )
     try:
         assert served.url.startswith("wss://") and "BEGIN CERTIFICATE" in served.cert_pem
         await reach_peers(RUN, [peer(served.url, served.cert_pem)])
-        impostor = issue_host_certificate("127.0.0.1")  # same name, different key: what another machine would show
+        # Same name, different key: what another machine at that address would show.
+        impostor = issue_host_certificate("127.0.0.1")
         with pytest.raises(HostingError, match="certificate"):
             await reach_peers(RUN, [peer(served.url, impostor.cert_pem)])
         with pytest.raises(HostingError, match="no usable certificate"):  # wss:// with nothing vouched for
