@@ -176,7 +176,7 @@ async def reach_peers(run_id: str, peers: Sequence[PeerEndpoint], *, timeout_s: 
             client = await StageClient.connect(
                 peer.url, run_id=run_id, stage=peer.partition, token=peer.token, settings=settings, ssl=tls
             )
-        except (BridgeError, OSError) as exc:
+        except (BridgeError, OSError, HostingError) as exc:
             raise HostingError(
                 f"could not reach the host of partition {peer.partition} ({peer.client_id} at {peer.url}): {exc}"
             ) from exc
