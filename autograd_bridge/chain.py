@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_lib
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -45,6 +46,7 @@ class PeerAddress:
 
     url: str  # ws:// or wss:// URL of the neighbour's host
     token: str | None = None  # this host's token for the run (the neighbour knows its digest)
+    ssl: ssl_lib.SSLContext | None = None  # for wss://: the context trusting the neighbour's certificate
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,7 +160,12 @@ class ChainLinks:
             if client is None or client.lost:
                 settings = ClientSettings(timeout_s=self.timeout_s, compression=self.compression)
                 client = await StageClient.connect(
-                    peer.url, run_id=self.run_id, stage=stage, token=peer.token, settings=settings
+                    peer.url,
+                    run_id=self.run_id,
+                    stage=stage,
+                    token=peer.token,
+                    settings=settings,
+                    ssl=peer.ssl,
                 )
                 self._clients[key] = client
             return client

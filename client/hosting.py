@@ -22,6 +22,7 @@ from typing import Any
 from proto.messages import AllowedPeer, PartitionAssignment, PeerEndpoint, RunState, RunStatus
 
 from .errors import HostingError
+from .tls import issue_host_certificate, peer_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,10 @@ log = logging.getLogger(__name__)
 class ServedStages:
     """A stage host listening for peers."""
 
-    url: str  # ws://host:port peers connect to
+    url: str  # wss://host:port peers connect to
     close: Callable[[], Awaitable[None]]  # stop listening and free the stages
     host: Any = None  # the StageHost serving them (its optimizer is rebuilt when LoRA is added)
+    cert_pem: str = ""  # the certificate served at url (reported to the server, which vouches for it)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -56,6 +58,7 @@ class HostedRun:
             state=self.state,
             bridge_url=self.served.url if self.served else "",
             message=self.message,
+            bridge_cert_pem=self.served.cert_pem if self.served else "",
         )
 
     async def close(self) -> None:
@@ -114,25 +117,36 @@ async def start_stage_host(
     port: int,
     public_host: str,
 ) -> ServedStages:
-    """Serve ``stages`` for ``run_id`` over WebSockets to the peers in ``allowed`` only."""
+    """Serve ``stages`` for ``run_id`` over secure WebSockets to the peers in ``allowed`` only.
+
+    The host serves ``wss://`` with a certificate made for ``public_host`` just now; peers trust
+    it because the server passes it on with the URL (see :mod:`client.tls`).
+    """
     from autograd_bridge.host import StageHost, serve_stage_host
 
     if not allowed:
         raise HostingError(f"run {run_id}: the server named no peers for the stages it asked this client to serve")
+    certificate = issue_host_certificate(public_host)
+    tls = server_context(certificate)
     host = StageHost(stages, run_id=run_id)
     try:
-        server: Any = await serve_stage_host(host, bind_host, port, authenticate=peer_authenticator(allowed))
+        server: Any = await serve_stage_host(host, bind_host, port, ssl=tls, authenticate=peer_authenticator(allowed))
     except OSError as exc:
         host.close()
         raise HostingError(f"could not listen for peers on {bind_host}:{port}: {exc}") from exc
-    url = f"ws://{public_host}:{server.port}"
+    url = f"wss://{_url_host(public_host)}:{server.port}"
 
     async def close() -> None:
         await server.close()
         await host.aclose()
 
     log.info("run %s: serving stages %s at %s", run_id, sorted(stages), url)
-    return ServedStages(url=url, close=close, host=host)
+    return ServedStages(url=url, close=close, host=host, cert_pem=certificate.cert_pem)
+
+
+def _url_host(host: str) -> str:
+    """``host`` as written in a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def chain_route(served: Mapping[int, Any], peers: Sequence[PeerEndpoint]) -> Any:
@@ -144,7 +158,7 @@ def chain_route(served: Mapping[int, Any], peers: Sequence[PeerEndpoint]) -> Any
     """
     from autograd_bridge.chain import ChainRoute, PeerAddress
 
-    where = {p.partition: PeerAddress(url=p.url, token=p.token) for p in peers}
+    where = {p.partition: PeerAddress(url=p.url, token=p.token, ssl=peer_context(p.url, p.cert_pem)) for p in peers}
     nxt = {s: where[s + 1] for s in served if s + 1 in where and s + 1 not in served}
     prev = {s: where[s - 1] for s in served if s - 1 in where and s - 1 not in served}
     return ChainRoute(next=nxt, prev=prev)
@@ -158,10 +172,11 @@ async def reach_peers(run_id: str, peers: Sequence[PeerEndpoint], *, timeout_s: 
     settings = ClientSettings(timeout_s=timeout_s)
     for peer in peers:
         try:
+            tls = peer_context(peer.url, peer.cert_pem)
             client = await StageClient.connect(
-                peer.url, run_id=run_id, stage=peer.partition, token=peer.token, settings=settings
+                peer.url, run_id=run_id, stage=peer.partition, token=peer.token, settings=settings, ssl=tls
             )
-        except (BridgeError, OSError) as exc:
+        except (BridgeError, OSError, HostingError) as exc:
             raise HostingError(
                 f"could not reach the host of partition {peer.partition} ({peer.client_id} at {peer.url}): {exc}"
             ) from exc

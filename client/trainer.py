@@ -29,6 +29,7 @@ from autograd_bridge.paths import get_path
 from proto.messages import Evaluation, PeerEndpoint, PrepareRun, RoundReport, StepRecord, Train, Upload
 
 from .errors import HostingError
+from .tls import peer_context
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class OwnerTrainer:
                 client = self.runtime.run(
                     StageClient.connect(
                         peer.url, run_id=run_id, stage=k, token=peer.token,
-                        settings=ClientSettings(compression=compression),
+                        settings=ClientSettings(compression=compression), ssl=peer_context(peer.url, peer.cert_pem),
                     )
                 )  # fmt: skip
                 self.clients.append(client)

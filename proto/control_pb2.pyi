@@ -124,18 +124,20 @@ class ProfileReport(_message.Message):
     def __init__(self, profile: _Optional[_Union[DeviceProfile, _Mapping]] = ...) -> None: ...
 
 class RunStatus(_message.Message):
-    __slots__ = ("run_id", "partitions", "state", "bridge_url", "message")
+    __slots__ = ("run_id", "partitions", "state", "bridge_url", "message", "bridge_cert_pem")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_URL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     partitions: _containers.RepeatedScalarFieldContainer[int]
     state: RunState
     bridge_url: str
     message: str
-    def __init__(self, run_id: _Optional[str] = ..., partitions: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[RunState, str]] = ..., bridge_url: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    bridge_cert_pem: str
+    def __init__(self, run_id: _Optional[str] = ..., partitions: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[RunState, str]] = ..., bridge_url: _Optional[str] = ..., message: _Optional[str] = ..., bridge_cert_pem: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("runs", "free_memory_bytes")
@@ -194,16 +196,18 @@ class HostRun(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_config: _Optional[bytes] = ..., partitions: _Optional[_Iterable[_Union[PartitionAssignment, _Mapping]]] = ..., allowed_peers: _Optional[_Iterable[_Union[AllowedPeer, _Mapping]]] = ...) -> None: ...
 
 class PeerEndpoint(_message.Message):
-    __slots__ = ("partition", "client_id", "url", "token")
+    __slots__ = ("partition", "client_id", "url", "token", "cert_pem")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     partition: int
     client_id: str
     url: str
     token: str
-    def __init__(self, partition: _Optional[int] = ..., client_id: _Optional[str] = ..., url: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+    cert_pem: str
+    def __init__(self, partition: _Optional[int] = ..., client_id: _Optional[str] = ..., url: _Optional[str] = ..., token: _Optional[str] = ..., cert_pem: _Optional[str] = ...) -> None: ...
 
 class ConnectPeers(_message.Message):
     __slots__ = ("run_id", "peers")

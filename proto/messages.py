@@ -121,6 +121,7 @@ class RunStatus:
     state: RunState = RunState.PREPARING
     bridge_url: str = ""  # where peers connect; empty when not serving
     message: str = ""
+    bridge_cert_pem: str = ""  # PEM certificate the host at bridge_url serves wss:// with
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,6 +260,7 @@ class PeerEndpoint:
     client_id: str
     url: str
     token: str
+    cert_pem: str = ""  # the certificate the host reported for url: the only one to trust there
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -205,6 +205,7 @@ def run_status_to_proto(run: RunStatus) -> pb.RunStatus:
         state=_RUN_STATES[run.state],
         bridge_url=run.bridge_url,
         message=run.message,
+        bridge_cert_pem=run.bridge_cert_pem,
     )
 
 
@@ -219,6 +220,7 @@ def run_status_from_proto(msg: pb.RunStatus) -> RunStatus:
         state=state,
         bridge_url=msg.bridge_url,
         message=msg.message,
+        bridge_cert_pem=msg.bridge_cert_pem,
     )
 
 
@@ -400,10 +402,10 @@ def command_to_proto(command: Command) -> pb.Command:
             )
         )
     elif isinstance(body, ConnectPeers):
-        peers = [pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in body.peers]
+        peers = [_peer_to_proto(p) for p in body.peers]
         msg.connect.CopyFrom(pb.ConnectPeers(run_id=body.run_id, peers=peers))
     elif isinstance(body, ChainPeers):
-        peers = [pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in body.peers]
+        peers = [_peer_to_proto(p) for p in body.peers]
         msg.chain.CopyFrom(pb.ChainPeers(run_id=body.run_id, peers=peers))
     elif isinstance(body, Train):
         msg.train.CopyFrom(pb.Train(**{name: getattr(body, name) for name in _TRAIN_FIELDS}))
@@ -423,6 +425,14 @@ def command_to_proto(command: Command) -> pb.Command:
     return msg
 
 
+def _peer_to_proto(p: PeerEndpoint) -> pb.PeerEndpoint:
+    return pb.PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token, cert_pem=p.cert_pem)
+
+
+def _peer_from_proto(p: pb.PeerEndpoint) -> PeerEndpoint:
+    return PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token, cert_pem=p.cert_pem)
+
+
 def command_from_proto(msg: pb.Command) -> Command:
     """A command from the server."""
     kind = msg.WhichOneof("body")
@@ -440,14 +450,10 @@ def command_from_proto(msg: pb.Command) -> Command:
             allowed_peers=tuple(AllowedPeer(client_id=a.client_id, token_sha256=a.token_sha256) for a in h.allowed_peers),
         )
     elif kind == "connect":
-        peers = tuple(
-            PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in msg.connect.peers
-        )
+        peers = tuple(_peer_from_proto(p) for p in msg.connect.peers)
         body = ConnectPeers(run_id=msg.connect.run_id, peers=peers)
     elif kind == "chain":
-        peers = tuple(
-            PeerEndpoint(partition=p.partition, client_id=p.client_id, url=p.url, token=p.token) for p in msg.chain.peers
-        )
+        peers = tuple(_peer_from_proto(p) for p in msg.chain.peers)
         body = ChainPeers(run_id=msg.chain.run_id, peers=peers)
     elif kind == "train":
         body = Train(**{name: getattr(msg.train, name) for name in _TRAIN_FIELDS})

@@ -55,6 +55,7 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _MAX_RUNS_REPORTED = 64
 _MAX_TEXT = 4096  # longest free-text field kept from a client
+_MAX_CERT_PEM = 16384  # a stage host's TLS certificate (PEM); a P-256 one is under 1 KiB
 # A probe may run a little past its nominal length: the last chunk is in flight when time is up.
 _PROBE_GRACE_S = 2.0
 # What a real device can report; a value outside is a bug or a lie, and planning on it helps nobody.
@@ -503,4 +504,6 @@ def _check_runs(runs: tuple[RunStatus, ...]) -> tuple[RunStatus, ...]:
     for run in runs:
         if not _RUN_ID.match(run.run_id):
             raise InvalidRequestError(f"run id {run.run_id!r} is not valid")
+        if len(run.bridge_cert_pem) > _MAX_CERT_PEM:
+            raise InvalidRequestError(f"run {run.run_id}: the host certificate is over {_MAX_CERT_PEM} characters")
     return tuple(replace(r, message=r.message[:_MAX_TEXT], bridge_url=r.bridge_url[:_MAX_TEXT]) for r in runs)

@@ -113,6 +113,8 @@ class Deployment:
     # trained on it: the next run waits for a new plan, whose stages start from the model's weights)
     state: str = "planned"
     bridge_urls: dict[str, dict[str, str]] = field(default_factory=dict)  # run id -> client id -> host URL
+    # run id -> client id -> the TLS certificate (PEM) that client reported for its host URL
+    bridge_certs: dict[str, dict[str, str]] = field(default_factory=dict)
     connected: tuple[str, ...] = ()  # owners that reached every host of their pipeline
 
     def assignment(self) -> tuple[tuple[int, int, int, int, str], ...]:

@@ -140,6 +140,7 @@ def deployment_json(deployment: Deployment | None) -> dict[str, Any]:
         "clients": list(deployment.clients),
         "summary": deployment.summary,
         "bridge_urls": {k: dict(v) for k, v in deployment.bridge_urls.items()},
+        "bridge_certs": {k: dict(v) for k, v in deployment.bridge_certs.items()},  # what owners are told to trust
         "connected": list(deployment.connected),
         "rows": rows,
     }

@@ -132,7 +132,10 @@ class Coordinator:
         if run.state == RunState.SERVING and run.bridge_url:
             urls = {k: dict(v) for k, v in deployment.bridge_urls.items()}
             urls.setdefault(run.run_id, {})[client_id] = run.bridge_url
-            deployment = replace(deployment, bridge_urls=urls)
+            # The certificate this client reported over its own session: the one its peers trust.
+            certs = {k: dict(v) for k, v in deployment.bridge_certs.items()}
+            certs.setdefault(run.run_id, {})[client_id] = run.bridge_cert_pem
+            deployment = replace(deployment, bridge_urls=urls, bridge_certs=certs)
             self.state.set_deployment(deployment)
             self._connect_owner_when_served(deployment, run.run_id)
         elif run.state == RunState.CONNECTED and client_id in deployment.owners:
@@ -342,13 +345,17 @@ class Coordinator:
         if deployment.state not in ("planned", "serving") or not hosts <= set(urls) or run_id not in self._tokens:
             return deployment
         owner = rows[0].owner_id
+        certs = deployment.bridge_certs.get(run_id, {})
+        token = self._tokens[run_id]
         peers = tuple(
-            PeerEndpoint(partition=r.partition, client_id=r.client_id, url=urls[r.client_id], token=self._tokens[run_id])
+            PeerEndpoint(partition=r.partition, client_id=r.client_id, url=urls[r.client_id], token=token,
+                         cert_pem=certs.get(r.client_id, ""))
             for r in rows
             if not r.local
-        )
+        )  # fmt: skip
         for host in sorted(hosts):
-            self.handler.send_command(host, ChainPeers(run_id=run_id, peers=self._neighbours(rows, host, urls)))
+            neighbours = self._neighbours(rows, host, urls, certs)
+            self.handler.send_command(host, ChainPeers(run_id=run_id, peers=neighbours))
         self.handler.send_command(owner, ConnectPeers(run_id=run_id, peers=peers))
         del self._tokens[run_id]  # sent once; the owner keeps it from here
         served = all(
@@ -369,13 +376,16 @@ class Coordinator:
             if (token := self._chain_tokens.get((r.run_id, r.client_id))) is not None
         )
 
-    def _neighbours(self, run_rows: Sequence[PlanRow], client_id: str, urls: dict[str, str]) -> tuple[PeerEndpoint, ...]:
-        """Where ``client_id``'s neighbouring partitions are hosted, with ``client_id``'s own token."""
+    def _neighbours(
+        self, run_rows: Sequence[PlanRow], client_id: str, urls: dict[str, str], certs: dict[str, str]
+    ) -> tuple[PeerEndpoint, ...]:
+        """Where ``client_id``'s neighbouring partitions are hosted (and their certificates), with ``client_id``'s own token."""
         token = self._chain_tokens.get((run_rows[0].run_id, client_id), "")
         return tuple(
-            PeerEndpoint(partition=r.partition, client_id=r.client_id, url=urls[r.client_id], token=token)
+            PeerEndpoint(partition=r.partition, client_id=r.client_id, url=urls[r.client_id], token=token,
+                         cert_pem=certs.get(r.client_id, ""))
             for r in _neighbour_rows(run_rows, client_id)
-        )
+        )  # fmt: skip
 
 
 def _neighbour_rows(run_rows: Sequence[PlanRow], client_id: str) -> list[PlanRow]:

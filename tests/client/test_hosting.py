@@ -10,6 +10,7 @@ import pytest
 from autograd_bridge.errors import PeerLostError
 from client.errors import HostingError
 from client.hosting import build_stages, peer_authenticator, reach_peers, start_stage_host
+from client.tls import pinned_context
 from proto.messages import AllowedPeer, PartitionAssignment, PeerEndpoint
 
 OWNER_TOKEN = "token-the-server-gave-the-owner"
@@ -66,11 +67,12 @@ async def test_only_the_named_peer_gets_in(stage_files: tuple[str, dict[int, Pat
         stages, run_id="plan-1-p0", allowed=allowed(OWNER_TOKEN), bind_host="127.0.0.1", port=0, public_host="127.0.0.1"
     )
     try:
-        await reach_peers("plan-1-p0", [PeerEndpoint(partition=1, client_id="me", url=served.url, token=OWNER_TOKEN)])
+        assert served.url.startswith("wss://127.0.0.1:")
+        await reach_peers("plan-1-p0", [PeerEndpoint(partition=1, client_id="me", url=served.url, token=OWNER_TOKEN, cert_pem=served.cert_pem)])
         with pytest.raises(PeerLostError, match="401"):
-            await connect_websocket(served.url)
+            await connect_websocket(served.url, ssl=pinned_context(served.cert_pem))
         with pytest.raises(HostingError, match="403"):
-            await reach_peers("plan-1-p0", [PeerEndpoint(partition=1, client_id="me", url=served.url, token="guessed-token")])
+            await reach_peers("plan-1-p0", [PeerEndpoint(partition=1, client_id="me", url=served.url, token="guessed-token", cert_pem=served.cert_pem)])
     finally:
         await served.close()
 
@@ -84,7 +86,7 @@ async def test_reaching_a_host_of_another_stage_fails(stage_files: tuple[str, di
     )
     try:
         with pytest.raises(HostingError, match="partition 2"):
-            await reach_peers("plan-1-p0", [PeerEndpoint(partition=2, client_id="me", url=served.url, token=OWNER_TOKEN)])
+            await reach_peers("plan-1-p0", [PeerEndpoint(partition=2, client_id="me", url=served.url, token=OWNER_TOKEN, cert_pem=served.cert_pem)])
     finally:
         await served.close()
 

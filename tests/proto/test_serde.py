@@ -20,6 +20,9 @@ def trip(command: m.Command) -> m.Command:
     return serde.command_from_proto(wire(serde.command_to_proto(command)))
 
 
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n"  # carried as given: a host's TLS certificate
+
+
 def test_host_command_reaches_client_intact() -> None:
     """Every field of a HostRun survives server -> wire -> client."""
     body = m.HostRun(
@@ -36,7 +39,7 @@ def test_host_command_reaches_client_intact() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        m.ConnectPeers(run_id="r", peers=(m.PeerEndpoint(partition=1, client_id="h", url="ws://x:1", token="t"),)),
+        m.ConnectPeers(run_id="r", peers=(m.PeerEndpoint(partition=1, client_id="h", url="wss://x:1", token="t", cert_pem=PEM),)),
         m.Train(run_id="r", round=3, steps=1000, start=2000, batch_size=4, seq_len=64, micro_batches=2, lr=1e-3,
                 seed=7, val_fraction=0.2, eval_batch_size=16, tokenizer="/models/t", method="backprop"),
         m.Train(run_id="r", round=1, steps=640, batch_size=8, seq_len=64, tokenizer="t", time_budget_s=12.5),
@@ -50,7 +53,7 @@ def test_host_command_reaches_client_intact() -> None:
                      heads=m.HeadSettings(fraction=0.25, choice="importance", adapter="lora", key="owner-1",
                                           schedule="redundancy")),
         m.PrepareRun(run_id="r", path="chain", activation_compression="int8"),
-        m.ChainPeers(run_id="r", peers=(m.PeerEndpoint(partition=2, client_id="n", url="ws://n:2", token="mine"),)),
+        m.ChainPeers(run_id="r", peers=(m.PeerEndpoint(partition=2, client_id="n", url="wss://n:2", token="mine", cert_pem=PEM),)),
         m.LoadPartitions(run_id="r", partitions=(
             m.PartitionAssignment(index=0, num_stages=1, layer_start=0, layer_end=4, weights_sha256="ef" * 32, weights_bytes=9, local=True),
         ), round=2),
@@ -93,7 +96,7 @@ def test_status_report_reaches_server_intact() -> None:
         command_id=5,
         state=m.CommandState.DONE,
         message="ok",
-        run=m.RunStatus(run_id="r", partitions=(1,), state=m.RunState.SERVING, bridge_url="ws://h:2"),
+        run=m.RunStatus(run_id="r", partitions=(1,), state=m.RunState.SERVING, bridge_url="wss://h:2", bridge_cert_pem=PEM),
     )
     msg = pb.StatusReport.FromString(serde.status_report_to_proto(report).SerializeToString())
     assert serde.status_report_from_proto(msg) == report

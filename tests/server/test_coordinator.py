@@ -124,11 +124,13 @@ async def test_owner_is_sent_its_peers_once_hosts_serve(handler: ControlHandler,
     run_id = deployment.rows[0].run_id
     (host_cmd,) = bodies(handler, "fast")
     assert isinstance(host_cmd, HostRun)
-    report(handler, fast, RunStatus(run_id=run_id, partitions=(1,), state=RunState.SERVING, bridge_url="ws://127.0.0.1:9"))
+    report(handler, fast, RunStatus(run_id=run_id, partitions=(1,), state=RunState.SERVING, bridge_url="wss://127.0.0.1:9",
+                                    bridge_cert_pem="PEM of fast"))  # fmt: skip
     connect = bodies(handler, "owner")[-1]
     assert isinstance(connect, ConnectPeers)
     (peer,) = connect.peers
-    assert (peer.partition, peer.client_id, peer.url) == (1, "fast", "ws://127.0.0.1:9")
+    assert (peer.partition, peer.client_id, peer.url) == (1, "fast", "wss://127.0.0.1:9")
+    assert peer.cert_pem == "PEM of fast"  # the server vouches for exactly what that host reported
     assert hashlib.sha256(peer.token.encode()).hexdigest() == host_cmd.allowed_peers[0].token_sha256
     report(handler, owner, RunStatus(run_id=run_id, partitions=(0, 2), state=RunState.CONNECTED))
     current = handler.state.get_deployment()
@@ -447,12 +449,14 @@ async def test_hosts_are_sent_their_neighbours_for_the_chained_path(
         other = host_of[3 - partition]
         assert sorted(a.client_id for a in host_cmds[name].allowed_peers) == sorted(["owner", other])  # type: ignore[attr-defined]
         url = f"ws://127.0.0.1:{9000 + partition}"
-        report(handler, tokens[name], RunStatus(run_id=run_id, partitions=(partition,), state=RunState.SERVING, bridge_url=url))
+        report(handler, tokens[name], RunStatus(run_id=run_id, partitions=(partition,), state=RunState.SERVING, bridge_url=url,
+                                                bridge_cert_pem=f"PEM of {name}"))  # fmt: skip
     for partition, name in host_of.items():
         (chain,) = [b for b in bodies(handler, name) if isinstance(b, ChainPeers)]
         (peer,) = chain.peers
         other = host_of[3 - partition]
         assert (peer.partition, peer.client_id, peer.url) == (3 - partition, other, f"ws://127.0.0.1:{9003 - partition}")
+        assert peer.cert_pem == f"PEM of {other}"  # the neighbour's own certificate, as it reported it
         digest = hashlib.sha256(peer.token.encode()).hexdigest()
         accepted = {a.token_sha256 for a in host_cmds[other].allowed_peers if a.client_id == name}  # type: ignore[attr-defined]
         assert digest in accepted

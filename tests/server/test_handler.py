@@ -230,6 +230,15 @@ def test_status_report_updates_the_clients_runs(handler: ControlHandler) -> None
     assert handler.state.get_client("c1").runs == (run,)  # type: ignore[union-attr]
 
 
+def test_an_oversized_host_certificate_is_refused(handler: ControlHandler) -> None:
+    """A certificate too large to be a host's is refused whole (never truncated into another one)."""
+    _, client = join(handler, "c1")
+    run = RunStatus(run_id="r1", state=RunState.SERVING, bridge_url="wss://127.0.0.1:1", bridge_cert_pem="x" * 20000)
+    with pytest.raises(InvalidRequestError, match="certificate"):
+        handler.report_status(client, StatusReport(command_id=1, state=CommandState.DONE, run=run))
+    assert handler.state.get_client("c1").runs == ()  # type: ignore[union-attr]
+
+
 async def test_upload_probe_counts_bytes_after_first_chunk(handler: ControlHandler) -> None:
     """The probe result excludes the first chunk, which opened the stream."""
     _, client = join(handler, "c1")

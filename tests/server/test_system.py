@@ -44,14 +44,15 @@ def connected_plan(admin_url: str, *, after: int = 0, timeout_s: float = 120.0) 
     )
 
 
-def refusals(url: str) -> list[str]:
-    """What the host at ``url`` answers a peer with no token and a peer with a guessed one."""
+def refusals(url: str, cert_pem: str) -> list[str]:
+    """What the host at ``url`` (trusting ``cert_pem``) answers a peer with no token and one with a guessed one."""
     from autograd_bridge.errors import PeerLostError
     from autograd_bridge.websocket import connect_websocket
+    from client.tls import pinned_context
 
     async def attempt(token: str | None) -> str:
         try:
-            conn = await connect_websocket(url, token=token)
+            conn = await connect_websocket(url, token=token, ssl=pinned_context(cert_pem))
         except PeerLostError as exc:
             return str(exc)
         await conn.close()
@@ -96,7 +97,8 @@ def test_plan_is_delivered_hosted_and_replanned_when_a_host_dies(tmp_path: Path,
         assert host_of(plan, 1) == "fast"
         run_id = plan["rows"][1]["run_id"]
         url = plan["bridge_urls"][run_id]["fast"]
-        no_token, wrong_token = refusals(url)
+        assert url.startswith("wss://")  # the host serves TLS with the certificate the server vouches for
+        no_token, wrong_token = refusals(url, plan["bridge_certs"][run_id]["fast"])
         assert "401" in no_token and "403" in wrong_token
 
         table = admin_cli(admin_url, "plan")
