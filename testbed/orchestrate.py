@@ -475,9 +475,11 @@ def run_timing(runs: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]) -> Ru
     Each owner reports per round ``stage_seconds`` (one per stage of its pipeline: its wait for
     that stage per step, transfers both ways plus the holder's compute) and ``step_seconds``.
     Rounds are weighted by their steps (``len(losses)``). A stage is matched to its holder by
-    the plan row with the owner's bridge run and that partition; rows no owner reported on get None.
+    the plan row of that owner's pipeline and partition (by owner, not bridge run: a run that ends
+    retires its plan, so the plan served afterwards has new bridge runs); rows no owner reported
+    on get None.
     """
-    totals: dict[tuple[str, int], float] = {}  # (bridge run, partition) -> seconds, summed over steps
+    totals: dict[tuple[str, int], float] = {}  # (owner, partition) -> seconds, summed over steps
     counts: dict[tuple[str, int], int] = {}
     step_total, step_count = 0.0, 0
     for run in runs:
@@ -487,7 +489,7 @@ def run_timing(runs: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]) -> Ru
             if not steps or not isinstance(stages, list):
                 continue  # an owner that sends no timing (an older client)
             for partition, seconds in enumerate(stages):
-                key = (str(entry.get("bridge_run", "")), partition)
+                key = (str(entry.get("owner", "")), partition)
                 totals[key] = totals.get(key, 0.0) + float(seconds) * steps
                 counts[key] = counts.get(key, 0) + steps
             if isinstance(entry.get("step_seconds"), int | float):
@@ -495,7 +497,7 @@ def run_timing(runs: Sequence[Mapping[str, Any]], plan: Mapping[str, Any]) -> Ru
                 step_count += steps
     per_client: dict[str, list[tuple[int, str, float | None]]] = {}
     for row in plan.get("rows", []):
-        key = (str(row["run_id"]), int(row["partition"]))
+        key = (str(row["owner_id"]), int(row["partition"]))
         mean = totals[key] / counts[key] if key in counts else None
         per_client.setdefault(str(row["client_id"]), []).append((key[1], key[0], mean))
     return RunTiming(

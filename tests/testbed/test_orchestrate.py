@@ -26,8 +26,8 @@ def _report(name: str, partitions: tuple[int, ...], shaped: int | None = 10_000_
 def test_run_timing_maps_each_stage_to_its_holder_weighting_rounds_by_steps() -> None:
     """Stage k of an owner's pipeline goes to the plan row's client, and a 3-step round weighs three times a 1-step one."""
     history = [
-        {"round": 1, "bridge_run": "p0", "losses": [1.0], "stage_seconds": [0.1, 1.0, 2.0, 0.3], "step_seconds": 4.0},
-        {"round": 2, "bridge_run": "p0", "losses": [1.0] * 3, "stage_seconds": [0.5, 2.0, 4.0, 0.7],
+        {"round": 1, "bridge_run": "p0", "owner": "c0", "losses": [1.0], "stage_seconds": [0.1, 1.0, 2.0, 0.3], "step_seconds": 4.0},
+        {"round": 2, "bridge_run": "p0", "owner": "c0", "losses": [1.0] * 3, "stage_seconds": [0.5, 2.0, 4.0, 0.7],
          "step_seconds": 8.0},
     ]  # fmt: skip
     timing = run_timing([{"run_id": "run-1", "history": history}], PLAN)
@@ -40,7 +40,7 @@ def test_run_timing_maps_each_stage_to_its_holder_weighting_rounds_by_steps() ->
 
 def test_run_timing_leaves_unreported_stages_unknown() -> None:
     """Owners that send no timing (older clients) leave the step time and every stage time None."""
-    history = [{"round": 1, "bridge_run": "p0", "losses": [1.0, 0.9]}]
+    history = [{"round": 1, "bridge_run": "p0", "owner": "c0", "losses": [1.0, 0.9]}]
     timing = run_timing([{"run_id": "run-1", "history": history}], PLAN)
     assert timing.step_seconds is None and timing.steps == 0
     assert timing.stage_seconds["c2"] == (None,)
@@ -82,3 +82,11 @@ def test_command_lines_survive_tokens_that_begin_with_a_dash(tmp_path: Path) -> 
     client_argv = bed.client_argv(0, bed.topology.clients[0])
     args = client_parser().parse_args(client_argv[client_argv.index("client.cli") + 1 :])
     assert args.token == "-Join_tok"
+
+
+def test_run_timing_matches_stages_by_owner_after_the_plan_is_redone() -> None:
+    """A run that ends retires its plan: the plan served afterwards has new bridge runs, and stages still match by owner."""
+    history = [{"round": 1, "bridge_run": "p0", "owner": "c0", "losses": [1.0], "stage_seconds": [0.1, 1.0, 2.0, 0.3]}]
+    redone = {"rows": [_row("p9", 0, "c0"), _row("p9", 1, "c2"), _row("p9", 2, "c3"), _row("p9", 3, "c0")]}
+    timing = run_timing([{"run_id": "run-1", "history": history}], redone)
+    assert timing.stage_seconds["c2"] == pytest.approx((1.0,)) and timing.stage_seconds["c0"] == pytest.approx((0.1, 0.3))
