@@ -49,6 +49,7 @@ from transformers.pytorch_utils import Conv1D
 
 from proto.messages import TrainedSlices
 
+from .full import copy_checked
 from .head_layout import (
     BlockHeads,
     block_heads,
@@ -467,18 +468,7 @@ class HeadsFinetune:
 
     def load_tensors(self, stage: Any, tensors: Mapping[str, Tensor]) -> None:
         """Copy the merged tensors into the stage; adapters restart from zero over the merged weights."""
-        own = {name: t for name, t in stage.model_state().items() if _ADAPTER not in name}
-        missing = sorted(name for name in own if name not in tensors)
-        if missing:
-            raise ValueError(f"the merged weights of partition {stage.spec.index} lack {missing[0]!r}")
-        with torch.no_grad():
-            for name, tensor in own.items():
-                value = tensors[name]
-                if value.shape != tensor.shape:
-                    raise ValueError(
-                        f"merged tensor {name!r} is {tuple(value.shape)}, here {tuple(tensor.shape)}"
-                    )
-                tensor.copy_(value)
+        copy_checked(stage, {name: t for name, t in stage.model_state().items() if _ADAPTER not in name}, tensors)
         state = self._stages.get(stage.spec.index)
         if state is None:
             return
