@@ -151,7 +151,10 @@ def test_chained_and_relayed_steps_agree_bit_for_bit(load_tiny):
         # embedding and head) in whatever order the backward passes finish, which varies from run
         # to run on either path, so it agrees to rounding only; every other gradient is bit for bit.
         if name == "transformer.wte.weight":
-            torch.testing.assert_close(results["chain"][2][name], g, rtol=1e-6, atol=1e-9)
+            # Rounding is relative to the parts, not to their sum (they can cancel), so the
+            # tolerance scales with the largest entry; a wrong sum (a part missing) is far off.
+            scale = float(g.abs().max())
+            torch.testing.assert_close(results["chain"][2][name], g, rtol=1e-5, atol=1e-5 * scale)
         else:
             assert torch.equal(results["chain"][2][name], g), name
 
