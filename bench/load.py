@@ -13,7 +13,8 @@ generated stubs in ``proto/`` (no torch) — what a daemon does before it trains
 2. ``ReportProfile`` with a measured link, which makes it ready for planning;
 3. open its ``Commands`` stream and read what comes (HostRun and ConnectPeers are ignored: no
    stage is ever served, so the plan stays in delivery);
-4. ``Heartbeat`` every ``heartbeat_interval_s`` the server gave it, for ``--seconds``.
+4. ``Heartbeat`` every ``heartbeat_interval_s`` the server gave it, from joining until ``--seconds``
+   after the last client joined.
 
 Clients join in waves of ``--join-rate`` a second (a fleet does not start in one millisecond).
 Every client has its own gRPC channel (its own TCP connection), as real ones do. Latencies are
@@ -38,11 +39,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -109,8 +112,18 @@ def start_server(
     for line in server.stdout:
         if line.startswith("titanic-server ready"):
             fields = dict(part.split("=", 1) for part in line.split()[2:])
+            # Keep reading its log: a full pipe would block the server's event loop on its next line.
+            threading.Thread(target=_drain, args=(server.stdout,), daemon=True).start()
             return server, fields["control"], fields["admin"]
     raise RuntimeError(f"the server exited ({server.wait()}) before it was ready")
+
+
+SERVER_LOG: deque[str] = deque(maxlen=20)  # the server's last log lines, shown at the end
+
+
+def _drain(stream: IO[str]) -> None:
+    for line in stream:
+        SERVER_LOG.append(line.rstrip())
 
 
 def admin_get(url: str, route: str, token: str) -> Any:
@@ -171,47 +184,65 @@ class LightClient:
             async for _ in self.stub.Commands(pb.CommandsRequest(), metadata=self.metadata):
                 self.measured.commands += 1
 
-    async def beat(self, until: float, record_after: float) -> None:
+    async def beat(self, window: Window) -> None:
+        """Beat from joining until the window closes; times are kept while it records."""
         # Spread the first beats over one interval, as clients that joined at different times do.
         await asyncio.sleep(secrets.randbelow(1000) / 1000 * self.interval)
-        while time.monotonic() < until:
+        while not window.closed.is_set():
             began = time.perf_counter()
             try:
                 await self.stub.Heartbeat(pb.HeartbeatRequest(free_memory_bytes=1 << 30),
                                           metadata=self.metadata, timeout=30)  # fmt: skip
-                if time.monotonic() >= record_after:
+                if window.recording:
                     self.measured.heartbeat_s.append(time.perf_counter() - began)
             except grpc.aio.AioRpcError as exc:
                 self.measured.fail(f"heartbeat {exc.code().name}")
-            await asyncio.sleep(max(0.0, self.interval - (time.perf_counter() - began)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, self.interval - (time.perf_counter() - began))):
+                    await window.closed.wait()
 
     async def close(self) -> None:
         await self.channel.close()
 
 
+@dataclass
+class Window:
+    """When heartbeats count: from shortly after the last client joined until the end."""
+
+    recording: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 async def drive(
     clients: int, seconds: float, join_rate: float, address: str, token: str
 ) -> tuple[Measurements, float]:
-    """Join ``clients`` at ``join_rate`` a second, then beat for ``seconds``; returns the measurements and join time."""
+    """Join ``clients`` at ``join_rate`` a second, then beat for ``seconds``; returns the measurements and join time.
+
+    A client reads its commands and beats from the moment it joined, as a daemon does (a
+    fleet that joins over ten seconds must not go silent for longer than the heartbeat
+    timeout); only the beats after every client joined are counted.
+    """
     measured = Measurements()
     fleet = [LightClient(i, address, token, measured) for i in range(clients)]
     tasks: list[asyncio.Task[None]] = []
+    window = Window()
     began = time.monotonic()
 
     async def join_one(client: LightClient, at: float) -> bool:
         await asyncio.sleep(max(0.0, at - time.monotonic()))
-        return await client.join()
-
-    joined = await asyncio.gather(*(join_one(c, began + i / join_rate) for i, c in enumerate(fleet)))
-    join_s = time.monotonic() - began
-    ready = [c for c, ok in zip(fleet, joined, strict=True) if ok]
-    start = time.monotonic()
-    until = start + seconds
-    record_after = start + min(2.0, seconds / 4)  # every client beats before the count starts
-    for client in ready:
+        if not await client.join():
+            return False
         tasks.append(asyncio.ensure_future(client.read_commands()))
-        tasks.append(asyncio.ensure_future(client.beat(until, record_after)))
-    await asyncio.gather(*(t for i, t in enumerate(tasks) if i % 2 == 1))
+        tasks.append(asyncio.ensure_future(client.beat(window)))
+        return True
+
+    await asyncio.gather(*(join_one(c, began + i / join_rate) for i, c in enumerate(fleet)))
+    join_s = time.monotonic() - began
+    await asyncio.sleep(min(2.0, seconds / 4))  # every client beats once more before the count starts
+    window.recording = True
+    await asyncio.sleep(seconds)
+    window.closed.set()
+    await asyncio.gather(*tasks[1::2])  # the beats end on their own
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -280,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
           f"p99={percentile(measured.heartbeat_s, 99) * ms:.1f} ms "
           f"mean={statistics.fmean(measured.heartbeat_s or [float('nan')]) * ms:.1f} ms")  # fmt: skip
     print(f"commands received {measured.commands}; failures {measured.failures or 'none'}")
+    print("the server's last log lines:", *SERVER_LOG, sep="\n  ")
     print(f"plan with every client: {plan_ms:.1f} ms; server RSS {rss:.0f} MiB")
     print(
         f"clients={args.clients} heartbeat_p99_ms={percentile(measured.heartbeat_s, 99) * ms:.1f} "

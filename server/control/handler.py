@@ -187,8 +187,8 @@ class ControlHandler:
                 "the join token is not valid for this server; ask its operator for the current token"
             )
 
-    def authenticate(self, session_token: str | None) -> ClientRecord:
-        """The live client a session token belongs to; marks it seen."""
+    def authenticate(self, session_token: str | None, *, touch: bool = True) -> ClientRecord:
+        """The live client a session token belongs to; marks it seen unless ``touch`` is False."""
         if not session_token:
             raise AuthenticationError("this call needs a session; register first")
         record = self.state.client_by_session(session_digest(session_token))
@@ -201,7 +201,7 @@ class ControlHandler:
                 f"the session of {record.client_id!r} has ended ({record.status}: {record.status_reason}); "
                 "register again"
             )
-        return self.state.update_client(record.client_id, last_seen=self.clock())
+        return self.state.update_client(record.client_id, last_seen=self.clock()) if touch else record
 
     def report_profile(self, client: ClientRecord, profile: DeviceProfile) -> None:
         """Store a complete profile; the client becomes ready for planning."""
@@ -228,7 +228,9 @@ class ControlHandler:
     def heartbeat(self, client: ClientRecord, beat: Heartbeat) -> float:
         """Record a heartbeat; returns the interval the client should keep."""
         runs = _check_runs(beat.runs)
-        self.state.update_client(client.client_id, runs=runs, free_memory_bytes=beat.free_memory_bytes)
+        self.state.update_client(
+            client.client_id, runs=runs, free_memory_bytes=beat.free_memory_bytes, last_seen=self.clock()
+        )
         return self.settings.heartbeat_interval_s
 
     def expire(self) -> list[str]:

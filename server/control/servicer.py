@@ -73,9 +73,9 @@ class ControlServicer(pb_grpc.ControlServicer):
     def __init__(self, handler: ControlHandler) -> None:
         self.handler = handler
 
-    async def _client(self, context: grpc.aio.ServicerContext) -> ClientRecord:
+    async def _client(self, context: grpc.aio.ServicerContext, *, touch: bool = True) -> ClientRecord:
         try:
-            return self.handler.authenticate(_session_token(context))
+            return self.handler.authenticate(_session_token(context), touch=touch)
         except (ServerError, ProtocolError) as error:
             await _abort(context, error)
             raise  # unreachable: abort raises
@@ -101,7 +101,7 @@ class ControlServicer(pb_grpc.ControlServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatReply:
-        client = await self._client(context)
+        client = await self._client(context, touch=False)  # the beat itself records last_seen: one write
         try:
             interval = self.handler.heartbeat(client, serde.heartbeat_from_proto(request))
         except (ServerError, ProtocolError) as error:

@@ -7,6 +7,11 @@ A state opened from a file belongs to a server that stopped: its sessions ended 
 (every live client is marked lost, its pending commands dropped, so it registers again),
 and its plan's hosts stopped serving (the plan is replaced by an empty one that keeps the
 generation, so new plans get new ids and never reuse an old plan's weight folders).
+
+Client records are also kept in memory, written through to the database: the server reads
+them on every call and its liveness check walks all of them four times a second, and decoding
+each from its stored form cost the event loop most of its time at a thousand clients
+(``bench/load.py``). A state dir belongs to one server process, so the copy cannot go stale.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import threading
 import time
 
 from proto import control_pb2 as pb
@@ -128,6 +134,12 @@ class SqliteState(ControlState):
     def __init__(self, database: Database) -> None:
         self.db = database
         self._end_previous_process()
+        self._lock = threading.Lock()  # the merge runs in a thread; client records may be read there
+        self._clients = {
+            record.client_id: record
+            for record in (_client_from_json(text) for (text,) in self.db.rows("SELECT record FROM clients"))
+        }
+        self._by_session = {r.session_digest: r.client_id for r in self._clients.values() if r.session_digest}
 
     def _end_previous_process(self) -> None:
         """What a stopped server left: end its sessions and its plan (see the module docstring)."""
@@ -159,31 +171,40 @@ class SqliteState(ControlState):
     # -- clients ---------------------------------------------------------------------------
 
     def put_client(self, record: ClientRecord) -> None:
-        self.db.execute(
-            "INSERT INTO clients (client_id, session_digest, status, record) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (client_id) DO UPDATE SET session_digest = excluded.session_digest, "
-            "status = excluded.status, record = excluded.record",
-            (record.client_id, record.session_digest, str(record.status), _client_to_json(record)),
-        )
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO clients (client_id, session_digest, status, record) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (client_id) DO UPDATE SET session_digest = excluded.session_digest, "
+                "status = excluded.status, record = excluded.record",
+                (record.client_id, record.session_digest, str(record.status), _client_to_json(record)),
+            )
+            previous = self._clients.get(record.client_id)
+            if previous is not None and self._by_session.get(previous.session_digest) == record.client_id:
+                del self._by_session[previous.session_digest]
+            self._clients[record.client_id] = record
+            if record.session_digest:
+                self._by_session[record.session_digest] = record.client_id
 
     def get_client(self, client_id: str) -> ClientRecord | None:
-        rows = self.db.rows("SELECT record FROM clients WHERE client_id = ?", (client_id,))
-        return _client_from_json(rows[0][0]) if rows else None
+        return self._clients.get(client_id)
 
     def client_by_session(self, session_digest: str) -> ClientRecord | None:
-        rows = self.db.rows("SELECT record FROM clients WHERE session_digest = ?", (session_digest,))
-        return _client_from_json(rows[0][0]) if rows else None
+        client_id = self._by_session.get(session_digest)
+        return None if client_id is None else self._clients.get(client_id)
 
     def remove_client(self, client_id: str) -> None:
-        with self.db.transaction() as db:
-            db.execute("DELETE FROM clients WHERE client_id = ?", (client_id,))
-            db.execute("DELETE FROM commands WHERE client_id = ?", (client_id,))
+        with self._lock:
+            with self.db.transaction() as db:
+                db.execute("DELETE FROM clients WHERE client_id = ?", (client_id,))
+                db.execute("DELETE FROM commands WHERE client_id = ?", (client_id,))
+            record = self._clients.pop(client_id, None)
+            if record is not None and self._by_session.get(record.session_digest) == client_id:
+                del self._by_session[record.session_digest]
 
     def list_clients(self) -> list[ClientRecord]:
-        return [
-            _client_from_json(text)
-            for (text,) in self.db.rows("SELECT record FROM clients ORDER BY client_id")
-        ]
+        with self._lock:
+            records = list(self._clients.values())
+        return sorted(records, key=lambda r: r.client_id)
 
     # -- commands --------------------------------------------------------------------------
 

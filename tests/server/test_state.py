@@ -186,6 +186,21 @@ def test_sqlite_keeps_clients_and_uploads_across_a_restart(tmp_path: Path) -> No
     assert second.list_uploads("r1") == [StoredUpload(client_id="a", header=header, path="/x", received_at=4.0)]
 
 
+def test_sqlite_memory_copy_and_database_agree(tmp_path: Path) -> None:
+    """Records are served from memory; every change reaches the file (a reopened state sees the same clients)."""
+    first = open_sqlite(tmp_path)
+    for name in ("a", "b", "c"):
+        first.put_client(record(name, f"s{name}", ClientStatus.LEFT))
+    first.update_client("a", session_digest="s2", last_seen=7.0)
+    first.remove_client("b")
+    assert first.client_by_session("sa") is None and first.client_by_session("sb") is None
+    held = first.list_clients()
+    first.db.close()
+    second = open_sqlite(tmp_path)
+    assert second.list_clients() == held
+    assert second.client_by_session("s2") == held[0] and second.get_client("b") is None
+
+
 def test_sqlite_command_ids_keep_growing_and_old_commands_are_dropped_on_restart(tmp_path: Path) -> None:
     """After a restart no pending command of the old sessions is delivered, and new ids are above every old one."""
     first = open_sqlite(tmp_path)
