@@ -100,11 +100,16 @@ def pinned_context(cert_pem: str) -> ssl.SSLContext:
     return context
 
 
-def peer_context(url: str, cert_pem: str) -> ssl.SSLContext | None:
-    """The context to reach a peer at ``url`` with: pinned to ``cert_pem`` for ``wss://``.
+def peer_context(url: str, cert_pem: str) -> ssl.SSLContext:
+    """The context to reach a peer at ``url`` with: pinned to ``cert_pem``.
 
-    A ``wss://`` peer without a certificate is refused: nothing else could vouch for it.
+    Only ``wss://`` peers with a certificate are reached: every host a daemon starts serves TLS
+    and the server names its certificate in the peer list, so a plain ``ws://`` URL (which
+    anyone on the path could answer) or a ``wss://`` one without a certificate is refused.
     """
-    if url.startswith("wss://"):
-        return pinned_context(cert_pem)
-    return None
+    if not url.startswith("wss://"):
+        raise HostingError(
+            f"peer {url[:200]!r} does not serve TLS: a daemon reaches hosts only over wss:// with the "
+            "certificate the server vouches for"
+        )
+    return pinned_context(cert_pem)

@@ -78,6 +78,27 @@ async def test_only_the_vouched_certificate_is_trusted(
         await served.close()
 
 
+async def test_an_owner_refuses_a_peer_that_serves_plain_ws(
+    stage_files: tuple[str, dict[int, Path]], tmp_path: Path
+) -> None:
+    """A live host on plain ws:// serving the right stage and taking the token is still not reached."""
+    from autograd_bridge.host import StageHost, serve_stage_host
+    from client.hosting import peer_authenticator
+
+    config_json, files = stage_files
+    host = StageHost(build_stages(config_json, [MIDDLE], files, tmp_path), run_id=RUN)
+    allowed = [AllowedPeer(client_id="owner", token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())]
+    server = await serve_stage_host(host, "127.0.0.1", 0, authenticate=peer_authenticator(allowed))
+    try:
+        plain = f"ws://127.0.0.1:{server.port}"
+        await (await connect_websocket(plain, token=TOKEN)).close()  # reachable: only TLS is missing
+        with pytest.raises(HostingError, match="does not serve TLS"):
+            await reach_peers(RUN, [peer(plain, issue_host_certificate("127.0.0.1").cert_pem)])
+    finally:
+        await server.close()
+        host.close()
+
+
 async def test_a_host_showing_a_certificate_for_another_name_is_refused() -> None:
     """The vouched-for certificate itself, served from an address not in its SAN, fails the hostname check."""
     elsewhere = issue_host_certificate("10.11.12.13")
@@ -97,10 +118,11 @@ async def test_a_host_showing_a_certificate_for_another_name_is_refused() -> Non
 
 
 def test_peer_context_pins_wss_only() -> None:
-    """wss:// gets a context that requires and checks the certificate; ws:// (no TLS) none; junk is refused."""
+    """wss:// gets a context that requires and checks the certificate; ws:// (no TLS) and junk are refused."""
     cert = issue_host_certificate("127.0.0.1")
     context = peer_context("wss://127.0.0.1:1", cert.cert_pem)
     assert context is not None and context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
-    assert peer_context("ws://127.0.0.1:1", "") is None
+    with pytest.raises(HostingError, match="does not serve TLS"):
+        peer_context("ws://127.0.0.1:1", cert.cert_pem)
     with pytest.raises(HostingError, match="cannot be read"):
         pinned_context("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
