@@ -55,7 +55,14 @@ import torch
 from torch import nn
 
 from .chain import ChainLinks, Direction
-from .errors import BadRequestError, BridgeError, FrameError, PeerLostError, ReceiveBudgetError, RemoteStageError
+from .errors import (
+    BadRequestError,
+    BridgeError,
+    FrameError,
+    PeerLostError,
+    ReceiveBudgetError,
+    RemoteStageError,
+)
 from .frames import Compression, Frame, FrameLimits, MessageKind, decode_frame, encode_frame, error_frame
 from .methods.remote_space import DirectionalHandlers
 from .optim import build_optimizer, check_optimizer_name
@@ -689,7 +696,10 @@ async def serve_stage_host(
 
     ``websocket`` sets the transport, its receive budget included (default: WebSocketSettings()).
     """
-    from .websocket import WebSocketSettings, serve_websocket  # the real transport; tests may use memory pipes
+    # The real transport, imported here: tests may serve a host over memory pipes instead.
+    from .websocket import WebSocketSettings, serve_websocket
 
     settings = WebSocketSettings() if websocket is None else websocket
-    return await serve_websocket(host.serve, address, port, ssl=ssl, settings=settings, authenticate=authenticate)
+    return await serve_websocket(
+        host.serve, address, port, ssl=ssl, settings=settings, authenticate=authenticate
+    )

@@ -114,7 +114,8 @@ class ReceiveBudget:
         """Give back ``nbytes`` that ``peer`` reserved, and let waiters in."""
         held = self._by_peer[peer]
         if not 0 <= nbytes <= held:
-            raise ValueError(f"release of {nbytes} bytes by {peer}, which holds {held}")  # a bug here, not a peer's
+            # A bug in the caller, not a peer's doing.
+            raise ValueError(f"release of {nbytes} bytes by {peer}, which holds {held}")
         if held == nbytes:
             del self._by_peer[peer]
         else:
@@ -124,7 +125,8 @@ class ReceiveBudget:
 
     def _fits(self, peer: str, nbytes: int) -> bool:
         return (
-            self._by_peer[peer] + nbytes <= self.per_peer_bytes and self._reserved + nbytes <= self.total_bytes
+            self._by_peer[peer] + nbytes <= self.per_peer_bytes
+            and self._reserved + nbytes <= self.total_bytes
         )
 
     def _take(self, peer: str, nbytes: int) -> None:
@@ -172,4 +174,6 @@ def check_budget(*, total_bytes: int, per_peer_bytes: int, wait_s: float) -> Non
             f"raise the total or lower the per-peer share"
         )
     if not (math.isfinite(wait_s) and wait_s > 0):
-        raise ValueError(f"the receive budget's wait must be a positive, finite number of seconds, got {wait_s}")
+        raise ValueError(
+            f"the receive budget's wait must be a positive, finite number of seconds, got {wait_s}"
+        )

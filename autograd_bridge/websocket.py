@@ -375,8 +375,10 @@ class WebSocketConnection:
                     view[position:end] = fragment
                     position = end
         except BaseException:
-            # This frame lives on in the error's traceback, which sits in a reference cycle that
-            # only the cycle collector frees, maybe much later: let go of the buffer now.
+            # This frame lives on in the error's traceback. A caller that keeps the error (as
+            # StageClient keeps the one that ended its connection) puts it in a reference cycle
+            # that only the cycle collector frees, maybe much later: let go of the buffer now.
+            # (tests/autograd_bridge/test_receive_budget.py fails without this line.)
             del message
             raise
         if position != total:
