@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--receive-budget-per-peer-mib",
         type=int,
         default=None,
-        help="... and per peer IP address (default: the largest message allowed, 2048)",
+        help="... and per peer IP address (default: the largest message allowed, "
+        f"{defaults.receive_budget_per_peer >> 20})",
     )
     p.add_argument(
         "--receive-wait-s",
