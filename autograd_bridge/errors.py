@@ -5,7 +5,8 @@
     BridgeError
     ├── UnsupportedModelError      the model cannot be split (says which piece is missing)
     ├── FrameError                 a frame that cannot be accepted (malformed, too big, wrong ids)
-    │   └── FrameTooLargeError
+    │   ├── FrameTooLargeError
+    │   └── ReceiveBudgetError     no room in the receiver's byte budget for a message (receive_budget.py)
     ├── RemoteStageError           the peer answered a request with an error frame
     ├── PeerLostError              the connection to a peer closed while a request was pending
     ├── BridgeTimeoutError         a peer did not answer in time
@@ -36,6 +37,14 @@ class FrameError(BridgeError):
 
 class FrameTooLargeError(FrameError):
     """A frame (or a tensor in it) is larger than the configured maximum."""
+
+
+class ReceiveBudgetError(FrameError):
+    """A receiver refused a message because its byte budget for receive buffers had no room for it.
+
+    Raised when the message alone is larger than the budget's share per peer, or when no room
+    came within the budget's wait; the transport then closes that connection with a reason.
+    """
 
 
 class RemoteStageError(BridgeError):

@@ -27,7 +27,9 @@ keyed by (run, step, micro-batch, stage), bounded per peer (in count and bytes) 
 whole host (in bytes), so one peer holding states cannot make another's FORWARD fail; it is
 dropped when it is older than ``state_timeout_s`` and when the connection that created it
 goes away. Transport errors (a peer breaking the message framing) end that peer's connection
-with a close reason and one log line, never a traceback.
+with a close reason and one log line, never a traceback. Over WebSockets the bytes of messages
+still being received are budgeted too, per peer address and for the whole server
+(``WebSocketSettings.receive_budget_*``, see :mod:`autograd_bridge.receive_budget`).
 
 Compute runs on one worker thread so that the event loop keeps reading frames and answering
 pings while a stage computes; requests are therefore computed one at a time, in arrival order.
@@ -47,17 +49,27 @@ import ssl as ssl_lib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
 from .chain import ChainLinks, Direction
-from .errors import BadRequestError, BridgeError, FrameError, PeerLostError, RemoteStageError
+from .errors import (
+    BadRequestError,
+    BridgeError,
+    FrameError,
+    PeerLostError,
+    ReceiveBudgetError,
+    RemoteStageError,
+)
 from .frames import Compression, Frame, FrameLimits, MessageKind, decode_frame, encode_frame, error_frame
 from .methods.remote_space import DirectionalHandlers
 from .optim import build_optimizer, check_optimizer_name
 from .transport import Connection
+
+if TYPE_CHECKING:
+    from .websocket import WebSocketSettings
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +255,9 @@ class StageHost:
                 try:
                     data = await conn.recv()
                 except PeerLostError:
+                    return
+                except ReceiveBudgetError as exc:
+                    log.warning("%s", exc)  # the transport closed the connection with the reason
                     return
                 except FrameError as exc:
                     # The transport closed the connection with the reason already; nothing to answer on.
@@ -675,8 +690,16 @@ async def serve_stage_host(
     *,
     ssl: ssl_lib.SSLContext | None = None,
     authenticate: Callable[[str | None], bool] | None = None,
+    websocket: WebSocketSettings | None = None,
 ) -> object:
-    """Serve ``host`` over WebSockets; returns the server (``.port``, ``.url``, ``await .close()``)."""
-    from .websocket import serve_websocket  # the real transport; tests may use memory pipes instead
+    """Serve ``host`` over WebSockets; returns the server (``.port``, ``.url``, ``await .close()``).
 
-    return await serve_websocket(host.serve, address, port, ssl=ssl, authenticate=authenticate)
+    ``websocket`` sets the transport, its receive budget included (default: WebSocketSettings()).
+    """
+    # The real transport, imported here: tests may serve a host over memory pipes instead.
+    from .websocket import WebSocketSettings, serve_websocket
+
+    settings = WebSocketSettings() if websocket is None else websocket
+    return await serve_websocket(
+        host.serve, address, port, ssl=ssl, settings=settings, authenticate=authenticate
+    )

@@ -31,6 +31,7 @@ from pathlib import Path
 from .chain import ChainRoute, PeerAddress
 from .host import HostSettings, StageHost, serve_stage_host
 from .partition import StageSpec
+from .websocket import WebSocketSettings
 
 
 def _stage_arg(text: str) -> tuple[int, int, int, int]:
@@ -68,13 +69,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--compression", choices=["none", "fp16", "int8"], default="none")
     p.add_argument("--exit-with-stdin", action="store_true", help="exit when standard input closes")
+    defaults = WebSocketSettings()
+    p.add_argument(
+        "--receive-budget-mib",
+        type=int,
+        default=defaults.receive_budget_bytes >> 20,
+        help="MiB that messages being received may hold at once, over all peers (default %(default)s)",
+    )
+    p.add_argument(
+        "--receive-budget-per-peer-mib",
+        type=int,
+        default=None,
+        help="... and per peer IP address (default: the largest message allowed, "
+        f"{defaults.receive_budget_per_peer >> 20})",
+    )
+    p.add_argument(
+        "--receive-wait-s",
+        type=float,
+        default=defaults.receive_budget_wait_s,
+        help="seconds a message may wait for room in that budget before it is refused (default %(default)s)",
+    )
     return p
+
+
+def websocket_settings(args: argparse.Namespace) -> WebSocketSettings:
+    """The transport settings the flags ask for; exits with the reason when they make no sense."""
+    per_peer = args.receive_budget_per_peer_mib
+    try:
+        return WebSocketSettings(
+            receive_budget_bytes=args.receive_budget_mib << 20,
+            receive_budget_per_peer_bytes=None if per_peer is None else per_peer << 20,
+            receive_budget_wait_s=args.receive_wait_s,
+        )
+    except ValueError as error:
+        raise SystemExit(f"bad receive budget flags: {error}") from error
 
 
 async def _serve(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from .partition import load_stage
+
+    transport = websocket_settings(args)  # checked before the slow model load
 
     config = AutoConfig.from_pretrained(args.config)
     stages = {}
@@ -93,7 +129,9 @@ async def _serve(args: argparse.Namespace) -> None:
             raise SystemExit("--tls-cert and --tls-key go together")
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
-    server = await serve_stage_host(host, args.host, args.port, ssl=tls, authenticate=authenticate)
+    server = await serve_stage_host(
+        host, args.host, args.port, ssl=tls, authenticate=authenticate, websocket=transport
+    )
     print(f"listening {server.url}", flush=True)  # type: ignore[attr-defined]
 
     stop = asyncio.Event()

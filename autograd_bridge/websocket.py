@@ -9,6 +9,24 @@ framing, pings and the closing handshake. This module adds what frames of tensor
   receiver check it against ``max_message_bytes`` and allocate the whole ``bytearray`` once,
   before any payload arrives. A peer whose fragments disagree with its declared length is
   refused: the connection is closed with a close code and a reason saying what was wrong.
+* Limits on what a server receives. One message: ``max_message_bytes`` (larger is refused from
+  its declared length, close code 1009). All messages being received at once: a server's
+  connections share one :class:`~autograd_bridge.receive_budget.ReceiveBudget` of
+  ``receive_budget_bytes`` (default 4 GiB) and ``receive_budget_per_peer_bytes`` per client IP
+  address (default ``max_message_bytes``). A message's bytes are reserved there before its buffer
+  is allocated and given back when ``recv`` returns it or fails, so many peers announcing large
+  messages and trickling bytes cannot make the server commit more than the budget. A message
+  that finds no room waits (the connection stops reading, so TCP holds the sender back) up to
+  ``receive_budget_wait_s``, then is refused with close code 1013 (try again later); one larger
+  than the per-peer share is refused at once with 1009. Waiters are served in order, but one that
+  waits for its own peer's share holds up only that peer (see receive_budget.py). Not counted:
+  the fragments websockets queues per connection before the message is read (at most
+  ``max_queue`` frames; a hostile peer may send frames far larger than ``fragment_bytes``, up to
+  ``max_message_bytes``, though only as fast as it really sends the bytes). A client's
+  connections (:func:`connect_websocket`) have no budget: they receive from a server they chose.
+* A peer that drops in the middle of a message gets its buffer freed at once (no reference to it
+  outlives the failed ``recv``, so it does not wait for Python's cycle collector) and its
+  reservation given back.
 * permessage-deflate is off: tensor bytes do not compress, and deflate runs at ~30 MB/s.
 * Failures surface as the bridge's exceptions: a lost peer (killed, reset, closed) makes pending
   and later ``send``/``recv`` raise :class:`~autograd_bridge.errors.PeerLostError`, a handshake
@@ -76,7 +94,8 @@ from websockets.protocol import Protocol, Side, State
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
-from .errors import BridgeTimeoutError, FrameError, FrameTooLargeError, PeerLostError
+from .errors import BridgeTimeoutError, FrameError, FrameTooLargeError, PeerLostError, ReceiveBudgetError
+from .receive_budget import ReceiveBudget, check_budget
 from .transport import DEFAULT_MAX_MESSAGE_BYTES, byte_view
 
 __all__ = [
@@ -134,6 +153,17 @@ class WebSocketSettings:
     # websockets allows it; False takes the public path (documented API only, slower), like
     # TITANIC_WS_PUBLIC_PATH=1 does for the whole process. The two ends may differ.
     fast_path: bool = True
+    # Server side (see autograd_bridge/receive_budget.py): bytes the buffers of messages being
+    # received may hold at once, over all the connections of one server. Like the stage host's
+    # max_state_bytes; a message that finds no room waits, then is refused (close code 1013).
+    receive_budget_bytes: int = 4 << 30
+    # ... and per peer (one remote IP address, however many connections it opens). None means
+    # max_message_bytes, so that every message the limit allows can fit; a message larger than
+    # this is refused at once (close code 1009).
+    receive_budget_per_peer_bytes: int | None = None
+    # Seconds a message may wait for room in the budget before it is refused. Keep it below
+    # ping_timeout: while it waits the server stops reading that socket, the peer's pings too.
+    receive_budget_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 0:
@@ -148,6 +178,33 @@ class WebSocketSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
+        try:
+            check_budget(
+                total_bytes=self.receive_budget_bytes,
+                per_peer_bytes=self.receive_budget_per_peer,
+                wait_s=self.receive_budget_wait_s,
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"{error} (receive_budget_bytes={self.receive_budget_bytes}, receive_budget_per_peer_bytes="
+                f"{self.receive_budget_per_peer_bytes} (None: max_message_bytes={self.max_message_bytes}), "
+                f"receive_budget_wait_s={self.receive_budget_wait_s})"
+            ) from None
+
+    @property
+    def receive_budget_per_peer(self) -> int:
+        """Bytes one peer's messages being received may hold at a server (its per-peer share)."""
+        if self.receive_budget_per_peer_bytes is not None:
+            return self.receive_budget_per_peer_bytes
+        return max(self.max_message_bytes, 1)
+
+    def receive_budget(self) -> ReceiveBudget:
+        """A new, empty budget of these sizes (a server shares one between its connections)."""
+        return ReceiveBudget(
+            total_bytes=self.receive_budget_bytes,
+            per_peer_bytes=self.receive_budget_per_peer,
+            wait_s=self.receive_budget_wait_s,
+        )
 
     def _library_options(self) -> dict[str, Any]:
         """Keyword arguments common to websockets' ``connect`` and ``serve``."""
@@ -174,12 +231,21 @@ class WebSocketConnection:
         peer: str,
         settings: WebSocketSettings,
         allocate: Callable[[int], bytearray] = bytearray,
+        budget: ReceiveBudget | None = None,
+        budget_key: str = "",
     ) -> None:
-        """Wrap ``ws``; ``allocate(n)`` makes each received message's buffer (all n bytes get written)."""
+        """Wrap ``ws``; ``allocate(n)`` makes each received message's buffer (all n bytes get written).
+
+        With ``budget``, each received message's bytes are reserved there under ``budget_key``
+        (the peer's address) before its buffer is allocated, and released when recv() returns
+        or fails.
+        """
         self.peer = peer
         self._ws = ws
         self._settings = settings
         self._allocate = allocate
+        self._budget = budget
+        self._budget_key = budget_key
         self._closed_locally = False
         self._closing: asyncio.Future[None] | None = None  # the close once started, by whichever path
 
@@ -269,6 +335,32 @@ class WebSocketConnection:
                 CloseCode.MESSAGE_TOO_BIG,
                 f"message of {total} bytes exceeds max_message_bytes={limit}",
             )
+        budget = self._budget
+        if budget is None:
+            return await self._fill(first, stream, total)
+        await self._reserve(budget, total, stream)
+        try:
+            return await self._fill(first, stream, total)
+        finally:
+            budget.release(self._budget_key, total)
+
+    async def _reserve(self, budget: ReceiveBudget, total: int, stream: AsyncIterator[bytes]) -> None:
+        """Reserve ``total`` bytes in ``budget``, waiting for room; refuse the message if none comes.
+
+        While this waits nothing reads the message's fragments, so websockets stops reading the
+        socket once its queue is full and TCP holds the sender back.
+        """
+        if budget.try_reserve(self._budget_key, total):
+            return
+        never_fits = total > budget.per_peer_bytes
+        try:
+            await budget.reserve(self._budget_key, total)
+        except ReceiveBudgetError as error:
+            code = CloseCode.MESSAGE_TOO_BIG if never_fits else CloseCode.TRY_AGAIN_LATER
+            raise await self._refuse(stream, ReceiveBudgetError, code, str(error)) from None
+
+    async def _fill(self, first: bytes, stream: AsyncIterator[bytes], total: int) -> bytearray:
+        """Allocate the ``total``-byte message and copy ``first``'s payload and the rest of ``stream`` in."""
         message = self._allocate(total)
         try:
             with memoryview(message) as view:
@@ -283,8 +375,10 @@ class WebSocketConnection:
                     view[position:end] = fragment
                     position = end
         except BaseException:
-            # This frame lives on in the error's traceback, which sits in a reference cycle that
-            # only the cycle collector frees, maybe much later: let go of the buffer now.
+            # This frame lives on in the error's traceback. A caller that keeps the error (as
+            # StageClient keeps the one that ended its connection) puts it in a reference cycle
+            # that only the cycle collector frees, maybe much later: let go of the buffer now.
+            # (tests/autograd_bridge/test_receive_budget.py fails without this line.)
             del message
             raise
         if position != total:
@@ -312,6 +406,8 @@ class WebSocketConnection:
                         pass
                 await self._drain()
         await self._closing
+        if issubclass(kind, ReceiveBudgetError):
+            return kind(f"refused a message from {self.peer} ({reason}); the connection was closed")
         return kind(f"{self.peer} sent a bad message ({reason}); the connection was closed")
 
     async def _drain(self) -> None:
@@ -676,9 +772,11 @@ def _find_fast_path_problem() -> str | None:
 class WebSocketServer:
     """A listening WebSocket server; ``await close()`` (or ``async with``) stops it."""
 
-    def __init__(self, server: Server, *, host: str, tls: bool) -> None:
+    def __init__(self, server: Server, *, host: str, tls: bool, receive_budget: ReceiveBudget) -> None:
         self._server = server
         self.host = host
+        # Shared by every connection this server accepts (see WebSocketSettings.receive_budget_bytes).
+        self.receive_budget = receive_budget
         # With port 0 every listening socket gets its own port; callers use the first.
         self.port: int = server.sockets[0].getsockname()[1]
         scheme = "wss" if tls else "ws"
@@ -713,13 +811,24 @@ async def serve_websocket(
 
     The connection is closed when ``handler`` returns. With ``ssl`` (a server-side context with
     a certificate) the server speaks wss://. ``authenticate`` receives the client's bearer token
-    (None when it sent none) and returns whether to accept it.
+    (None when it sent none) and returns whether to accept it. The buffers of messages being
+    received are bounded over all connections and per client IP address by one
+    :class:`~autograd_bridge.receive_budget.ReceiveBudget` (the server's ``receive_budget``),
+    sized by ``settings.receive_budget_*``.
     """
 
     path = _path_for(settings)
+    budget = settings.receive_budget()
 
     async def run(ws: ServerConnection) -> None:
-        conn = WebSocketConnection(ws, peer=_remote_name(ws), settings=settings, allocate=path.allocate)
+        conn = WebSocketConnection(
+            ws,
+            peer=_remote_name(ws),
+            settings=settings,
+            allocate=path.allocate,
+            budget=budget,
+            budget_key=_remote_host(ws),
+        )
         try:
             await handler(conn)
         except PeerLostError as error:
@@ -739,7 +848,7 @@ async def serve_websocket(
         create_connection=path.server_connection,
         **settings._library_options(),
     )
-    return WebSocketServer(server, host=host, tls=ssl is not None)
+    return WebSocketServer(server, host=host, tls=ssl is not None, receive_budget=budget)
 
 
 def _token_checker(
@@ -770,6 +879,14 @@ def _bearer_token(headers: Headers) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def _remote_host(ws: ServerConnection) -> str:
+    """The client's IP address: a peer's key in the receive budget, whatever port it comes from."""
+    address = ws.remote_address
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
 
 
 def _remote_name(ws: ServerConnection) -> str:
