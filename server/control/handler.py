@@ -324,8 +324,10 @@ class ControlHandler:
 
     def report_status(self, client: ClientRecord, report: StatusReport) -> None:
         """Record a client's progress on a command and pass it on."""
-        if report.command_id <= 0:
-            raise InvalidRequestError("a status report must name the command it is about (command_id > 0)")
+        if not 0 < report.command_id < 2**63:  # ids are issued from 1 and stored as SQLite integers
+            raise InvalidRequestError(
+                f"a status report must name the command it is about (0 < command_id < 2^63), got {report.command_id}"
+            )
         report = replace(report, message=report.message[:_MAX_TEXT])
         if report.run is not None:
             self._check_participant(client, report.run.run_id)

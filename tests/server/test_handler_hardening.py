@@ -125,6 +125,17 @@ def test_only_participants_report_on_a_plan_run(handler: ControlHandler, listene
     assert [c for c, _ in listener.reports] == ["host"]
 
 
+@pytest.mark.parametrize("command_id", [0, 2**63, 2**64 - 1])
+def test_a_report_on_an_impossible_command_id_is_refused(
+    handler: ControlHandler, listener: RecordingListener, command_id: int
+) -> None:
+    """Ids start at 1 and fit SQLite's integers; bench/fuzz.py met UNKNOWN ("int too large") for 2^64 - 1."""
+    _, client = join(handler, "c1")
+    with pytest.raises(InvalidRequestError, match="command_id"):
+        handler.report_status(client, StatusReport(command_id=command_id, state=CommandState.ACCEPTED))
+    assert listener.reports == [] and handler.state.command_status(command_id) is None
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
