@@ -158,7 +158,17 @@ def run_verify(opts: VerifyOptions, *, log: bool = True) -> VerifyReport:
             del cfg.quantization_config
         cfg.save_pretrained(tmpdir)
         files = {}
-        for stage in split_model(model, specs):
+        stages = split_model(model, specs)
+        if opts.layout == "all-remote" and stages[0].tied_embeddings and len(specs) > 1:
+            # The first stage's host and the last one's would each hold a copy of the tied weight;
+            # the bridge ties weights only within one process (the owner's, in the U-shape), so the
+            # head's share of the gradient never reaches the embedding and the check could only fail.
+            raise ValueError(
+                f"{opts.model} ties its head to its input embeddings; with --layout all-remote they would "
+                "live on two hosts, and the bridge ties weights only within one process: verify it with "
+                "--layout u-shape (what training uses)"
+            )
+        for stage in stages:
             files[stage.spec.index] = tmpdir / f"stage-{stage.spec.index}.safetensors"
             save_stage_weights(stage, files[stage.spec.index])
         del model

@@ -50,6 +50,19 @@ def test_verify_cli_splits_over_websocket_processes_exactly(tiny_model_dir, fami
 
 
 @pytest.mark.slow
+def test_all_remote_layout_is_exact_untied_and_refused_for_tied_embeddings(tiny_model_dir):
+    """Every stage on a host matches the whole model (Llama, untied); GPT-2's tied head is refused with the reason."""
+    proc = _verify("--model", str(tiny_model_dir("llama")), "--stages", "3", "--layout", "all-remote",
+                   "--transport", "memory")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = LAST_LINE.match(proc.stdout.strip().splitlines()[-1])
+    assert match and float(match.group(1)) <= 1e-5
+    proc = _verify("--model", str(tiny_model_dir("gpt2")), "--stages", "3", "--layout", "all-remote",
+                   "--transport", "memory")  # fmt: skip
+    assert proc.returncode == 2 and "ties its head" in proc.stderr and "--layout u-shape" in proc.stderr
+
+
+@pytest.mark.slow
 def test_verify_cli_splits_an_alibi_model_exactly(tiny_model_dir):
     """BLOOM passes titanic-verify: K=4, hosts build ALiBi from the mask sent in frames, 1F1B micro-batches."""
     proc = _verify(
