@@ -7,12 +7,17 @@ lora_A.default.weight``), so copies of a partition held by different owners, and
 whole model, can be compared and averaged name by name.
 
 The random part of LoRA's initialisation (``lora_A``) depends on the order modules are
-injected in, so a split model and a whole one do not start equal by seeding alone: build
-the starting adapters once and hand them to every copy with :func:`load_lora_state`.
+injected in, so a split model and a whole one do not start equal by seeding the global
+generator: :func:`seed_adapters` draws each ``lora_A`` from its own generator, seeded by the
+run's seed and the tensor's whole-model name, so every cut of the model (and the whole model)
+starts from the same adapters. Or build the starting adapters once and hand them to every copy
+with :func:`load_lora_state`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -38,6 +43,27 @@ _ATTENTION_PROJECTIONS: tuple[str, ...] = (
 
 #: The default for families not in the table whose blocks have q_proj and v_proj.
 _LLAMA_LIKE: tuple[str, ...] = ("q_proj", "v_proj")
+
+def seed_adapters(stage: nn.Module, seed: int) -> None:
+    """Initialise the LoRA adapters of ``stage`` from ``seed`` and their whole-model names alone.
+
+    Each ``lora_A`` is drawn as peft draws it (Kaiming-uniform, a = sqrt(5): uniform in
+    +-1/sqrt(fan_in)) but from a generator seeded by ``seed`` and the tensor's name; each
+    ``lora_B`` is zero. So the adapters do not depend on where the model was cut, on the order
+    modules were injected in, or on the global random state.
+    """
+    named = stage.named_model_parameters() if hasattr(stage, "named_model_parameters") else stage.named_parameters()
+    with torch.no_grad():
+        for name, param in named:
+            if ".lora_A." in name:
+                digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+                generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                drawn = torch.empty(param.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
+                param.copy_(drawn)
+            elif ".lora_B." in name:
+                param.zero_()
+
 
 _ADAPTER_MARKERS = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.", "lora_magnitude_vector")
 

@@ -361,7 +361,7 @@ class PrepareRun:
     finetune: str = "full"  # a member of autograd_bridge.finetune: what a stage trains and what travels
     optimizer: str = "adamw"  # every stage's optimizer (autograd_bridge.optim)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    seed: int = 0  # adapters of partition k start from seed * 1000 + k on every copy
+    seed: int = 0  # LoRA adapters start from the seed and each tensor's whole-model name (any cut, every copy)
     codec: CodecSettings = field(default_factory=CodecSettings)  # how this holder encodes its uploads
     method: str = "backprop"  # the training method (autograd_bridge.methods)
     heads: HeadSettings = field(default_factory=HeadSettings)  # finetune = "heads"

@@ -32,7 +32,7 @@ class FinetuneSettings:
     lora_r: int = 8  # adapter rank
     lora_alpha: int = 16  # adapter scale numerator (scale = alpha / r)
     lora_targets: tuple[str, ...] = ()  # module names to adapt; empty: the family's default
-    seed: int = 0  # partition k's random initialisation starts from seed * 1000 + k on every copy
+    seed: int = 0  # random initialisation (LoRA adapters: from the seed and each tensor's name, whatever the cut)
     head_fraction: float = 1.0  # heads: share of each block's attention heads trained per round, in (0, 1]
     head_choice: str = "random"  # heads: "random" (seeded per round) or "importance" (gradient magnitude so far)
     head_adapter: str = "full"  # heads: train the heads' weight slices ("full") or per-head LoRA on them ("lora")

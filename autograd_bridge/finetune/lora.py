@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lora import add_lora, is_adapter_name, load_lora_state, lora_state, lora_target_modules
+from ..lora import add_lora, is_adapter_name, load_lora_state, lora_state, lora_target_modules, seed_adapters
 
 
 class LoraFinetune:
@@ -23,10 +23,12 @@ class LoraFinetune:
             raise ValueError(f"LoRA needs lora_r >= 1 and lora_alpha >= 1, got {settings.lora_r} and {settings.lora_alpha}")
 
     def prepare(self, stages: Mapping[int, Any], settings: Any) -> None:
-        """Add adapters to every stage, seeded per partition so every copy of it starts equal.
+        """Add adapters to every stage, drawn from the seed and each tensor's whole-model name.
 
-        A stage without decoder blocks (only the embeddings, say) has nothing LoRA adapts: it
-        is frozen and trains nothing.
+        Every copy of a partition starts equal, and so does any other cut of the model (a round
+        replayed on a new plan after a lost helper, the whole model of a reference run). A stage
+        without decoder blocks (only the embeddings, say) has nothing LoRA adapts: it is frozen
+        and trains nothing.
         """
         self.check(settings)
         for index in sorted(stages):
@@ -34,13 +36,13 @@ class LoraFinetune:
             if spec.layer_end <= spec.layer_start:
                 stages[index].requires_grad_(False)
                 continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(settings.seed * 1000 + index)
+            with torch.random.fork_rng(devices=[]):  # peft's own draw must not move the caller's generator
                 try:
                     add_lora(stages[index], r=settings.lora_r, alpha=settings.lora_alpha,
                              targets=list(settings.lora_targets) or None)  # fmt: skip
                 except ValueError as exc:
                     raise ValueError(f"partition {index}: {exc}") from exc
+            seed_adapters(stages[index], settings.seed)
 
     def trained_tensors(self, stage: Any) -> dict[str, Tensor]:
         """The adapters of the stage (none for a frozen stage without blocks)."""

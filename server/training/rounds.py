@@ -22,7 +22,8 @@ checkpoint every one. The last merge of a round is written as the round's checkp
 
 A server optimizer (FedAdam, FedYogi, FedAdagrad) steps from the state the copies started
 from, which the server does not have before round 1: LoRA adapters are made on the clients
-(seeded per partition, so every pipeline starts equal) and full fine-tuning starts from the
+(drawn from the seed and each tensor's name, so every pipeline starts equal, whatever its
+cuts) and full fine-tuning starts from the
 base weights. A fresh run made with ``snapshot_first`` therefore takes a *snapshot* after
 preparing: the holders of the first pipeline upload "round 0" (``SendUpload``), and
 ``Snapshot`` tells the caller to take that upload as the global state as it is, without

@@ -10,7 +10,7 @@ stays complete and true). The model and its stages come from the server's ``[mod
     stages = "auto"        # must match the server's stage count; "auto": whatever it plans (1: one stage, an owner holds the whole model)
     owners = []            # client ids of the data owners (empty: every client with data)
     rounds = 3             # rounds; a checkpoint is written after each
-    seed = 0               # data split and batch order on every owner; adapters of partition k start from seed * 1000 + k
+    seed = 0               # data split and batch order on every owner; LoRA adapters from the seed and each tensor's name
     tokenizer = ""         # name or path each owner loads its tokenizer from ("": the model)
 
     [participation]        # which owners train in a round, in what order (server.training.participation)
