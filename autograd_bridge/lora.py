@@ -52,7 +52,8 @@ def seed_adapters(stage: nn.Module, seed: int) -> None:
     ``lora_B`` is zero. So the adapters do not depend on where the model was cut, on the order
     modules were injected in, or on the global random state.
     """
-    named = stage.named_model_parameters() if hasattr(stage, "named_model_parameters") else stage.named_parameters()
+    model_names = getattr(stage, "named_model_parameters", None)
+    named = model_names() if callable(model_names) else stage.named_parameters()
     with torch.no_grad():
         for name, param in named:
             if ".lora_A." in name:

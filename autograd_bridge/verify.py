@@ -158,8 +158,8 @@ def run_verify(opts: VerifyOptions, *, log: bool = True) -> VerifyReport:
             del cfg.quantization_config
         cfg.save_pretrained(tmpdir)
         files = {}
-        stages = split_model(model, specs)
-        if opts.layout == "all-remote" and stages[0].tied_embeddings and len(specs) > 1:
+        split = split_model(model, specs)
+        if opts.layout == "all-remote" and split[0].tied_embeddings and len(specs) > 1:
             # The first stage's host and the last one's would each hold a copy of the tied weight;
             # the bridge ties weights only within one process (the owner's, in the U-shape), so the
             # head's share of the gradient never reaches the embedding and the check could only fail.
@@ -168,7 +168,7 @@ def run_verify(opts: VerifyOptions, *, log: bool = True) -> VerifyReport:
                 "live on two hosts, and the bridge ties weights only within one process: verify it with "
                 "--layout u-shape (what training uses)"
             )
-        for stage in stages:
+        for stage in split:
             files[stage.spec.index] = tmpdir / f"stage-{stage.spec.index}.safetensors"
             save_stage_weights(stage, files[stage.spec.index])
         del model
