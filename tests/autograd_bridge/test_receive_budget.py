@@ -27,14 +27,12 @@ from autograd_bridge.remote import ClientSettings, StageClient
 from autograd_bridge.serve import StageHostProcess, build_parser, websocket_settings
 from autograd_bridge.transport import Connection
 from autograd_bridge.websocket import (
-    PUBLIC_PATH_ENV,
     WebSocketServer,
     WebSocketSettings,
-    _fast_path_problem,
     serve_websocket,
 )
 from tests.autograd_bridge.test_transport import PROMPTLY
-from tests.autograd_bridge.test_websocket import length
+from tests.autograd_bridge.test_websocket import length, take_path
 
 MiB = 1 << 20
 FRAGMENT = 256 << 10
@@ -124,14 +122,7 @@ async def test_a_waiter_that_times_out_or_is_cancelled_holds_nothing() -> None:
 @pytest.fixture(params=["fast", "public"])
 def both_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The path every connection of the test takes: "fast", or "public" forced by TITANIC_WS_PUBLIC_PATH=1."""
-    if request.param == "public":
-        monkeypatch.setenv(PUBLIC_PATH_ENV, "1")
-    else:
-        monkeypatch.delenv(PUBLIC_PATH_ENV, raising=False)
-        problem = _fast_path_problem()
-        if problem is not None:
-            pytest.skip(f"the installed websockets has no fast path: {problem}")
-    return str(request.param)
+    return take_path(str(request.param), monkeypatch)
 
 
 async def serve_collecting(

@@ -53,14 +53,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The path every connection of the test takes, peer processes included (they inherit the
     environment): "fast", or "public" forced by TITANIC_WS_PUBLIC_PATH=1."""
-    if request.param == "public":
+    return take_path(str(request.param), monkeypatch)
+
+
+def take_path(path: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make every connection from here on take ``path`` ("fast" or "public"); skip if "fast" is unavailable."""
+    if path == "public":
         monkeypatch.setenv(PUBLIC_PATH_ENV, "1")
     else:
         monkeypatch.delenv(PUBLIC_PATH_ENV, raising=False)
         problem = _fast_path_problem()
         if problem is not None:
             pytest.skip(f"the installed websockets has no fast path: {problem}")
-    return str(request.param)
+    return path
 
 
 @pytest.fixture(scope="module")
