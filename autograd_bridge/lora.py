@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from .partition import copy_tensors
+
 #: model_type -> the attention projections LoRA adapts (the peft defaults, roughly).
 _FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn",),
@@ -172,12 +174,4 @@ def load_lora_state(stage: nn.Module, state: Mapping[str, Tensor]) -> None:
     own = {name: param for name, param in _named(stage) if is_adapter_name(name)}
     if not own:
         raise ValueError("this stage has no LoRA adapters; call add_lora first")
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ValueError(f"the LoRA state lacks {len(missing)} adapter tensor(s) of this stage, e.g. {missing[0]!r}")
-    with torch.no_grad():
-        for name, param in own.items():
-            value = state[name]
-            if value.shape != param.shape:
-                raise ValueError(f"adapter {name!r} is {tuple(value.shape)} in the state, {tuple(param.shape)} here")
-            param.copy_(value)
+    copy_tensors(own, state, source="the LoRA state")

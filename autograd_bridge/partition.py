@@ -739,6 +739,23 @@ def load_stage(
     return stage.eval()
 
 
+def copy_tensors(own: Mapping[str, Tensor], values: Mapping[str, Tensor], *, source: str) -> None:
+    """Copy ``values`` into the tensors ``own`` by name, in place.
+
+    ValueError, before any copy, when ``values`` lacks one of them; and when a shape differs.
+    ``source`` names ``values`` in the errors ("the LoRA state", "the merged weights of ...").
+    """
+    missing = sorted(set(own) - set(values))
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} tensor(s) of this stage, e.g. {missing[0]!r}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            value = values[name]
+            if value.shape != tensor.shape:
+                raise ValueError(f"{name!r} is {tuple(value.shape)} in {source}, {tuple(tensor.shape)} here")
+            tensor.copy_(value)
+
+
 def save_stage_weights(stage: StageModule, path: str | os.PathLike[str]) -> None:
     """Write every tensor ``stage`` needs to one safetensors file, under whole-model names.
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from ..partition import copy_tensors
 
 
 class FullFinetune:
@@ -27,7 +28,7 @@ class FullFinetune:
 
     def load_tensors(self, stage: Any, tensors: Mapping[str, Tensor]) -> None:
         """Copy every tensor of the stage from ``tensors`` (ValueError when one is missing or misshapen)."""
-        copy_checked(stage, stage.model_state(), tensors)
+        copy_tensors(stage.model_state(), tensors, source=f"the merged weights of partition {stage.spec.index}")
 
     def begin_round(self, stages: Mapping[int, Any], round: int) -> None:
         """Every round trains the same tensors."""
@@ -43,17 +44,3 @@ class FullFinetune:
     def export_config(self, model_config: Any, settings: Any, base_model: str) -> None:
         """A checkpoint is the whole model: no adapter config."""
         return None
-
-
-def copy_checked(stage: Any, own: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> None:
-    """Copy ``tensors`` into the stage's tensors ``own`` by name; ValueError, before any copy, when one
-    is missing, and when a shape differs."""
-    missing = sorted(name for name in own if name not in tensors)
-    if missing:
-        raise ValueError(f"the merged weights of partition {stage.spec.index} lack {missing[0]!r}")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            value = tensors[name]
-            if value.shape != tensor.shape:
-                raise ValueError(f"merged tensor {name!r} is {tuple(value.shape)}, here {tuple(tensor.shape)}")
-            tensor.copy_(value)

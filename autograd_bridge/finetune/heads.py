@@ -49,7 +49,7 @@ from transformers.pytorch_utils import Conv1D
 
 from proto.messages import TrainedSlices
 
-from .full import copy_checked
+from ..partition import copy_tensors
 from .head_layout import (
     BlockHeads,
     block_heads,
@@ -468,7 +468,8 @@ class HeadsFinetune:
 
     def load_tensors(self, stage: Any, tensors: Mapping[str, Tensor]) -> None:
         """Copy the merged tensors into the stage; adapters restart from zero over the merged weights."""
-        copy_checked(stage, {name: t for name, t in stage.model_state().items() if _ADAPTER not in name}, tensors)
+        own = {name: t for name, t in stage.model_state().items() if _ADAPTER not in name}
+        copy_tensors(own, tensors, source=f"the merged weights of partition {stage.spec.index}")
         state = self._stages.get(stage.spec.index)
         if state is None:
             return
